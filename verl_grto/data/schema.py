@@ -1,0 +1,95 @@
+"""The one row format every dataset of this project is written in.
+
+verl's RL dataset reads parquet rows with the columns below (see verl's
+`RLHFDataset`). The ground truth travels as a JSON string because verl hands it
+to the reward function untouched and parquet needs one schema for every row:
+a JSON string keeps optional fields (points, several objects) out of the schema.
+
+Ground-truth JSON (``reward_model.ground_truth``)::
+
+    {"mask": {"size": [H, W], "counts": "<COCO RLE string>"},   # union of the referred objects
+     "boxes": [[x1, y1, x2, y2], ...],                          # one per referred object, pixels, x2/y2 exclusive
+     "image_size": [H, W]}
+
+``extra_info`` holds ``index`` (int, verl reads it), ``sample_id`` (str, unique and
+stable: the key of the tool's embedding cache and of evaluation resume),
+``split`` and ``expression`` (the referring text without the instruction).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGE_PLACEHOLDER = "<image>"
+ABILITY = "referring_segmentation"
+
+#: The instruction the policy sees. Coordinates are pixels of the image as given.
+INSTRUCTION_TEMPLATE = (
+    "{image}Find the object described by: \"{expression}\". "
+    "The image is {width}x{height} pixels. "
+    "Think briefly inside <think></think>, then answer inside <answer></answer> with JSON "
+    "{{\"bbox\": [x1, y1, x2, y2], \"points\": [[x, y]]}} in pixel coordinates."
+)
+
+
+def build_instruction(expression: str, width: int, height: int) -> str:
+    """The user message for one referring expression (one ``<image>`` placeholder first)."""
+    return INSTRUCTION_TEMPLATE.format(image=IMAGE_PLACEHOLDER, expression=expression, width=width, height=height)
+
+
+@dataclass
+class GroundTruth:
+    """What the reward and the tool loss compare against."""
+
+    mask_rle: dict[str, Any]  # {"size": [H, W], "counts": str}
+    boxes: list[list[float]]
+    image_size: tuple[int, int]  # (H, W)
+
+    def to_json(self) -> str:
+        return json.dumps({"mask": self.mask_rle, "boxes": self.boxes, "image_size": list(self.image_size)})
+
+    @classmethod
+    def from_json(cls, text: str | dict) -> GroundTruth:
+        """Parse a ground truth; raises ValueError naming the missing or malformed field."""
+        obj = json.loads(text) if isinstance(text, str) else dict(text)
+        for key in ("mask", "boxes", "image_size"):
+            if key not in obj:
+                raise ValueError(f"ground truth lacks field {key!r}: {str(text)[:200]}")
+        mask = obj["mask"]
+        if not isinstance(mask, dict) or "size" not in mask or "counts" not in mask:
+            raise ValueError(f"ground truth 'mask' must be a COCO RLE dict with size and counts, got {str(mask)[:200]}")
+        h, w = (int(v) for v in obj["image_size"])
+        return cls(mask_rle=mask, boxes=[[float(v) for v in b] for b in obj["boxes"]], image_size=(h, w))
+
+
+@dataclass
+class RLRow:
+    """One verl RL parquet row."""
+
+    data_source: str
+    instruction: str
+    image_png: bytes
+    ground_truth: GroundTruth
+    index: int
+    sample_id: str
+    split: str
+    expression: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "data_source": self.data_source,
+            "prompt": [{"role": "user", "content": self.instruction}],
+            "images": [{"bytes": self.image_png, "path": None}],
+            "ability": ABILITY,
+            "reward_model": {"style": "rule", "ground_truth": self.ground_truth.to_json()},
+            "extra_info": {
+                "index": self.index,
+                "sample_id": self.sample_id,
+                "split": self.split,
+                "expression": self.expression,
+                **self.extra,
+            },
+        }

@@ -1,0 +1,48 @@
+"""Makes ``python -m verl.trainer.main_ppo --config-path recipes`` find this project's recipes.
+
+Hydra resolves a relative ``--config-path`` against the folder of the module that
+declares ``@hydra.main`` (verl's ``verl/trainer/``), where no ``recipes/`` exists, and
+stops with "Primary config directory not found". This search-path plugin
+(discovered by Hydra in the ``hydra_plugins`` namespace) re-anchors such a
+*missing* primary folder on the working directory when it exists there. Any
+config path that exists where Hydra looked is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+_FILE = "file://"
+
+
+def reanchor_missing_primary(path: str, cwd: str, module_dir_candidates: list[str]) -> str | None:
+    """The cwd-relative folder for a missing module-relative primary config folder, else None."""
+    if os.path.isdir(path):
+        return None
+    for module_dir in module_dir_candidates:
+        rel = os.path.relpath(path, module_dir)
+        if rel.startswith(".."):
+            continue
+        candidate = os.path.join(cwd, rel)
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+class VerlGrtoRecipesSearchPath(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        try:
+            import verl.trainer as verl_trainer
+        except ImportError:
+            return
+        trainer_dir = os.path.dirname(os.path.abspath(verl_trainer.__file__))
+        module_dirs = [trainer_dir, os.path.realpath(trainer_dir)]
+        for element in search_path.get_path():
+            if element.provider != "main" or "://" in element.path.removeprefix(_FILE):
+                continue  # pkg:// and other schemes are not folders
+            fixed = reanchor_missing_primary(element.path.removeprefix(_FILE), os.getcwd(), module_dirs)
+            if fixed is not None:
+                element.path = fixed

@@ -1,0 +1,188 @@
+"""Every change this plugin makes to verl internals, in one place.
+
+verl is never forked: where verl 0.9.1 has no extension point for what a CPU
+run needs, a narrow wrapper is installed here, and each names the verl file
+and line it works around. ``apply()`` refuses an untested verl version with a
+clear error (set ``VERL_GRTO_ALLOW_UNTESTED_VERL=1`` to try anyway); the tests
+in tests/test_patches.py cover each patch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: verl versions these patches were written against and tested with.
+TESTED_VERL_VERSIONS = ("0.9.1",)
+
+_applied: list[str] = []
+
+
+class UntestedVerlVersionError(RuntimeError):
+    pass
+
+
+def check_verl_version(version: str) -> None:
+    """Raise unless ``version`` is one the patches were tested on (or the override is set)."""
+    if version in TESTED_VERL_VERSIONS:
+        return
+    if os.environ.get("VERL_GRTO_ALLOW_UNTESTED_VERL") == "1":
+        logger.warning("verl-grto: verl %s is untested (tested: %s); patches applied anyway", version, TESTED_VERL_VERSIONS)
+        return
+    raise UntestedVerlVersionError(
+        f"verl-grto patches verl internals and was tested with verl {', '.join(TESTED_VERL_VERSIONS)}, "
+        f"but verl {version} is installed. Install a tested version (pip install 'verl==0.9.1') "
+        "or set VERL_GRTO_ALLOW_UNTESTED_VERL=1 to try at your own risk."
+    )
+
+
+def _gloo_only_process_group() -> None:
+    """verl/utils/distributed.py:89 (initialize_global_process_group_ray) builds the backend
+    string ``f"cpu:gloo,{device}:{backend}"``; on CPU that is "cpu:gloo,cpu:gloo" and torch
+    raises "Duplicate device type cpu". On CPU, use plain "gloo"; elsewhere unchanged.
+    engine_workers.py imports the function by name, so its binding is replaced too."""
+    import sys
+
+    import verl.utils.distributed as dist_utils
+
+    original = dist_utils.initialize_global_process_group_ray
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def initialize_global_process_group_ray(timeout_second: Any = None, backend: str | None = None) -> Any:
+        from verl.utils.device import get_device_name
+
+        if backend is None and get_device_name() == "cpu":
+            backend = "gloo"
+        return original(timeout_second=timeout_second, backend=backend)
+
+    initialize_global_process_group_ray.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    dist_utils.initialize_global_process_group_ray = initialize_global_process_group_ray
+    for module_name in ("verl.workers.engine_workers",):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, "initialize_global_process_group_ray"):
+            module.initialize_global_process_group_ray = initialize_global_process_group_ray
+    _applied.append("distributed.initialize_global_process_group_ray: gloo on CPU")
+
+
+def _unpinned_cpu_offload_for_reference() -> None:
+    """verl/workers/engine/fsdp/transformer_impl.py:462 forces
+    ``CPUOffloadPolicy(pin_memory=True)`` on forward-only engines (the reference model);
+    pinning host memory needs a CUDA driver ("Found no NVIDIA driver"). On CPU the
+    parameters already live in host memory: keep the policy, drop the pinning."""
+    import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
+
+    original = fsdp_impl.CPUOffloadPolicy
+    if original is None or getattr(original, "__verl_grto_patched__", False):
+        return
+
+    class CPUOffloadPolicy(original):  # type: ignore[misc, valid-type]
+        __verl_grto_patched__ = True
+
+        def __init__(self, pin_memory: bool = True, **kwargs: Any) -> None:
+            from verl.utils.device import get_device_name
+
+            super().__init__(pin_memory=pin_memory and get_device_name() != "cpu", **kwargs)
+
+    fsdp_impl.CPUOffloadPolicy = CPUOffloadPolicy
+    _applied.append("fsdp.transformer_impl.CPUOffloadPolicy: no pinned memory on CPU")
+
+
+def _jagged_dim_aware_nested_tensors() -> None:
+    """verl/utils/tensordict_utils.py:162 (nested_tensor_from_tensor_list) concatenates
+    samples along ``ragged_idx - 1`` but builds the nested tensor without telling torch
+    which dimension is jagged, then sets ``_ragged_idx`` afterwards. With torch 2.14 the
+    shape is fixed at construction, so Qwen2.5-VL's (4, seq) mrope position ids come
+    back as (B, j, 4*...) and the first mini-batch split fails in ``split_with_sizes``.
+    Passing ``jagged_dim`` builds the same tensor verl intends."""
+    import sys
+
+    import torch
+    import verl.utils.tensordict_utils as td_utils
+
+    original = td_utils.nested_tensor_from_tensor_list
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def nested_tensor_from_tensor_list(tensors: list[torch.Tensor], ragged_idx: int | None = None) -> torch.Tensor:
+        sample_dim = tensors[0].dim()
+        ragged_idx = sample_dim if ragged_idx is None else ragged_idx
+        if sample_dim == 1 or ragged_idx == 1:
+            return original(tensors, ragged_idx=ragged_idx)
+        assert 1 <= ragged_idx <= sample_dim, f"ragged_idx must be in [1, {sample_dim}], got {ragged_idx}"
+        cat_dim = ragged_idx - 1
+        values = torch.cat(tensors, dim=cat_dim)
+        lengths = torch.tensor([t.shape[cat_dim] for t in tensors], dtype=torch.long, device=values.device)
+        offsets = torch.zeros(len(tensors) + 1, dtype=torch.long, device=values.device)
+        torch.cumsum(lengths, dim=0, out=offsets[1:])
+        return torch.nested.nested_tensor_from_jagged(values=values, offsets=offsets, jagged_dim=ragged_idx)
+
+    nested_tensor_from_tensor_list.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    td_utils.nested_tensor_from_tensor_list = nested_tensor_from_tensor_list
+    dataset_utils = sys.modules.get("verl.utils.dataset.dataset_utils")
+    if dataset_utils is not None:
+        dataset_utils.nested_tensor_from_tensor_list = nested_tensor_from_tensor_list
+    _applied.append("tensordict_utils.nested_tensor_from_tensor_list: jagged_dim for (4, seq) position ids")
+
+
+def _rebuild_equal_length_position_ids() -> None:
+    """verl/utils/tensordict_utils.py:910 (maybe_fix_3d_position_ids) sets ``_ragged_idx = 2``
+    on every 3-D nested ``position_ids`` to undo a pickling bug. But when every sequence
+    of a batch has the same length (common at the start of RL: every response hits
+    max length), TransferQueue's stacking makes the *first* dim the jagged one (values
+    (B*4, L)), and forcing ``_ragged_idx = 2`` corrupts it. Decide from the stored
+    layout which dimension is jagged and rebuild the tensor with jagged dim 2."""
+    import sys
+
+    import torch
+    import verl.utils.tensordict_utils as td_utils
+
+    original = td_utils.maybe_fix_3d_position_ids
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def maybe_fix_3d_position_ids(data: Any) -> None:
+        if "position_ids" not in data.keys():
+            return
+        pos = data["position_ids"]
+        if not (isinstance(pos, torch.Tensor) and pos.is_nested and pos.dim() == 3):
+            return
+        values, total = pos.values(), int(pos.offsets()[-1])
+        if values.dim() == 2 and values.shape[0] == total and values.shape[1] != total:
+            # jagged along dim 1: each component is (4, L); re-nest with the sequence jagged
+            pieces = list(pos.unbind())
+            data["position_ids"] = td_utils.nested_tensor_from_tensor_list(pieces, ragged_idx=2)
+        else:
+            original(data)
+
+    maybe_fix_3d_position_ids.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    td_utils.maybe_fix_3d_position_ids = maybe_fix_3d_position_ids
+    for name in ("verl.workers.engine_workers", "verl.workers.engine.base", "verl.workers.engine_workers_tinker"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "maybe_fix_3d_position_ids"):
+            module.maybe_fix_3d_position_ids = maybe_fix_3d_position_ids
+    _applied.append("tensordict_utils.maybe_fix_3d_position_ids: equal-length batches")
+
+
+def apply() -> list[str]:
+    """Install every patch once per process; returns the names of those installed."""
+    import verl
+
+    check_verl_version(verl.__version__)
+    if not _applied:
+        _gloo_only_process_group()
+        _unpinned_cpu_offload_for_reference()
+        _jagged_dim_aware_nested_tensors()
+        _rebuild_equal_length_position_ids()
+    return list(_applied)
+
+
+def applied() -> list[str]:
+    return list(_applied)

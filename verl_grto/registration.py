@@ -1,0 +1,72 @@
+"""Everything verl-grto adds to verl, registered through verl's own extension points.
+
+verl imports this module in every process (driver, task runner, FSDP workers,
+rollout servers, agent-loop and reward workers) through the ``verl.plugins``
+entry point, so a registration made here exists wherever verl looks it up.
+verl swallows a plugin's import error at DEBUG level; ``verl-grto doctor`` and
+the recipes' start-up check (``verl_grto.trainer.preflight``) make a missing
+plugin loud instead.
+"""
+
+from __future__ import annotations
+
+from verl_grto import patches
+
+REGISTERED: dict[str, list[str]] = {}
+
+
+def _note(kind: str, name: str) -> None:
+    REGISTERED.setdefault(kind, []).append(name)
+
+
+def _register_platform() -> None:
+    from verl.plugin.platform.platform_manager import PlatformRegistry
+
+    from verl_grto.platform.cpu import PlatformCPU
+
+    PlatformRegistry.register("cpu")(PlatformCPU)
+    _note("platform", "cpu")
+
+
+def _register_cpu_engines() -> None:
+    """verl's FSDP engines are registered for cuda/npu only
+    (workers/engine/fsdp/transformer_impl.py:1143, :1594); the same classes run on CPU."""
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+    for model_type, engine_cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
+        if "cpu" not in EngineRegistry._engines.get(model_type, {}).get("fsdp2", {}):
+            EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device="cpu")(engine_cls)
+        _note("engine", f"{model_type}/fsdp2@cpu")
+
+
+def _register_rollout() -> None:
+    from verl.workers.rollout import base as rollout_base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    from verl_grto.rollout.hf_server import ROLLOUT_NAME
+
+    def _load_hf_replica() -> type:
+        from verl_grto.rollout.hf_server import HFReplica
+
+        return HFReplica
+
+    RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
+    # verl/workers/rollout/base.py:89: the server-adapter table has no register function.
+    rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = "verl_grto.rollout.hf_server.HFServerAdapter"
+    _note("rollout", ROLLOUT_NAME)
+
+
+def register_all() -> dict[str, list[str]]:
+    if REGISTERED:
+        return REGISTERED
+    # The platform first: importing verl's engine modules (patches, engines) runs
+    # platform detection, which must already see the CPU platform.
+    _register_platform()
+    patches.apply()
+    _register_cpu_engines()
+    _register_rollout()
+    return REGISTERED
+
+
+register_all()

@@ -1,0 +1,281 @@
+"""The ``hf`` rollout backend: a Hugging Face model behind verl's rollout-server interface.
+
+verl's agent loops talk to rollout *servers* (Ray actors) token-in / token-out,
+and the hybrid actor worker pushes new weights to them through a ``ServerAdapter``
+(``verl/workers/rollout/base.py`` BaseRollout). vLLM and SGLang need GPUs; this
+backend serves the same interface from a plain ``transformers`` model so the
+whole verl pipeline runs on CPU (tests, the tiny demo, debugging). GPU recipes
+keep vllm/sglang untouched.
+
+Three pieces, mirroring verl's vLLM backend:
+- :class:`HFRolloutServer` -- the Ray actor that holds the model and generates
+  (text and images: the processor turns ``image_data`` into pixel_values /
+  image_grid_thw, and ``mm_token_type_ids`` make Qwen2.5-VL use its 3-D mrope
+  positions, as the actor does; without them transformers silently falls back
+  to 1-D positions and rollout log-probs drift from the actor's);
+- :class:`HFReplica` -- launches one server per replica (``RolloutReplicaRegistry``);
+- :class:`HFServerAdapter` -- lives in the actor worker; forwards weight updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Generator, Iterable
+from typing import Any
+
+import ray
+import torch
+from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.replica import RolloutReplica, TokenOutput
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_NAME = "hf"
+
+
+def server_actor_name(replica_rank: int) -> str:
+    """The Ray actor name of a replica's server; the adapter finds its server by it."""
+    job = ray.get_runtime_context().get_job_id()
+    return f"verl_grto_hf_server_{job}_{replica_rank}"
+
+
+def _load_policy(path: str, trust_remote_code: bool) -> tuple[torch.nn.Module, Any, Any]:
+    """Load model, tokenizer and (for vision-language models) processor from an HF directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    is_vlm = hasattr(config, "vision_config")
+    auto_cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = auto_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) if is_vlm else None
+    return model, tokenizer, processor
+
+
+class HFRolloutServer:
+    """Ray actor: token-in/token-out generation with an HF model, weights updatable in place.
+
+    Requests arrive concurrently from verl's agent loops; one lock serialises the
+    model (CPU cores are the bottleneck anyway) and generation runs in a worker
+    thread so the actor's event loop keeps answering control calls.
+    """
+
+    def __init__(self, model_path: str, rollout_config: dict[str, Any], trust_remote_code: bool = False, seed: int = 0):
+        torch.set_num_threads(int(os.environ.get("VERL_GRTO_ROLLOUT_THREADS", torch.get_num_threads())))
+        self.model, self.tokenizer, self.processor = _load_policy(model_path, trust_remote_code)
+        self.response_length = int(rollout_config["response_length"])
+        self.prompt_length = int(rollout_config["prompt_length"])
+        self.global_steps: int | None = None
+        self._lock = threading.Lock()
+        self._generator = torch.Generator().manual_seed(seed)
+        self._param_names = set(dict(self.model.named_parameters()).keys()) | set(dict(self.model.named_buffers()).keys())
+        cfg = self.model.config
+        self._image_token_id = getattr(cfg, "image_token_id", None)
+        self._video_token_id = getattr(cfg, "video_token_id", None)
+
+    # ---- generation -------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        request_id: str,
+        image_data: list[Any] | None = None,
+        video_data: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> TokenOutput:
+        if video_data:
+            raise NotImplementedError("the hf rollout serves text and images; video inputs are not supported")
+        return await asyncio.to_thread(self._generate_sync, list(prompt_ids), dict(sampling_params), image_data)
+
+    def _model_inputs(self, prompt_ids: list[int], image_data: list[Any] | None) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if image_data:
+            if self.processor is None:
+                raise ValueError("image_data was sent to a text-only model")
+            vision = self.processor.image_processor(images=list(image_data), return_tensors="pt")
+            inputs["pixel_values"] = vision["pixel_values"]
+            inputs["image_grid_thw"] = vision["image_grid_thw"]
+            n_pad = int((input_ids == self._image_token_id).sum())
+            n_expected = int(vision["image_grid_thw"].prod(-1).sum()) // (self.processor.image_processor.merge_size**2)
+            if n_pad != n_expected:
+                raise ValueError(
+                    f"prompt holds {n_pad} image tokens but its {len(image_data)} image(s) need {n_expected}; "
+                    "the prompt was built with another processor configuration"
+                )
+        if self._image_token_id is not None:
+            # text 0 / image 1 / video 2: switches Qwen2.5-VL generate to 3-D mrope positions
+            mm_types = torch.zeros_like(input_ids, dtype=torch.int)
+            mm_types[input_ids == self._image_token_id] = 1
+            if self._video_token_id is not None:
+                mm_types[input_ids == self._video_token_id] = 2
+            inputs["mm_token_type_ids"] = mm_types
+        return inputs
+
+    def _generate_sync(self, prompt_ids: list[int], sampling_params: dict[str, Any], image_data: list[Any] | None) -> TokenOutput:
+        max_new = sampling_params.pop("max_tokens", None) or sampling_params.pop("max_new_tokens", None)
+        if max_new is None:
+            max_new = min(self.response_length, self.prompt_length + self.response_length - len(prompt_ids))
+        max_new = max(1, int(max_new))
+        temperature = float(sampling_params.get("temperature", 1.0))
+        top_p = float(sampling_params.get("top_p", 1.0))
+        top_k = int(sampling_params.get("top_k", -1))
+        do_sample = temperature > 0
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "do_sample": do_sample,
+            "return_dict_in_generate": True,
+            "output_logits": True,
+            "repetition_penalty": float(sampling_params.get("repetition_penalty", 1.0)),
+        }
+        if do_sample:
+            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0)
+        inputs = self._model_inputs(prompt_ids, image_data)
+        with self._lock, torch.no_grad():
+            # transformers' sampling draws from the global RNG; fork it so the server's
+            # stream is its own (reproducible per seed, unaffected by other threads).
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(self._generator.get_state())
+                out = self.model.generate(**inputs, **gen_kwargs)
+                self._generator.set_state(torch.get_rng_state())
+        tokens = out.sequences[0, len(prompt_ids) :]
+        logits = torch.stack(out.logits, dim=1)[0].float()  # raw logits, (T, V)
+        if do_sample and temperature != 1.0:
+            logits = logits / temperature
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        finished = len(tokens) > 0 and int(tokens[-1]) in eos_ids
+        return TokenOutput(
+            token_ids=tokens.tolist(),
+            log_probs=log_probs.tolist() if sampling_params.get("logprobs", True) else None,
+            stop_reason="completed" if finished or len(tokens) < max_new else "length",
+            extra_fields={"global_steps": self.global_steps},
+        )
+
+    # ---- weights ---------------------------------------------------------------------------
+    def update_weights(self, named_tensors: dict[str, torch.Tensor], global_steps: int | None = None) -> int:
+        """Copy the actor's tensors into the served model; returns how many were updated.
+
+        Names come from verl's ``get_per_tensor_param`` (HF checkpoint naming); any
+        name the served model does not have is an error, so a silent partial sync
+        can never happen.
+        """
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        unknown = [n for n in named_tensors if n not in params]
+        if unknown:
+            raise KeyError(f"hf rollout: {len(unknown)} synced tensors are not in the served model, e.g. {unknown[:3]}")
+        with self._lock, torch.no_grad():
+            for name, tensor in named_tensors.items():
+                params[name].copy_(tensor.to(params[name].dtype))
+        if global_steps is not None:
+            self.global_steps = global_steps
+        return len(named_tensors)
+
+    def set_global_steps(self, global_steps: int) -> None:
+        self.global_steps = global_steps
+
+    # ---- control calls verl makes on every server (nothing to free on CPU) -------------------
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        return None
+
+    async def sleep(self) -> None:
+        return None
+
+    async def clear_kv_cache(self) -> None:
+        return None
+
+    async def release_kv_cache(self) -> None:
+        return None
+
+    async def resume_kv_cache(self) -> None:
+        return None
+
+    async def abort_all_requests(self, reject_request: bool = False) -> None:
+        return None
+
+    async def resume_generation(self) -> None:
+        return None
+
+    async def start_profile(self, **kwargs: Any) -> None:
+        return None
+
+    async def stop_profile(self) -> None:
+        return None
+
+
+class HFReplica(RolloutReplica):
+    """One ``hf`` rollout server per replica, started as a named Ray actor."""
+
+    def rollout_worker_use_gpu(self) -> bool:
+        return False
+
+    async def launch_servers(self) -> None:
+        name = server_actor_name(self.replica_rank)
+        model_path = self.model_config.local_path if hasattr(self.model_config, "local_path") else self.model_config.path
+        server_cls = ray.remote(HFRolloutServer)
+        handle = server_cls.options(
+            name=name,
+            num_cpus=0,
+            max_concurrency=self.max_concurrency,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}},
+        ).remote(
+            model_path,
+            {"response_length": self.config.response_length, "prompt_length": self.config.prompt_length},
+            bool(getattr(self.model_config, "trust_remote_code", False)),
+            int(getattr(self.config, "seed", 0) or 0) + self.replica_rank,
+        )
+        await handle.set_global_steps.remote(0)  # waits for the model to load
+        self.servers = [handle]
+        self._server_handle = handle
+        self._server_address = f"hf://{name}"
+
+
+class HFServerAdapter(BaseRollout):
+    """The actor worker's end of the ``hf`` rollout: pushes synced weights to its server.
+
+    Every trainer rank iterates the weight generator (FSDP gathers are collective);
+    the first rank of each replica sends the tensors.
+    """
+
+    def __init__(self, config: Any, model_config: Any, device_mesh: Any, replica_rank: int = -1):
+        super().__init__(config, model_config, device_mesh)
+        rank = int(os.environ.get("RANK", 0))
+        world = self.config.tensor_model_parallel_size * self.config.data_parallel_size * self.config.pipeline_model_parallel_size
+        self.replica_rank = rank // world if replica_rank == -1 else replica_rank
+        self._is_sender = rank % world == 0
+        self._server: Any = None
+
+    def _server_handle(self) -> Any:
+        if self._server is None:
+            self._server = ray.get_actor(server_actor_name(self.replica_rank))
+        return self._server
+
+    async def resume(self, tags: list[str]) -> None:
+        return None
+
+    async def release(self) -> None:
+        return None
+
+    @torch.no_grad()
+    async def update_weights(
+        self,
+        weights: Generator[tuple[str, torch.Tensor], None, None] | Iterable[tuple[str, torch.Tensor]],
+        wire_format: str = "named_tensors",
+        global_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if wire_format != "named_tensors":
+            raise NotImplementedError(f"the hf rollout takes full named tensors, not wire_format={wire_format!r}")
+        state = {}
+        for name, tensor in weights:
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if self._is_sender:
+                state[name] = full.detach().to("cpu", copy=True)
+        if self._is_sender:
+            await self._server_handle().update_weights.remote(state, global_steps)

@@ -57,6 +57,13 @@ def _register_rollout() -> None:
     _note("rollout", ROLLOUT_NAME)
 
 
+def _register_resolvers() -> None:
+    from verl_grto.recipe_resolvers import register_resolvers
+
+    for name in register_resolvers():
+        _note("resolver", name)
+
+
 def register_all() -> dict[str, list[str]]:
     if REGISTERED:
         return REGISTERED
@@ -66,6 +73,7 @@ def register_all() -> dict[str, list[str]]:
     patches.apply()
     _register_cpu_engines()
     _register_rollout()
+    _register_resolvers()
     return REGISTERED
 
 

@@ -46,3 +46,42 @@ class VerlGrtoRecipesSearchPath(SearchPathPlugin):
             fixed = reanchor_missing_primary(element.path.removeprefix(_FILE), os.getcwd(), module_dirs)
             if fixed is not None:
                 element.path = fixed
+            primary = element.path.removeprefix(_FILE)
+            if os.path.isfile(os.path.join(primary, RECIPES_MARKER)):
+                check_plugin_loaded()
+
+
+#: A file in a recipes folder that marks it as verl-grto's: composing a config from it
+#: first checks that verl loaded the plugin.
+RECIPES_MARKER = ".verl-grto-recipes"
+
+
+class PluginNotLoadedError(RuntimeError):
+    pass
+
+
+def check_plugin_loaded() -> None:
+    """Fail at start, with the reason, if verl did not import the verl-grto plugin.
+
+    verl swallows a plugin's import error (DEBUG log only); without the plugin a
+    recipe would die much later on an unknown rollout or resolver, or train
+    without the GRTO pieces."""
+    import sys
+
+    if "verl_grto.registration" in sys.modules:
+        return
+    policy = os.environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
+    if policy == "none" or (policy != "auto" and "verl_grto" not in {p.strip() for p in policy.split(",")}):
+        raise PluginNotLoadedError(
+            f"verl-grto recipes need the verl-grto plugin, but VERL_USE_EXTERNAL_PLUGINS={policy!r} excludes it"
+        )
+    try:
+        import verl_grto.registration  # noqa: F401
+    except Exception as exc:
+        raise PluginNotLoadedError(
+            f"verl could not load the verl-grto plugin: {exc!r}. Run `verl-grto doctor` for details."
+        ) from exc
+    raise PluginNotLoadedError(
+        "verl did not load the verl-grto plugin (no `verl.plugins` entry point found?). "
+        "Reinstall with `pip install -e .` and run `verl-grto doctor`."
+    )

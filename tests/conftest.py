@@ -1,0 +1,21 @@
+"""Shared fixtures. Tests run on a shared 2-core machine: torch is kept to one thread."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+if TYPE_CHECKING:
+    from verl_grto.assets.build import AssetPaths
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> AssetPaths:
+    """The tiny policy and tool, built once per test session in a private cache (never in ~/.cache)."""
+    from verl_grto.assets.build import ensure_assets  # imported here: transformers is slow to import
+
+    return ensure_assets(root=tmp_path_factory.mktemp("assets"), seed=0)

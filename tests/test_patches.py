@@ -1,0 +1,107 @@
+"""Each patch of verl internals (verl_grto/patches.py) does what its docstring says."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+import verl  # noqa: F401  (loads the plugin, which applies the patches)
+from verl_grto import patches
+
+
+def test_all_patches_applied_once():
+    applied = patches.apply()
+    assert len(applied) == len(set(applied)) == 4
+    assert patches.apply() == applied  # idempotent
+
+
+def test_untested_verl_version_is_refused(monkeypatch):
+    monkeypatch.delenv("VERL_GRTO_ALLOW_UNTESTED_VERL", raising=False)
+    with pytest.raises(patches.UntestedVerlVersionError, match="0.9.1"):
+        patches.check_verl_version("0.10.0")
+    monkeypatch.setenv("VERL_GRTO_ALLOW_UNTESTED_VERL", "1")
+    patches.check_verl_version("0.10.0")  # allowed with the override
+
+
+def test_cpu_offload_policy_does_not_pin_on_cpu():
+    import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
+
+    policy = fsdp_impl.CPUOffloadPolicy(pin_memory=True)
+    assert policy.pin_memory is False
+    assert isinstance(policy, torch.distributed.fsdp.CPUOffloadPolicy)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_process_group_uses_plain_gloo_on_cpu(monkeypatch):
+    import verl.utils.distributed as dist_utils
+    import verl.workers.engine_workers as engine_workers
+
+    assert engine_workers.initialize_global_process_group_ray is dist_utils.initialize_global_process_group_ray
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    try:
+        dist_utils.initialize_global_process_group_ray(timeout_second=30)
+        assert torch.distributed.get_backend() == "gloo"
+        t = torch.ones(3)
+        torch.distributed.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _pos(lengths: list[int]) -> list[torch.Tensor]:
+    return [torch.arange(4 * n).reshape(4, n) for n in lengths]
+
+
+@pytest.mark.parametrize("lengths", [[5, 7, 9], [6, 6, 6]])
+def test_nested_position_ids_survive_index_select(lengths):
+    from verl.utils.tensordict_utils import index_select_tensor_dict, nested_tensor_from_tensor_list
+
+    pieces = _pos(lengths)
+    nested = nested_tensor_from_tensor_list(pieces, ragged_idx=2)
+    assert nested.shape[:2] == (len(lengths), 4)
+    selected = index_select_tensor_dict(TensorDict({"position_ids": nested}, batch_size=len(lengths)), [2, 0])
+    got = selected["position_ids"].unbind()
+    assert torch.equal(got[0], pieces[2]) and torch.equal(got[1], pieces[0])
+
+
+def test_equal_length_batch_from_transfer_queue_is_rebuilt():
+    """TransferQueue stacks equal-length (4, L) samples jagged along dim 1; verl's fix would corrupt it."""
+    from verl.utils.tensordict_utils import index_select_tensor_dict, maybe_fix_3d_position_ids
+
+    pieces = _pos([6, 6, 6])
+    stacked = torch.nested.as_nested_tensor(pieces, layout=torch.jagged)  # what TransferQueue builds
+    td = TensorDict({"position_ids": stacked}, batch_size=3)
+    maybe_fix_3d_position_ids(td)
+    out = index_select_tensor_dict(td, [1, 2])["position_ids"].unbind()
+    assert torch.equal(out[0], pieces[1]) and torch.equal(out[1], pieces[2])
+
+
+def test_pickled_ragged_position_ids_still_fixed():
+    """verl's original case (ragged along the sequence) keeps working."""
+    from verl.utils.tensordict_utils import maybe_fix_3d_position_ids, nested_tensor_from_tensor_list
+
+    pieces = _pos([3, 8])
+    td = TensorDict({"position_ids": nested_tensor_from_tensor_list(pieces, ragged_idx=2)}, batch_size=2)
+    maybe_fix_3d_position_ids(td)
+    assert [t.shape for t in td["position_ids"].unbind()] == [p.shape for p in pieces]
+
+
+@pytest.mark.skipif(os.environ.get("VERL_PLATFORM", "cpu") != "cpu", reason="platform forced elsewhere")
+def test_patched_functions_are_marked():
+    import verl.utils.tensordict_utils as td_utils
+
+    assert td_utils.maybe_fix_3d_position_ids.__verl_grto_patched__
+    assert td_utils.nested_tensor_from_tensor_list.__verl_grto_patched__

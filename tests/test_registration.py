@@ -1,0 +1,61 @@
+"""verl loads the plugin through its entry point, and a missing plugin is loud."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from verl_grto import doctor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_doctor_passes_in_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "verl_grto.cli", "doctor"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK: everything verl-grto registers is visible to verl" in proc.stdout
+    assert "hf" in proc.stdout and "cpu" in proc.stdout
+
+
+def test_doctor_reports_what_is_missing():
+    found = {"plugin_loaded": True, **{k: list(v) for k, v in doctor.EXPECTED.items()}}
+    assert doctor.missing(found) == []
+    found["rollout"] = ["vllm"]
+    found["plugin_loaded"] = False
+    gaps = doctor.missing(found)
+    assert "rollout: hf" in gaps and any(g.startswith("plugin:") for g in gaps)
+
+
+def test_doctor_fails_when_verl_skips_the_plugin():
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none"}
+    proc = subprocess.run([sys.executable, "-m", "verl_grto.cli", "doctor"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert "MISSING" in proc.stderr and "platform: cpu" in proc.stderr
+
+
+def test_recipe_fails_at_start_without_plugin(tmp_path):
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", "recipes", "--config-name", "grpo_tiny_cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "verl-grto recipes need the verl-grto plugin" in proc.stdout + proc.stderr
+
+
+def test_relative_config_path_is_reanchored_on_cwd(tmp_path):
+    from hydra_plugins.verl_grto_searchpath import reanchor_missing_primary
+
+    (tmp_path / "recipes").mkdir()
+    module_dir = tmp_path / "site" / "verl" / "trainer"
+    module_dir.mkdir(parents=True)
+    missing = str(module_dir / "recipes")
+    assert reanchor_missing_primary(missing, str(tmp_path), [str(module_dir)]) == str(tmp_path / "recipes")
+    (module_dir / "recipes").mkdir()
+    assert reanchor_missing_primary(missing, str(tmp_path), [str(module_dir)]) is None  # exists: untouched

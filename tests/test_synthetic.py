@@ -1,0 +1,254 @@
+"""The synthetic world: semantics, uniqueness, determinism, masks, domains, parquet and verl loading."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from verl_grto.assets.build import AssetPaths
+from verl_grto.data.masks import decode_rle, mask_to_box
+from verl_grto.data.schema import GroundTruth, build_instruction
+from verl_grto.data.synthetic import (
+    Expr,
+    Scene,
+    SceneObject,
+    ensure_synthetic,
+    generate_split,
+    make_sample,
+    make_scene,
+    resolve,
+    sample_referring,
+    write_synthetic,
+)
+
+SIZE = 112
+
+
+# ---------------------------------------------------------------- semantics on a hand-made scene
+
+
+def _obj(shape: str, color: str, x1: int, y1: int, x2: int, y2: int) -> SceneObject:
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    mask[y1:y2, x1:x2] = True
+    return SceneObject(shape=shape, color=color, texture="solid", mask=mask, box=(x1, y1, x2, y2))
+
+
+@pytest.fixture
+def scene() -> Scene:
+    #  0: big red circle, left       1: small blue square, middle-top   2: small red square, right
+    #  3: blue triangle, below the blue square, about as big as 2
+    objs = (
+        _obj("circle", "red", 2, 40, 32, 70),  # area 900
+        _obj("square", "blue", 45, 5, 60, 20),  # area 225
+        _obj("square", "red", 85, 45, 101, 61),  # area 256
+        _obj("triangle", "blue", 45, 80, 61, 96),  # area 256
+    )
+    return Scene(image=np.zeros((SIZE, SIZE, 3), dtype=np.uint8), objects=objs, domain="plain")
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        (Expr(shape="circle"), (0,)),
+        (Expr(color="red"), (0, 2)),
+        (Expr(color="red", shape="square"), (2,)),
+        (Expr(superlative="largest"), (0,)),
+        (Expr(superlative="smallest"), (1, 2, 3)),  # 225 vs 256: within the area ratio, ambiguous
+        (Expr(superlative="leftmost"), (0,)),
+        (Expr(superlative="topmost"), (1,)),
+        (Expr(shape="square", superlative="rightmost"), (2,)),
+        (Expr(relation="left of", anchor=Expr(color="blue", shape="square")), (0,)),
+        (Expr(relation="right of", anchor=Expr(shape="circle")), (1, 2, 3)),
+        (Expr(color="blue", relation="below", anchor=Expr(color="blue", shape="square")), (3,)),
+        (Expr(relation="above", anchor=Expr(shape="triangle")), (0, 1, 2)),
+        (Expr(color="blue", relation="above", anchor=Expr(shape="triangle")), (1,)),
+        (Expr(relation="left of", anchor=Expr(color="red")), ()),  # anchor not unique: refers to nothing
+        (Expr(superlative="largest", relation="right of", anchor=Expr(shape="circle")), (1, 2, 3)),
+        (Expr(shape="diamond"), ()),
+    ],
+)
+def test_resolve_semantics(scene: Scene, expr: Expr, expected: tuple[int, ...]) -> None:
+    assert resolve(expr, scene) == expected
+
+
+def test_expression_text() -> None:
+    e = Expr(superlative="largest", relation="left of", anchor=Expr(shape="circle", color="red"))
+    assert e.text() == "the largest shape left of the red circle"
+    assert Expr(shape="triangle", superlative="topmost").text() == "the topmost triangle"
+    assert e.kind == "relation" and Expr(color="red").kind == "attribute"
+    with pytest.raises(ValueError):
+        Expr(relation="left of")  # no anchor
+
+
+# ---------------------------------------------------------------- generated scenes and expressions
+
+
+def _generated(domain: str, n: int, max_objects: int = 4, seed: int = 0) -> list[tuple[Scene, object]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = make_scene(rng, domain, size=SIZE, max_objects=max_objects)
+        out.append((s, sample_referring(s, rng)))
+    return out
+
+
+@pytest.mark.parametrize("domain", ["plain", "camouflage"])
+def test_every_expression_refers_to_exactly_its_target(domain: str) -> None:
+    kinds = set()
+    for scene, ref in _generated(domain, 60):
+        assert resolve(ref.expr, scene) == (ref.target,), ref.text
+        kinds.add(ref.expr.kind)
+        # a superlative or relation is only used where it is needed
+        if ref.expr.superlative is not None:
+            assert len(resolve(Expr(shape=ref.expr.shape, color=ref.expr.color, relation=ref.expr.relation,
+                                    anchor=ref.expr.anchor), scene)) >= 2  # fmt: skip
+        if ref.expr.relation is not None:
+            assert len(resolve(Expr(shape=ref.expr.shape, color=ref.expr.color), scene)) >= 2
+    assert kinds == {"attribute", "superlative", "relation"}
+
+
+def test_scene_objects_masks_and_boxes() -> None:
+    for scene, _ in _generated("plain", 30):
+        assert scene.image.shape == (SIZE, SIZE, 3) and scene.image.dtype == np.uint8
+        assert 2 <= len(scene.objects) <= 4
+        total = np.zeros((SIZE, SIZE), dtype=int)
+        for obj in scene.objects:
+            assert obj.mask.any()
+            assert list(obj.box) == mask_to_box(obj.mask)
+            total += obj.mask
+        assert total.max() == 1  # visible masks never overlap
+
+
+def test_single_object_curriculum() -> None:
+    for scene, ref in _generated("plain", 20, max_objects=1):
+        assert len(scene.objects) == 1 and ref.target == 0 and ref.expr.kind == "attribute"
+
+
+def _contrast(scene: Scene) -> float:
+    """Mean colour distance between each object's interior and the ring of pixels just outside it."""
+    img = scene.image.astype(float)
+    out = []
+    for obj in scene.objects:
+        x1, y1, x2, y2 = (int(v) for v in obj.box)
+        ring = np.zeros_like(obj.mask)
+        ring[max(0, y1 - 4) : y2 + 4, max(0, x1 - 4) : x2 + 4] = True
+        others = np.any([o.mask for o in scene.objects], axis=0)
+        ring &= ~others
+        if ring.sum() < 10:
+            continue
+        out.append(np.linalg.norm(img[obj.mask].mean(0) - img[ring].mean(0)))
+    return float(np.mean(out))
+
+
+def test_camouflage_objects_blend_into_the_background() -> None:
+    plain = np.mean([_contrast(s) for s, _ in _generated("plain", 30)])
+    camo = np.mean([_contrast(s) for s, _ in _generated("camouflage", 30)])
+    assert camo < plain / 2, (plain, camo)
+
+
+# ---------------------------------------------------------------- rows, determinism
+
+
+def _records(rows: list) -> list[dict]:
+    return [r.to_record() for r in rows]
+
+
+def test_rows_are_deterministic_and_seed_dependent() -> None:
+    a = _records(generate_split(12, seed=3, domain="plain", split="train"))
+    assert a == _records(generate_split(12, seed=3, domain="plain", split="train"))
+    assert a[:5] == _records(generate_split(5, seed=3, domain="plain", split="train"))  # per-sample streams
+    other_seed = _records(generate_split(12, seed=4, domain="plain", split="train"))
+    val = _records(generate_split(12, seed=3, domain="plain", split="val"))
+    for other in (other_seed, val):
+        assert all(x["images"][0]["bytes"] != y["images"][0]["bytes"] for x, y in zip(a, other, strict=True))
+
+
+def test_row_contents() -> None:
+    rows = generate_split(20, seed=0, domain="camouflage", split="val")
+    assert len({r.sample_id for r in rows}) == 20
+    for i, row in enumerate(rows):
+        rec = row.to_record()
+        assert rec["data_source"] == "grto/synthetic/camouflage"
+        assert rec["prompt"][0]["content"] == build_instruction(row.expression, SIZE, SIZE)
+        assert rec["extra_info"]["index"] == i and rec["extra_info"]["split"] == "val"
+        img = np.asarray(Image.open(io.BytesIO(rec["images"][0]["bytes"])))
+        assert img.shape == (SIZE, SIZE, 3)
+        gt = GroundTruth.from_json(rec["reward_model"]["ground_truth"])
+        mask = decode_rle(gt.mask_rle)
+        assert mask.shape == (SIZE, SIZE) and gt.image_size == (SIZE, SIZE)
+        assert gt.boxes == [mask_to_box(mask)]
+        object_boxes = json.loads(rec["extra_info"]["object_boxes"])
+        assert gt.boxes[0] in object_boxes and 2 <= len(object_boxes) <= 4
+
+
+def test_ground_truth_mask_is_the_target_objects_visible_mask() -> None:
+    rows = generate_split(8, seed=5, domain="plain", split="train")
+    for i, row in enumerate(rows):
+        scene, ref = make_sample(5, "plain", "train", i)
+        assert ref.text == row.expression
+        target = scene.objects[ref.target]
+        assert np.array_equal(decode_rle(row.ground_truth.mask_rle), target.mask)
+        # the mask is the object's visible pixels: painted in the object's own colour family, not the background's
+        img = np.asarray(Image.open(io.BytesIO(row.image_png))).astype(float)
+        background = ~np.any([o.mask for o in scene.objects], axis=0)
+        assert np.linalg.norm(img[target.mask].mean(0) - img[background].mean(0)) > 20
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_write_synthetic_parquet(tmp_path: Path) -> None:
+    paths = write_synthetic(tmp_path / "a", n_train=10, n_val=4, seed=1, domain="plain")
+    df = pd.read_parquet(paths["train"])
+    assert list(df.columns) == ["data_source", "prompt", "images", "ability", "reward_model", "extra_info"]
+    assert len(df) == 10 and len(pd.read_parquet(paths["val"])) == 4
+    assert df["prompt"].iloc[0][0]["content"].count("<image>") == 1
+    assert set(df["extra_info"].iloc[0]) >= {"index", "sample_id", "split", "expression"}
+    again = write_synthetic(tmp_path / "b", n_train=10, n_val=4, seed=1, domain="plain")
+    assert paths["train"].read_bytes() == again["train"].read_bytes()
+    assert paths["val"].read_bytes() == again["val"].read_bytes()
+
+
+def test_ensure_synthetic_builds_once(tmp_path: Path) -> None:
+    paths = ensure_synthetic(tmp_path, "plain", n_train=6, n_val=2, seed=0, max_objects=1)
+    stamp = paths["train"].stat().st_mtime_ns
+    assert ensure_synthetic(tmp_path, "plain", n_train=6, n_val=2, seed=0, max_objects=1) == paths
+    assert paths["train"].stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [paths["train"].parent.name]
+
+
+def test_verl_rlhf_dataset_loads_rows_with_the_tiny_processor(
+    tmp_path: Path, tiny_assets: AssetPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verl's own dataset must keep every row (it silently drops rows whose processing fails)."""
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", tmp_path / "hf_datasets")  # not ~/.cache
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+    from verl.utils.tokenizer import build_multimodal_processor_inputs, hf_processor, hf_tokenizer
+
+    paths = write_synthetic(tmp_path, n_train=6, n_val=2, seed=0, domain="plain")
+    tokenizer = hf_tokenizer(str(tiny_assets.policy))
+    processor = hf_processor(str(tiny_assets.policy))
+    assert processor is not None
+    config = OmegaConf.create(
+        {"max_prompt_length": 256, "filter_overlong_prompts": True, "filter_overlong_prompts_workers": 1,
+         "cache_dir": str(tmp_path / "verl_cache")}
+    )  # fmt: skip
+    ds = RLHFDataset(str(paths["train"]), tokenizer, config, processor=processor)
+    assert len(ds) == 6  # nothing filtered
+    row = ds[0]
+    messages = row["raw_prompt"]
+    assert [p["type"] for p in messages[0]["content"]] == ["image", "text"]
+    images, videos, _ = RLHFDataset._process_multi_modal_info(messages, ds.image_patch_size, config)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = build_multimodal_processor_inputs(processor, text=[text], images=images, videos=videos)
+    assert tuple(inputs["image_grid_thw"][0].tolist()) == (1, 8, 8)
+    assert inputs["pixel_values"].shape == (64, 3 * 2 * 14 * 14)
+    assert int((inputs["input_ids"][0] == processor.image_token_id).sum()) == 16
+    assert inputs["input_ids"].shape[1] <= 256

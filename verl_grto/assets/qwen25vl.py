@@ -1,0 +1,130 @@
+"""A tiny, randomly initialised Qwen2.5-VL written to disk like a hub checkpoint (offline, deterministic).
+
+Why: every stage (supervised warm start, GRPO/GRTO through verl, evaluation) must run end to end on a
+CPU in minutes, through the same classes and loading paths as the real ``Qwen2.5-VL`` checkpoints
+(``AutoModelForImageTextToText`` / ``AutoProcessor`` / ``AutoTokenizer``, verl's ``hf_processor``).
+
+Sizes (about 0.8M parameters): text hidden 128, MLP 256, 2 layers, 4 query / 2 KV heads (head_dim 32);
+vision depth 2, width 64, 2 heads, patch 14, 2x2 merge, temporal patch 2, full attention in block 1.
+Rope: theta 10 with mrope sections [2, 7, 7] (temporal, height, width). With Qwen's default theta of 1e6
+the height/width sections of such a small head get very low frequencies; the learnability probe saw box
+IoU 0.60 instead of 0.52 after 180 s with these settings.
+
+The image processor keeps 112x112 images as they are (a multiple of patch 14 x merge 2 = 28 and inside
+``[MIN_PIXELS, MAX_PIXELS]``): 112x112 -> 8x8 patches -> 16 image tokens. Larger images are scaled
+down to at most :data:`MAX_PIXELS` (224x224, 64 tokens) to keep the tiny model cheap.
+
+The generation config suppresses the vision special tokens: a sampled ``<|image_pad|>`` or
+``<|vision_start|>`` makes the next forward pass look for image features that do not exist and crash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from verl_grto.assets.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, VISION_TOKENS, train_tokenizer
+
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 224 * 224
+
+
+def tiny_qwen25vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+    """The tiny model's config; every token id is read from ``tokenizer`` so the two always agree."""
+    ids = tokenizer.convert_tokens_to_ids
+    hidden = 128
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 7, 7]},
+        "bos_token_id": ids(PAD_TOKEN),
+        "eos_token_id": ids(EOS_TOKEN),
+        "pad_token_id": ids(PAD_TOKEN),
+        "tie_word_embeddings": False,
+    }
+    vision_config = {
+        "depth": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "window_size": 112,
+        "out_hidden_size": hidden,
+        "fullatt_block_indexes": [1],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """eos/pad like Qwen (stop at ``<|im_end|>`` or ``<|endoftext|>``) and the vision tokens suppressed."""
+    ids = tokenizer.convert_tokens_to_ids
+    return GenerationConfig(
+        bos_token_id=ids(PAD_TOKEN),
+        eos_token_id=[ids(EOS_TOKEN), ids(PAD_TOKEN)],
+        pad_token_id=ids(PAD_TOKEN),
+        suppress_tokens=[ids(t) for t in VISION_TOKENS],
+    )
+
+
+def tiny_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
+    """Qwen2.5-VL's processor around ``tokenizer`` with the tiny model's pixel budget."""
+    common = {
+        "min_pixels": MIN_PIXELS,
+        "max_pixels": MAX_PIXELS,
+        "patch_size": PATCH_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "merge_size": MERGE_SIZE,
+    }
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**common),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen25vl(out_dir: Path, seed: int = 0) -> Path:
+    """Write model (safetensors), config, generation config, tokenizer and processor into ``out_dir``.
+
+    Two builds with the same seed write byte-identical weights. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    config = tiny_qwen25vl_config(tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = tiny_generation_config(tokenizer)
+    model.save_pretrained(out_dir)
+    tiny_processor(tokenizer).save_pretrained(out_dir)  # also writes the tokenizer and its chat template
+    return out_dir

@@ -1,0 +1,135 @@
+"""Segmentation metrics as the referring / reasoning segmentation and COD communities report them.
+
+gIoU and cIoU
+-------------
+* gIoU = mean over samples of the per-sample IoU.
+* cIoU = (sum of intersections) / (sum of unions) over the split, so large objects weigh more.
+
+(Neither is the box "generalized IoU".)
+
+**The empty-mask rule** (one rule, everywhere in this project; LISA's, not Seg-Zero's):
+
+1. A sample whose union is 0 (empty ground truth *and* empty prediction) has IoU **1.0**: saying
+   "nothing" about an image whose target is absent (EarthReason's no-target questions) is a perfect
+   answer. It adds 0 to both cIoU sums.
+2. A missing prediction (no mask file, the policy's answer did not parse, the tool failed) is scored
+   as an **empty prediction**: intersection 0, union = ground-truth area, so IoU 0 when the ground
+   truth is not empty (and 1.0 when it is, by rule 1).
+3. Pixels of an *ignore* region (ReasonSeg's "ignore" polygons) count in neither intersection nor
+   union, as in LISA's evaluation.
+
+If every union of a split is 0, cIoU is 1.0 by the same rule.
+
+COD suite
+---------
+Through pysodmetrics (``py_sod_metrics``), as the COD papers report: S-measure (alpha 0.5),
+E-measure (adaptive, and mean / max of the curve over 256 thresholds), weighted F-measure (beta 1)
+and MAE. Predictions go in as uint8 0-255 (a binary mask becomes 0/255; a soft map keeps its grey
+levels); ground truth as uint8 0/255, which pysodmetrics thresholds at 128. A missing prediction is
+an all-zero map (rule 2).
+
+A prediction pixel is foreground for gIoU/cIoU when its value is at least 128 (:func:`binarize`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import py_sod_metrics
+
+#: Threshold of a uint8 prediction map for gIoU/cIoU: foreground where value >= FOREGROUND_MIN.
+FOREGROUND_MIN = 128
+
+
+def binarize(pred: np.ndarray) -> np.ndarray:
+    """Bool mask of a prediction: bool as is, uint8 maps foreground where >= 128."""
+    pred = np.asarray(pred)
+    return pred if pred.dtype == bool else pred >= FOREGROUND_MIN
+
+
+def to_uint8(mask: np.ndarray) -> np.ndarray:
+    """A prediction as the uint8 0-255 map the COD metrics read: bool -> 0/255, uint8 unchanged."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask.astype(np.uint8) * 255
+    if mask.dtype != np.uint8:
+        raise TypeError(f"prediction maps must be bool or uint8 0-255, got {mask.dtype}")
+    return mask
+
+
+def intersection_union(pred: np.ndarray | None, gt: np.ndarray, ignore: np.ndarray | None = None) -> tuple[int, int]:
+    """Pixel counts (intersection, union) of a prediction (None = missing) against a bool ground truth."""
+    gt = np.asarray(gt, dtype=bool)
+    valid = np.ones_like(gt) if ignore is None else ~np.asarray(ignore, dtype=bool)
+    if pred is None:
+        return 0, int((gt & valid).sum())
+    p = binarize(pred)
+    if p.shape != gt.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from ground truth {gt.shape}")
+    return int((p & gt & valid).sum()), int(((p | gt) & valid).sum())
+
+
+def sample_iou(intersection: int, union: int) -> float:
+    """Per-sample IoU under the empty-mask rule (union 0 -> 1.0)."""
+    return 1.0 if union == 0 else intersection / union
+
+
+class IoUAccumulator:
+    """Accumulates gIoU and cIoU over a split."""
+
+    def __init__(self) -> None:
+        self.ious: list[float] = []
+        self.intersection = 0
+        self.union = 0
+
+    def add(self, pred: np.ndarray | None, gt: np.ndarray, ignore: np.ndarray | None = None) -> float:
+        """Score one sample (``pred`` None = missing prediction); returns its IoU."""
+        inter, union = intersection_union(pred, gt, ignore)
+        self.intersection += inter
+        self.union += union
+        iou = sample_iou(inter, union)
+        self.ious.append(iou)
+        return iou
+
+    def results(self) -> dict[str, float]:
+        if not self.ious:
+            raise ValueError("no sample was scored")
+        return {
+            "gIoU": float(np.mean(self.ious)),
+            "cIoU": sample_iou(self.intersection, self.union),
+            "n": len(self.ious),
+        }
+
+
+class CODAccumulator:
+    """Accumulates the COD suite (pysodmetrics) over a split."""
+
+    def __init__(self) -> None:
+        self._sm = py_sod_metrics.Smeasure(alpha=0.5)
+        self._em = py_sod_metrics.Emeasure()
+        self._wfm = py_sod_metrics.WeightedFmeasure(beta=1)
+        self._mae = py_sod_metrics.MAE()
+        self.n = 0
+
+    def add(self, pred: np.ndarray | None, gt: np.ndarray) -> None:
+        """Score one sample: ``pred`` bool or uint8 0-255 (None = missing -> all zero), ``gt`` bool."""
+        gt_u8 = to_uint8(np.asarray(gt, dtype=bool))
+        pred_u8 = np.zeros_like(gt_u8) if pred is None else to_uint8(pred)
+        if pred_u8.shape != gt_u8.shape:
+            raise ValueError(f"prediction shape {pred_u8.shape} differs from ground truth {gt_u8.shape}")
+        for metric in (self._sm, self._em, self._wfm, self._mae):
+            metric.step(pred=pred_u8, gt=gt_u8)
+        self.n += 1
+
+    def results(self) -> dict[str, float]:
+        if not self.n:
+            raise ValueError("no sample was scored")
+        em = self._em.get_results()["em"]
+        return {
+            "S_measure": float(self._sm.get_results()["sm"]),
+            "E_measure_adaptive": float(em["adp"]),
+            "E_measure_mean": float(np.mean(em["curve"])),
+            "E_measure_max": float(np.max(em["curve"])),
+            "weighted_F": float(self._wfm.get_results()["wfm"]),
+            "MAE": float(self._mae.get_results()["mae"]),
+            "n": self.n,
+        }

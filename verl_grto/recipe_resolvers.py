@@ -1,0 +1,59 @@
+"""OmegaConf resolvers that let a recipe name the embedded tiny default instead of paths.
+
+``${grto_asset:policy,0}`` and ``${grto_synthetic:plain,train,512,64,0}`` build the
+tiny models / synthetic data on first use (deterministically, atomically, under a
+file lock; see verl_grto.assets.build and verl_grto.data.synthetic) and return
+their paths. So ``python -m verl.trainer.main_ppo --config-path recipes
+--config-name grpo_tiny_cpu`` works on a fresh machine with nothing downloaded.
+Resolved once, in verl's TaskRunner (``OmegaConf.resolve`` in main_ppo.py).
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+
+def resolve_asset(kind: str, seed: int | str = 0) -> str:
+    """``${grto_asset:policy|tool,SEED}`` -> the tiny model directory, built if missing."""
+    from verl_grto.assets.build import ensure_assets
+
+    if kind not in ("policy", "tool"):
+        raise ValueError(f"grto_asset: unknown asset {kind!r}; expected 'policy' or 'tool'")
+    return str(getattr(ensure_assets(None, seed=int(seed)), kind))
+
+
+def resolve_synthetic(
+    domain: str,
+    split: str,
+    n_train: int | str,
+    n_val: int | str,
+    seed: int | str = 0,
+    max_objects: int | str = 4,
+    min_objects: int | str = 2,
+) -> str:
+    """``${grto_synthetic:DOMAIN,SPLIT,N_TRAIN,N_VAL,SEED[,MAX_OBJ[,MIN_OBJ]]}`` -> a parquet path."""
+    from verl_grto.assets.build import default_home
+    from verl_grto.data.synthetic import ensure_synthetic
+
+    splits = ensure_synthetic(
+        default_home() / "data",
+        domain=domain,
+        n_train=int(n_train),
+        n_val=int(n_val),
+        seed=int(seed),
+        max_objects=int(max_objects),
+        min_objects=int(min_objects),
+    )
+    if split not in splits:
+        raise ValueError(f"grto_synthetic: unknown split {split!r}; have {sorted(splits)}")
+    return str(splits[split])
+
+
+RESOLVERS = {"grto_asset": resolve_asset, "grto_synthetic": resolve_synthetic}
+
+
+def register_resolvers() -> list[str]:
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    return list(RESOLVERS)

@@ -1,0 +1,274 @@
+"""The policy's answer format: parse it without ever raising, and write it (for warm-start targets).
+
+Format (coordinates in pixels of the image as given to the policy, ``x2``/``y2`` exclusive)::
+
+    <think>...</think><answer>{"bbox": [x1, y1, x2, y2], "points": [[x, y], ...]}</answer>
+
+An object may also carry ``"negative_points"`` (background clicks for the tool), and ``<answer>`` may
+hold a JSON list of such objects when the expression names several. Whitespace around the blocks and
+one trailing ``<|im_end|>`` / ``<|endoftext|>`` (when the decoder kept special tokens) are allowed;
+anything else after ``</answer>`` is not.
+
+Why strict: the reward must not be gamed by junk around the answer, and every rejection carries a
+precise human reason so that a rollout dump shows at a glance what the policy gets wrong.
+
+Decisions worth knowing:
+
+* Coordinates outside ``[0, W] x [0, H]`` are **rejected**, not clipped: clipping would reward a
+  policy for answers that say nothing about the image ("[-1000, -1000, 1000, 1000]").
+* Empty or inverted boxes (``x2 <= x1`` or ``y2 <= y1``), NaN / Infinity / non-numeric values, booleans
+  and unknown keys (e.g. ``"bbox_2d"``) are rejected.
+* Caps: the whole response (:data:`MAX_TEXT_CHARS`), the ``<answer>`` body (:data:`MAX_ANSWER_CHARS`),
+  objects per answer (:data:`MAX_OBJECTS`) and points per object (:data:`MAX_POINTS`).
+* An object needs a bbox or at least one positive point. ``has_think`` is reported separately: an
+  answer without a well-formed ``<think>`` block before it still parses (the format reward decides
+  what that is worth).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MAX_TEXT_CHARS = 16_384
+MAX_ANSWER_CHARS = 4_096
+MAX_OBJECTS = 8
+MAX_POINTS = 16
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+_ALLOWED_KEYS = ("bbox", "points", "negative_points")
+_TRAILING_SPECIALS = ("<|im_end|>", "<|endoftext|>")
+_THINK_RE = re.compile(r"<think>(.*)</think>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolPrompt:
+    """One object's prompt for the segmentation tool: a box and/or points (label 1 = object, 0 = background)."""
+
+    box: tuple[float, float, float, float] | None = None
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.points) != len(self.labels):
+            raise ValueError(f"{len(self.points)} points but {len(self.labels)} labels")
+        if any(label not in (0, 1) for label in self.labels):
+            raise ValueError(f"labels must be 0 or 1, got {self.labels}")
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """What :func:`parse_answer` found. ``objects`` is empty whenever ``reason`` is set."""
+
+    objects: tuple[ToolPrompt, ...]
+    has_think: bool
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.reason == ""
+
+
+class _Reject(Exception):
+    """Internal: carries the human reason out of nested validation."""
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
+
+
+def _reject_constant(name: str) -> float:
+    raise _Reject(f"answer JSON: {name} is not a number")
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise _Reject(f"answer JSON: {what} is {type(v).__name__} {json.dumps(v)[:40]}, expected a number")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise _Reject(f"answer JSON: {what} is too large") from None
+    if not math.isfinite(f):
+        raise _Reject(f"answer JSON: {what} is not finite")
+    return f
+
+
+def _check_range(v: float, axis: str, what: str, image_size: tuple[int, int]) -> None:
+    limit = image_size[1] if axis == "x" else image_size[0]
+    if not 0.0 <= v <= limit:
+        raise _Reject(f"answer JSON: {what}={_fmt(v)} outside [0, {limit}]")
+
+
+def _parse_box(raw: Any, where: str, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    if not isinstance(raw, list):
+        raise _Reject(f"answer JSON: {where}bbox is {type(raw).__name__}, expected a list of 4 numbers")
+    if len(raw) != 4:
+        raise _Reject(f"answer JSON: {where}bbox has {len(raw)} numbers, expected 4")
+    names = ("x1", "y1", "x2", "y2")
+    vals = [_number(v, f"{where}bbox {n}") for v, n in zip(raw, names, strict=True)]
+    for v, n in zip(vals, names, strict=True):
+        _check_range(v, n[0], f"{where}bbox {n}", image_size)
+    x1, y1, x2, y2 = vals
+    if x2 <= x1:
+        raise _Reject(f"answer JSON: {where}bbox has x2={_fmt(x2)} <= x1={_fmt(x1)} (empty or inverted box)")
+    if y2 <= y1:
+        raise _Reject(f"answer JSON: {where}bbox has y2={_fmt(y2)} <= y1={_fmt(y1)} (empty or inverted box)")
+    return (x1, y1, x2, y2)
+
+
+def _parse_points(raw: Any, key: str, where: str, image_size: tuple[int, int]) -> list[tuple[float, float]]:
+    if not isinstance(raw, list):
+        raise _Reject(f"answer JSON: {where}{key} is {type(raw).__name__}, expected a list of [x, y]")
+    if len(raw) > MAX_POINTS:
+        raise _Reject(f"answer JSON: {where}{key} has {len(raw)} points, more than {MAX_POINTS}")
+    out = []
+    for k, p in enumerate(raw):
+        what = f"{where}{key}[{k}]"
+        if not isinstance(p, list) or len(p) != 2:
+            got = f"{len(p)} values" if isinstance(p, list) else type(p).__name__
+            raise _Reject(f"answer JSON: {what} is {got}, expected [x, y]")
+        x, y = _number(p[0], f"{what} x"), _number(p[1], f"{what} y")
+        _check_range(x, "x", f"{what} x", image_size)
+        _check_range(y, "y", f"{what} y", image_size)
+        out.append((x, y))
+    return out
+
+
+def _parse_object(raw: Any, where: str, image_size: tuple[int, int]) -> ToolPrompt:
+    if not isinstance(raw, dict):
+        raise _Reject(f'answer JSON: {where}is {type(raw).__name__}, expected an object like {{"bbox": [...]}}')
+    unknown = [k for k in raw if k not in _ALLOWED_KEYS]
+    if unknown:
+        raise _Reject(f"answer JSON: {where}unknown key {unknown[0]!r} (allowed: {', '.join(_ALLOWED_KEYS)})")
+    box = _parse_box(raw["bbox"], where, image_size) if "bbox" in raw else None
+    pos = _parse_points(raw["points"], "points", where, image_size) if "points" in raw else []
+    neg = (
+        _parse_points(raw["negative_points"], "negative_points", where, image_size) if "negative_points" in raw else []
+    )
+    if len(pos) + len(neg) > MAX_POINTS:
+        raise _Reject(f"answer JSON: {where}has {len(pos) + len(neg)} points, more than {MAX_POINTS}")
+    if box is None and not pos:
+        raise _Reject(f"answer JSON: {where}has neither a bbox nor positive points")
+    return ToolPrompt(box=box, points=tuple(pos + neg), labels=(1,) * len(pos) + (0,) * len(neg))
+
+
+def _split_blocks(text: str) -> tuple[str, str]:
+    """Return (text before <answer>, answer body) or raise _Reject with the format problem."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise _Reject(f"response has {len(text)} characters, more than {MAX_TEXT_CHARS}")
+    n_open, n_close = text.count(ANSWER_OPEN), text.count(ANSWER_CLOSE)
+    if n_open == 0:
+        raise _Reject("no <answer> tag")
+    if n_open > 1:
+        raise _Reject(f"{n_open} <answer> tags, expected 1")
+    if n_close == 0:
+        raise _Reject("no </answer> closing tag (truncated?)")
+    if n_close > 1:
+        raise _Reject(f"{n_close} </answer> tags, expected 1")
+    start, end = text.index(ANSWER_OPEN), text.index(ANSWER_CLOSE)
+    if end < start:
+        raise _Reject("</answer> comes before <answer>")
+    tail = text[end + len(ANSWER_CLOSE) :].strip()
+    for special in _TRAILING_SPECIALS:
+        if tail.endswith(special):
+            tail = tail[: -len(special)].strip()
+            break
+    if tail:
+        raise _Reject(f"text after </answer>: {tail[:40]!r}")
+    body = text[start + len(ANSWER_OPEN) : end]
+    if len(body) > MAX_ANSWER_CHARS:
+        raise _Reject(f"answer has {len(body)} characters, more than {MAX_ANSWER_CHARS}")
+    return text[:start], body
+
+
+def _is_think_block(prefix: str) -> bool:
+    m = _THINK_RE.fullmatch(prefix.strip())
+    return m is not None and not any(tag in m.group(1) for tag in (THINK_OPEN, THINK_CLOSE))
+
+
+def _parse_body(body: str, image_size: tuple[int, int]) -> tuple[ToolPrompt, ...]:
+    body = body.strip()
+    if not body:
+        raise _Reject("answer is empty")
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise _Reject(f"answer JSON: invalid ({e.msg} at char {e.pos})") from None
+    except RecursionError:
+        raise _Reject("answer JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer literal with too many digits
+        raise _Reject(f"answer JSON: invalid ({str(e)[:60]})") from None
+    if isinstance(data, dict):
+        return (_parse_object(data, "", image_size),)
+    if not isinstance(data, list):
+        raise _Reject(f"answer JSON: top level is {type(data).__name__}, expected an object or a list of objects")
+    if not data:
+        raise _Reject("answer JSON: empty list of objects")
+    if len(data) > MAX_OBJECTS:
+        raise _Reject(f"answer JSON: {len(data)} objects, more than {MAX_OBJECTS}")
+    return tuple(_parse_object(obj, f"object {k}: ", image_size) for k, obj in enumerate(data))
+
+
+def parse_answer(text: str, image_size: tuple[int, int]) -> ParsedAnswer:
+    """Parse a policy response for an image of ``image_size = (height, width)`` pixels; never raises.
+
+    ``(height, width)`` is the order of :class:`verl_grto.data.schema.GroundTruth.image_size`, so a
+    ground truth's size can be passed as is. On any problem the result has no objects and ``reason``
+    says what is wrong.
+    """
+    has_think = False
+    try:
+        if not isinstance(text, str):
+            raise _Reject(f"response is {type(text).__name__}, expected str")
+        h, w = (int(v) for v in image_size)
+        prefix, body = _split_blocks(text)
+        has_think = _is_think_block(prefix)
+        return ParsedAnswer(objects=_parse_body(body, (h, w)), has_think=has_think, reason="")
+    except _Reject as e:
+        return ParsedAnswer(objects=(), has_think=has_think, reason=str(e))
+    except Exception as e:  # a parser bug must not crash training; tests assert this never happens
+        return ParsedAnswer(objects=(), has_think=has_think, reason=f"internal parser error: {type(e).__name__}: {e}")
+
+
+def _json_number(v: float) -> int | float:
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"cannot format non-finite coordinate {v!r}")
+    return int(f) if f.is_integer() else f
+
+
+def format_answer(objects: Sequence[ToolPrompt], think: str = "...") -> str:
+    """Write ``objects`` in the answer format; the exact inverse of :func:`parse_answer`.
+
+    Integral coordinates are written without decimals (``12`` not ``12.0``), as a policy should write
+    them. One object is written as a JSON object, several as a list. Positive points are written
+    before negative ones, which is the order :func:`parse_answer` returns them in.
+    """
+    if not objects:
+        raise ValueError("format_answer needs at least one object")
+    if any(tag in think for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)):
+        raise ValueError(f"think text must not contain <think>/<answer> tags: {think[:80]!r}")
+    items = []
+    for obj in objects:
+        pos = [
+            [_json_number(x), _json_number(y)] for (x, y), lab in zip(obj.points, obj.labels, strict=True) if lab == 1
+        ]
+        neg = [
+            [_json_number(x), _json_number(y)] for (x, y), lab in zip(obj.points, obj.labels, strict=True) if lab == 0
+        ]
+        if obj.box is None and not pos:
+            raise ValueError("an object needs a box or at least one positive point")
+        item: dict[str, Any] = {}
+        if obj.box is not None:
+            item["bbox"] = [_json_number(v) for v in obj.box]
+        item["points"] = pos
+        if neg:
+            item["negative_points"] = neg
+        items.append(item)
+    payload = items[0] if len(items) == 1 else items
+    return f"{THINK_OPEN}{think}{THINK_CLOSE}{ANSWER_OPEN}{json.dumps(payload)}{ANSWER_CLOSE}"

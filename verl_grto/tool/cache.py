@@ -1,0 +1,64 @@
+"""Per-step cache of image features keyed by sample id.
+
+Why: a GRTO step has G rollouts per prompt image, and the tool is called for prediction
+(reward) and again for the update. Encoding is by far the most expensive part of SAM2, so
+each distinct image must be encoded once per step, however many rollouts or calls use it.
+The caller clears the cache at the start of each step; features depend on the frozen encoder
+only, so they stay valid while the decoder trains within the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+from verl_grto.tool.model import ImageFeatures, SegmentationTool
+from verl_grto.tool.preprocess import ImageLike, original_size
+
+
+class EmbeddingCache:
+    """Encodes unseen images in one batch and serves cached features for the rest."""
+
+    def __init__(self, tool: SegmentationTool, encode_batch_size: int = 8) -> None:
+        self.tool = tool
+        self.encode_batch_size = encode_batch_size  # bounds encoder activation memory
+        self._features: dict[Hashable, ImageFeatures] = {}
+        self.images_encoded = 0  # distinct images sent through the encoder since construction
+        self.encoder_calls = 0  # batched encoder invocations since construction
+
+    def __contains__(self, sample_id: Hashable) -> bool:
+        return sample_id in self._features
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def clear(self) -> None:
+        """Drop all cached features (call once per training step)."""
+        self._features.clear()
+
+    def get(self, sample_ids: Sequence[Hashable], images: Sequence[ImageLike | None] | None = None) -> ImageFeatures:
+        """Features for `sample_ids`, in order; `images[i]` is needed only for ids not yet cached.
+
+        Repeated ids in one call are encoded once. A cached id given an image of another size
+        raises, since that means two different images share an id.
+        """
+        if images is not None and len(images) != len(sample_ids):
+            raise ValueError(f"{len(sample_ids)} sample ids but {len(images)} images")
+        pending: dict[Hashable, ImageLike] = {}
+        for i, sid in enumerate(sample_ids):
+            image = images[i] if images is not None else None
+            if sid in self._features:
+                if image is not None and original_size(image) != self._features[sid].original_sizes[0]:
+                    raise ValueError(f"sample id {sid!r} is cached with another image size")
+            elif sid not in pending:
+                if image is None:
+                    raise KeyError(f"sample id {sid!r} is not cached and no image was given")
+                pending[sid] = image
+        ids = list(pending)
+        for start in range(0, len(ids), self.encode_batch_size):
+            chunk = ids[start : start + self.encode_batch_size]
+            features = self.tool.encode([pending[sid] for sid in chunk])
+            self.encoder_calls += 1
+            self.images_encoded += len(chunk)
+            for row, sid in enumerate(chunk):
+                self._features[sid] = features.select([row])
+        return ImageFeatures.concat([self._features[sid] for sid in sample_ids])

@@ -1,0 +1,245 @@
+"""`ToolEngine`: prediction and supervised updates of the segmentation tool, with checkpointing.
+
+Why an engine separate from the model: the trainer (a verl worker, wired by the caller)
+needs a small, framework-free surface: predict masks for rewards, take one optimiser step
+on weighted per-rollout losses, and save/restore everything that determines the next step
+(weights, AdamW state, RNG) bit-exactly so that resumed runs are reproducible.
+
+Data parallelism: when `torch.distributed` is initialised every rank computes gradients on
+its own rollouts, gradients are averaged with all-reduce, and all ranks agree (by a second
+all-reduce) on whether to skip a step, so a non-finite loss on one rank cannot desynchronise
+the replicas.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from verl_grto.tool.cache import EmbeddingCache
+from verl_grto.tool.losses import LossConfig, SegLosses, segmentation_losses, weighted_mean
+from verl_grto.tool.model import DecodeOutput, ImageFeatures, SegmentationTool
+from verl_grto.tool.preprocess import ImageLike, logits_to_masks
+from verl_grto.tool.prompts import PromptLike
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+
+
+@dataclass
+class ToolBatch:
+    """The tool's view of a step: distinct images, and per rollout its image, prompts and ground truth.
+
+    `images[i]` may be None when `sample_ids[i]` is already in the engine's cache this step.
+    `image_index[r]` is rollout r's position in `sample_ids`. `gt_masks[r]` (boolean HxW at the
+    image's original size) is needed by `update` only.
+    """
+
+    sample_ids: list[Hashable]
+    images: list[ImageLike | None]
+    image_index: list[int]
+    prompts: list[Sequence[PromptLike]]
+    gt_masks: list[np.ndarray | torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.sample_ids) != len(self.images):
+            raise ValueError(f"{len(self.sample_ids)} sample ids but {len(self.images)} images")
+        if len(self.image_index) != len(self.prompts):
+            raise ValueError(f"{len(self.image_index)} image indices but {len(self.prompts)} prompt lists")
+        if self.gt_masks is not None and len(self.gt_masks) != len(self.prompts):
+            raise ValueError(f"{len(self.gt_masks)} ground-truth masks for {len(self.prompts)} rollouts")
+
+    @property
+    def num_rollouts(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class ToolEngineConfig:
+    """Optimiser and loss settings of the tool."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # <= 0 disables clipping (the norm is still reported)
+    mask_threshold: float = 0.0  # logit threshold of predicted masks
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class ToolPrediction:
+    """Boolean masks at each rollout's original image size, predicted IoU, and prompt bookkeeping."""
+
+    masks: list[torch.Tensor]
+    iou: torch.Tensor
+    num_objects: torch.Tensor
+    prompt_issues: list[list[str]]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class ToolEngine:
+    """Holds the tool, its AdamW optimiser over trainable parameters, and the per-step embedding cache."""
+
+    def __init__(self, tool: SegmentationTool, config: ToolEngineConfig | None = None) -> None:
+        self.tool = tool
+        self.config = config or ToolEngineConfig()
+        self.cache = EmbeddingCache(tool)
+        self.params = tool.trainable_parameters()
+        if not self.params:
+            raise ValueError("the tool has no trainable parameters")
+        cfg = self.config
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        self.step = 0
+
+    def begin_step(self) -> None:
+        """Start a training step: drop the previous step's cached image features."""
+        self.cache.clear()
+
+    def _features(self, batch: ToolBatch) -> ImageFeatures:
+        return self.cache.get(batch.sample_ids, batch.images)
+
+    def _decode(self, batch: ToolBatch, train: bool) -> DecodeOutput:
+        features = self._features(batch)
+        self.tool.train(train)
+        return self.tool.decode(features, batch.prompts, batch.image_index)
+
+    @torch.no_grad()
+    def predict(self, batch: ToolBatch) -> ToolPrediction:
+        """Masks for the rollouts' prompts (for rewards and evaluation); no gradients."""
+        out = self._decode(batch, train=False)
+        features = self._features(batch)  # cached: no second encode
+        masks = [
+            logits_to_masks(logits[None], features.original_sizes[row], self.config.mask_threshold)[0]
+            for logits, row in zip(out.mask_logits, batch.image_index, strict=True)
+        ]
+        return ToolPrediction(masks, out.iou_pred, out.num_objects, out.prompt_issues)
+
+    def _loss(self, batch: ToolBatch, weights: Sequence[float] | torch.Tensor | None) -> tuple[
+        torch.Tensor, SegLosses, torch.Tensor, DecodeOutput
+    ]:
+        if batch.gt_masks is None:
+            raise ValueError("update needs gt_masks")
+        out = self._decode(batch, train=True)
+        losses = segmentation_losses(out.mask_logits, batch.gt_masks, out.iou_pred, self.config.loss)
+        w = torch.ones(batch.num_rollouts) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        # Rollouts without a usable prompt have a constant mask: nothing to learn from them.
+        w = torch.where(out.num_objects.to(w.device) > 0, w, torch.zeros_like(w)).to(losses.total)
+        return weighted_mean(losses.total, w), losses, w, out
+
+    def _sync_flags(self, nonfinite: bool, has_signal: bool) -> tuple[bool, bool]:
+        """Make every rank take the same skip decision."""
+        if not _distributed():
+            return nonfinite, has_signal
+        flags = torch.tensor([float(nonfinite), float(has_signal)], device=self.tool.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def _all_reduce_grads(self) -> None:
+        world = dist.get_world_size()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+    def update(self, batch: ToolBatch, weights: Sequence[float] | torch.Tensor | None = None) -> dict[str, float]:
+        """One optimiser step on the weighted mean of per-rollout losses; returns metrics.
+
+        The step is skipped (metric `skipped` = 1) when the loss or the gradient norm is
+        non-finite on any rank, or when no rollout on any rank has both a usable prompt and a
+        positive weight. `iou_before` is the mean IoU, over all rollouts, of the masks
+        predicted in this forward pass (before the step), at the loss resolution.
+        """
+        loss, losses, w, out = self._loss(batch, weights)
+        nonfinite = not bool(torch.isfinite(loss))
+        has_signal = bool(loss.requires_grad and (w > 0).any())
+        nonfinite, has_signal = self._sync_flags(nonfinite, has_signal)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if has_signal and not nonfinite and loss.requires_grad:
+            loss.backward()
+        grad_norm = float("nan")
+        skipped = nonfinite or not has_signal
+        if not skipped:
+            if _distributed():
+                self._all_reduce_grads()
+            max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            if not np.isfinite(grad_norm):  # identical on all ranks after the all-reduce
+                skipped = True
+            else:
+                self.optimizer.step()
+                self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+        def wmean(values: torch.Tensor) -> float:
+            return float(weighted_mean(values.detach(), w)) if len(values) else float("nan")
+
+        return {
+            "loss": float(loss.detach()),
+            "bce": wmean(losses.bce),
+            "dice": wmean(losses.dice),
+            "iou_loss": wmean(losses.iou_loss),
+            "grad_norm": grad_norm,
+            "iou_before": float(losses.iou.mean()) if len(losses.iou) else float("nan"),
+            "skipped": float(skipped),
+            "num_rollouts": float(batch.num_rollouts),
+            "num_empty": float((out.num_objects == 0).sum()),
+            "num_prompt_issues": float(sum(len(r) for r in out.prompt_issues)),
+        }
+
+    # ---- checkpointing -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that determines the next step: weights, optimiser state, step count, RNG states."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": self.tool.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` (strict: every weight must be present)."""
+        self.tool.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.cache.clear()
+
+    def save(self, directory: str) -> None:
+        """Write `model.safetensors` + `config.json` (a valid transformers Sam2 directory), optimizer and RNG files."""
+        os.makedirs(directory, exist_ok=True)
+        state = self.state_dict()
+        weights = {k: v.detach().contiguous() for k, v in state["model"].items()}
+        save_file(weights, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+        self.tool.model.config.save_pretrained(directory)
+        torch.save({"optimizer": state["optimizer"], "step": state["step"]}, os.path.join(directory, OPTIMIZER_FILE))
+        torch.save(state["rng"], os.path.join(directory, RNG_FILE))
+
+    def load(self, directory: str) -> None:
+        """Restore what `save` wrote (safetensors for weights, `weights_only` loads for the rest)."""
+        device = str(self.tool.device)
+        opt = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True)
+        rng = torch.load(os.path.join(directory, RNG_FILE), map_location="cpu", weights_only=True)
+        model = load_file(os.path.join(directory, WEIGHTS_FILE), device=device)
+        self.load_state_dict({"model": model, "optimizer": opt["optimizer"], "step": opt["step"], "rng": rng})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -39,6 +41,142 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+class CLIError(Exception):
+    """A user error (bad flag, missing or corrupt input): printed as one line, exit status 2, no traceback."""
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    from verl_grto.data.convert import CONVERTERS, AnnotationFileError, convert
+    from verl_grto.data.convert.options import parse_options
+
+    if args.name not in CONVERTERS:
+        raise CLIError(f"unknown dataset {args.name!r}; one of {', '.join(CONVERTERS)}")
+    try:
+        opts = parse_options(CONVERTERS[args.name], args.opt)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        report = convert(args.name, Path(args.src), Path(args.out), **opts)
+    except AnnotationFileError as exc:
+        print(f"verl-grto: malformed annotation file, nothing converted: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as exc:  # a release layout not found, an option value refused
+        raise CLIError(str(exc)) from None
+    print(report.summary())
+    return 0
+
+
+def _existing(path: str, what: str) -> Path:
+    if not Path(path).exists():
+        raise CLIError(f"{what} {path} does not exist")
+    return Path(path)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from verl_grto.eval.evaluate import evaluate_predictions, format_table, run_predictions, sample_ids, suite_for
+
+    split = _existing(args.split, "split")
+    out = Path(args.out)
+    use_policy = args.policy is not None or args.tool is not None
+    if use_policy == (args.predictions is not None):
+        raise CLIError("give either --policy and --tool (run inference) or --predictions (score existing PNGs)")
+    if use_policy and (args.policy is None or args.tool is None):
+        raise CLIError("inference needs both --policy and --tool")
+    for flag in ("limit", "max_new_tokens", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    suite = suite_for(split) if args.suite == "auto" else args.suite
+    extra = {}
+    if use_policy:
+        from verl_grto.eval.inference import PolicyToolPredictor, read_records, summarize_records
+
+        predictions_dir, records_path = out / "predictions", out / "records.jsonl"
+        predictor = PolicyToolPredictor(
+            _existing(args.policy, "policy"), _existing(args.tool, "tool"), max_new_tokens=args.max_new_tokens,
+            device=args.device, records_path=records_path,
+        )
+        run_predictions(split, predictor, predictions_dir, batch_size=args.batch_size, limit=args.limit)
+        extra["policy"] = summarize_records(read_records(records_path), sample_ids(split, args.limit))
+    else:
+        predictions_dir = _existing(args.predictions, "predictions folder")
+    report = evaluate_predictions(split, predictions_dir, suite, out / "report.json", limit=args.limit, extra=extra)
+    print(format_table(report))
+    if "policy" in extra:
+        policy = extra["policy"]
+        rate = "n/a" if policy["parse_rate"] is None else f"{policy['parse_rate']:.1%}"
+        print(f"policy answers parsed: {policy['parsed']}/{policy['answered']} ({rate})")
+    print(f"report: {out / 'report.json'}")
+    return 0
+
+
+def _numbers(text: str, n: int | None, flag: str, form: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CLIError(f"{flag} expects {form}, got {text!r}") from None
+    if (n is not None and len(values) != n) or not all(math.isfinite(v) for v in values):
+        raise CLIError(f"{flag} expects {form}, got {text!r}")
+    return values
+
+
+def _flag_prompt(box: str | None, points: str | None, image_hw: tuple[int, int]) -> Any:
+    """The --box / --points object, checked against the image by the answer parser's rules."""
+    from verl_grto.reward.answer import ToolPrompt, format_answer, parse_answer
+
+    bbox = tuple(_numbers(box, 4, "--box", "x1,y1,x2,y2")) if box is not None else None
+    pts = tuple(tuple(_numbers(p, 2, "--points", "x,y;x,y;...")) for p in points.split(";")) if points else ()
+    prompt = ToolPrompt(bbox, pts, (1,) * len(pts))  # type: ignore[arg-type]
+    parsed = parse_answer(format_answer([prompt]), image_hw)
+    if not parsed.ok:
+        raise CLIError(f"bad --box/--points for the {image_hw[1]}x{image_hw[0]} image: "
+                       + parsed.reason.removeprefix("answer JSON: "))
+    return parsed.objects[0]
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from verl_grto.data.convert.base import RowError, load_image
+    from verl_grto.data.schema import build_instruction
+    from verl_grto.eval.evaluate import write_prediction
+    from verl_grto.eval.inference import PolicyToolPredictor, PromptedToolPredictor, ToolSegmenter, row_rgb
+    from verl_grto.eval.overlay import overlay
+    from verl_grto.reward.answer import parse_answer
+
+    try:
+        image = load_image(Path(args.image))  # decoded completely; EXIF-rotated / grey images normalised
+    except RowError as exc:
+        raise CLIError(f"{exc} ({args.image})") from None
+    prompted = args.box is not None or args.points is not None
+    flag_object = _flag_prompt(args.box, args.points, (image.height, image.width)) if prompted else None
+    if not prompted and (args.policy is None or args.prompt is None):
+        raise CLIError("without --box/--points, predict needs --policy and --prompt")
+    _existing(args.tool, "tool")
+    row = {
+        "prompt": [{"role": "user", "content": build_instruction(args.prompt or "", image.width, image.height)}],
+        "images": [{"bytes": image.data, "path": None}],
+        "extra_info": {"sample_id": Path(args.image).stem},
+    }
+    if flag_object is not None:  # the policy is not needed, so not loaded
+        predictor: Any = PromptedToolPredictor(ToolSegmenter(args.tool, device=args.device or "cpu"), [flag_object])
+    else:
+        predictor = PolicyToolPredictor(_existing(args.policy, "policy"), args.tool,
+                                        max_new_tokens=args.max_new_tokens, device=args.device)
+    mask = predictor(row)
+    record = predictor.records[-1]
+    objects = [flag_object] if flag_object is not None else parse_answer(record.answer, mask.shape).objects
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_prediction(out, mask)
+    overlay_path = out.with_name(f"{out.stem}.overlay.png")
+    overlay(row_rgb(row), mask, objects).save(overlay_path)
+    print(json.dumps({
+        "mask": str(out), "overlay": str(overlay_path), "foreground_pixels": int(mask.sum()),
+        "answer": record.answer, "parse_reason": record.reason, "objects_used": record.num_objects,
+        "prompt_issues": record.prompt_issues,
+    }, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verl-grto", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,12 +201,50 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--max-objects", type=int, default=4)
     synthetic.add_argument("--min-objects", type=int, default=2)
     synthetic.set_defaults(func=_cmd_data_synthetic)
+
+    conv = data_sub.add_parser("convert", help="convert an official benchmark release to parquet (docs/benchmarks.md)")
+    conv.add_argument("name", help="dataset: reasonseg, refcoco, refcoco+, refcocog, cod10k, camo, nc4k, earthreason")
+    conv.add_argument("--src", required=True, help="the release folder")
+    conv.add_argument("--out", required=True, help="output folder (gets <split>.parquet and conversion_report.json)")
+    conv.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                      help="a converter option, e.g. splits=val,test or keep_empty=false (repeatable)")
+    conv.set_defaults(func=_cmd_data_convert)
+
+    ev = sub.add_parser("evaluate", help="predict a split with a policy + tool (resumable), or score PNGs; write report.json")
+    ev.add_argument("--split", required=True, help="a split parquet")
+    ev.add_argument("--policy", help="policy checkpoint (Hugging Face folder)")
+    ev.add_argument("--tool", help="tool checkpoint (transformers Sam2 folder)")
+    ev.add_argument("--predictions", help="score the <sample_id>.png in this folder instead of running inference")
+    ev.add_argument("--out", required=True, help="output folder: report.json, and predictions/ + records.jsonl when inferring")
+    ev.add_argument("--suite", choices=["seg", "cod", "auto"], default="auto",
+                    help="metrics: seg (gIoU, cIoU), cod (adds the COD suite), auto (cod for COD releases)")
+    ev.add_argument("--limit", type=int, help="only the first N rows")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="the policy's answer budget")
+    ev.add_argument("--batch-size", type=int, default=8, help="rows per policy generate call")
+    ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="segment one image: policy + tool, or the tool alone on --box/--points")
+    pr.add_argument("--policy", help="policy checkpoint (not needed with --box/--points)")
+    pr.add_argument("--tool", required=True, help="tool checkpoint")
+    pr.add_argument("--image", required=True)
+    pr.add_argument("--prompt", help="the referring expression (the policy's instruction is built around it)")
+    pr.add_argument("--out", required=True, help="mask PNG (0/255, image size); the overlay goes beside it as <stem>.overlay.png")
+    pr.add_argument("--box", help="x1,y1,x2,y2 in image pixels (x2/y2 exclusive): bypass the policy")
+    pr.add_argument("--points", help="x,y;x,y object points in image pixels: bypass the policy")
+    pr.add_argument("--max-new-tokens", type=int, default=256)
+    pr.add_argument("--device", help="cpu or cuda (default: cuda when available, cpu for the tool alone)")
+    pr.set_defaults(func=_cmd_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"verl-grto: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ EXPECTED: dict[str, list[str]] = {
     "rollout_adapter": ["hf"],
     "engine": ["language_model/fsdp2@cpu"],
     "resolver": ["grto_asset", "grto_synthetic"],
+    "adv_estimator": ["grto"],
+    "trainer": ["grto"],
     "reward": ["verl_grto.reward.box_reward.compute_score"],
 }
 
@@ -66,6 +68,12 @@ def inspect_verl() -> dict[str, Any]:
         found["policy_loss"] = sorted(POLICY_LOSS_REGISTRY)
     except ImportError:
         pass
+    try:
+        from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+        found["trainer"] = sorted(TRAINER_REGISTRY)
+    except ImportError as exc:
+        found.setdefault("errors", []).append(f"verl V1 trainer registry: {exc!r}")
     if not found["plugin_loaded"]:
         try:
             importlib.import_module("verl_grto.registration")
@@ -94,7 +102,8 @@ def run_doctor() -> int:
         return 1
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"verl {found['verl_version']}; plugin loaded by verl: {found['plugin_loaded']}")
-    for kind in ("platform", "rollout", "rollout_adapter", "engine", "adv_estimator", "policy_loss", "resolver", "reward"):
+    kinds = ("platform", "rollout", "rollout_adapter", "engine", "trainer", "adv_estimator", "policy_loss", "resolver", "reward")
+    for kind in kinds:
         print(f"  {kind:16s} {', '.join(found.get(kind, [])) or '-'}")
     for err in found.get("errors", []):
         print(f"  error: {err}")

@@ -64,6 +64,18 @@ def _register_resolvers() -> None:
         _note("resolver", name)
 
 
+def _register_algorithm() -> None:
+    import verl_grto.algorithm.advantage  # noqa: F401  (@register_adv_est("grto"))
+
+    _note("adv_estimator", "grto")
+
+
+def _register_trainers() -> None:
+    import verl_grto.trainer.grto_trainer  # noqa: F401  (@register_trainer("grto"))
+
+    _note("trainer", "grto")
+
+
 def register_all() -> dict[str, list[str]]:
     if REGISTERED:
         return REGISTERED
@@ -74,6 +86,8 @@ def register_all() -> dict[str, list[str]]:
     _register_cpu_engines()
     _register_rollout()
     _register_resolvers()
+    _register_algorithm()
+    _register_trainers()
     return REGISTERED
 
 

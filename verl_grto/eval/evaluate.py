@@ -9,12 +9,15 @@ silently dropped: dropping failures would flatter the score.
 :func:`evaluate` is the seam for inference: give it a ``predictor(row) -> mask`` and it predicts
 only the rows whose PNG is not there yet (so an interrupted run resumes), writes each PNG
 atomically, then scores. A predictor that cannot parse the policy's answer should return an
-all-zero mask (that is rule 2 of the empty-mask rule, made explicit).
+all-zero mask (that is rule 2 of the empty-mask rule, made explicit). A predictor that also has
+``predict_batch(rows) -> masks`` gets the pending rows ``batch_size`` at a time (batched policy
+generation); ``limit`` evaluates the first rows of a split only (a smoke test of a checkpoint).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,37 +71,81 @@ def write_prediction(path: Path, mask: np.ndarray) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
-def _iter_rows(split_parquet: Path, columns: list[str] | None = None, batch_size: int = 16) -> Iterator[dict[str, Any]]:
+def _iter_rows(
+    split_parquet: Path, columns: list[str] | None = None, batch_size: int = 16, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The split's rows in order; only the first ``limit`` when given."""
     pf = pq.ParquetFile(split_parquet)
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-        yield from batch.to_pylist()
+    rows = (row for batch in pf.iter_batches(batch_size=batch_size, columns=columns) for row in batch.to_pylist())
+    return itertools.islice(rows, limit)
 
 
-def _num_rows(split_parquet: Path) -> int:
-    return pq.ParquetFile(split_parquet).metadata.num_rows
+def _num_rows(split_parquet: Path, limit: int | None = None) -> int:
+    n = pq.ParquetFile(split_parquet).metadata.num_rows
+    return n if limit is None else min(n, limit)
 
 
-def run_predictions(split_parquet: Path, predictor: Predictor, predictions_dir: Path, progress: bool = True) -> int:
+def sample_ids(split_parquet: Path, limit: int | None = None) -> list[str]:
+    """The split's sample ids in row order (the first ``limit`` when given)."""
+    return [r["extra_info"]["sample_id"] for r in _iter_rows(Path(split_parquet), columns=["extra_info"], batch_size=1024, limit=limit)]
+
+
+def suite_for(split_parquet: Path) -> Suite:
+    """The suite a split is reported with: "cod" when every row comes from a COD release, else "seg"."""
+    from verl_grto.data.convert.cod import RELEASES
+
+    sources = set(pq.read_table(split_parquet, columns=["data_source"]).column("data_source").to_pylist())
+    return "cod" if sources and sources <= set(RELEASES) else "seg"
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+
+
+def run_predictions(
+    split_parquet: Path,
+    predictor: Predictor,
+    predictions_dir: Path,
+    progress: bool = True,
+    *,
+    batch_size: int = 1,
+    limit: int | None = None,
+) -> int:
     """Run ``predictor`` on every row whose PNG is not in ``predictions_dir`` yet; returns how many ran.
 
-    A predictor's mask must have the row's image size (H, W); anything else is a bug in the
-    predictor and raises ValueError (the PNGs written so far stay, so a rerun resumes).
+    Rows go ``batch_size`` at a time to ``predictor.predict_batch`` when it has one. A predictor's
+    mask must have the row's image size (H, W); anything else is a bug in the predictor and raises
+    ValueError (the PNGs written so far stay, so a rerun resumes).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _check_limit(limit)
+    predict_batch = getattr(predictor, "predict_batch", None)
+    if predict_batch is None or batch_size == 1:
+        def predict_batch(rows: list[dict[str, Any]]) -> list[np.ndarray]:
+            return [predictor(row) for row in rows]
+
     predictions_dir = Path(predictions_dir)
     predictions_dir.mkdir(parents=True, exist_ok=True)
     done = {p.stem for p in predictions_dir.glob("*.png")}
+    rows = _iter_rows(split_parquet, limit=limit)
     ran = 0
-    for row in tqdm(_iter_rows(split_parquet), total=_num_rows(split_parquet), desc="predict", unit="row",
-                    disable=not progress):
-        sample_id = row["extra_info"]["sample_id"]
-        if sample_id in done:
-            continue
-        gt = GroundTruth.from_json(row["reward_model"]["ground_truth"])
-        mask = np.asarray(predictor(row))
-        if mask.shape != gt.image_size:
-            raise ValueError(f"predictor returned shape {mask.shape} for {sample_id}, expected {gt.image_size}")
-        write_prediction(prediction_path(predictions_dir, sample_id), mask)
-        ran += 1
+    with tqdm(total=_num_rows(split_parquet, limit), desc="predict", unit="row", disable=not progress) as bar:
+        while chunk := list(itertools.islice(rows, batch_size)):
+            pending = [row for row in chunk if row["extra_info"]["sample_id"] not in done]
+            masks = predict_batch(pending) if pending else []
+            if len(masks) != len(pending):
+                raise ValueError(f"predictor returned {len(masks)} masks for {len(pending)} rows")
+            for row, mask in zip(pending, masks, strict=True):
+                sample_id = row["extra_info"]["sample_id"]
+                gt = GroundTruth.from_json(row["reward_model"]["ground_truth"])
+                mask = np.asarray(mask)
+                if mask.shape != gt.image_size:
+                    raise ValueError(f"predictor returned shape {mask.shape} for {sample_id}, expected {gt.image_size}")
+                write_prediction(prediction_path(predictions_dir, sample_id), mask)
+                ran += 1
+            bar.update(len(chunk))
     return ran
 
 
@@ -118,17 +165,27 @@ class _Scorer:
         return {**self.iou.results(), **(self.cod.results() if self.cod is not None else {})}
 
 
-def evaluate_predictions(split_parquet: Path, predictions_dir: Path, suite: Suite, report_path: Path) -> dict[str, Any]:
+def evaluate_predictions(
+    split_parquet: Path,
+    predictions_dir: Path,
+    suite: Suite,
+    report_path: Path,
+    *,
+    limit: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Score ``<predictions_dir>/<sample_id>.png`` against the split and its baselines; write the JSON report.
 
-    Returns the report: ``{"split", "predictions_dir", "suite", "n", "missing", "invalid", "scores":
-    {method: {gIoU, cIoU, n, [COD metrics]}}}`` where method is "prediction", "box_fill" and, where
-    the rows carry the image's objects, "random_object_box".
+    Returns the report: ``{"split", "predictions_dir", "suite", "n", "limit", "missing", "invalid",
+    "scores": {method: {gIoU, cIoU, n, [COD metrics]}}}`` where method is "prediction", "box_fill"
+    and, where the rows carry the image's objects, "random_object_box"; ``extra`` entries (e.g. the
+    policy's parse rate) are added to it. ``limit`` scores the first rows only.
     """
     if suite not in ("seg", "cod"):
         raise ValueError(f"suite must be 'seg' or 'cod', got {suite!r}")
+    _check_limit(limit)
     split_parquet, predictions_dir = Path(split_parquet), Path(predictions_dir)
-    rows = list(_iter_rows(split_parquet, columns=["reward_model", "extra_info"], batch_size=1024))
+    rows = list(_iter_rows(split_parquet, columns=["reward_model", "extra_info"], batch_size=1024, limit=limit))
     if not rows:
         raise ValueError(f"{split_parquet} has no rows")
     with_objects = all(baselines.object_boxes(r["extra_info"]) is not None for r in rows)
@@ -159,12 +216,14 @@ def evaluate_predictions(split_parquet: Path, predictions_dir: Path, suite: Suit
         "predictions_dir": str(predictions_dir),
         "suite": suite,
         "n": len(rows),
+        "limit": limit,
         "empty_mask_rule": "union 0 -> IoU 1; missing/invalid prediction = empty prediction; ignore pixels excluded",
         "missing": len(missing),
         "missing_ids": missing[:MAX_LISTED],
         "invalid": len(invalid),
         "invalid_ids": dict(list(invalid.items())[:MAX_LISTED]),
         "scores": {name: s.results() for name, s in scorers.items()},
+        **(extra or {}),
     }
     with atomic_file(Path(report_path)) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
@@ -179,11 +238,13 @@ def evaluate(
     suite: Suite,
     report_path: Path,
     progress: bool = True,
+    batch_size: int = 1,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Predict the rows not yet in ``predictions_dir`` (when a predictor is given), then score them."""
     if predictor is not None:
-        run_predictions(split_parquet, predictor, predictions_dir, progress=progress)
-    return evaluate_predictions(split_parquet, predictions_dir, suite, report_path)
+        run_predictions(split_parquet, predictor, predictions_dir, progress=progress, batch_size=batch_size, limit=limit)
+    return evaluate_predictions(split_parquet, predictions_dir, suite, report_path, limit=limit)
 
 
 _COLUMNS = {

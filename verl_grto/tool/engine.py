@@ -149,8 +149,18 @@ class ToolEngine:
         return bool(flags[0]), bool(flags[1])
 
     def _all_reduce_grads(self) -> None:
+        """Average gradients over ranks.
+
+        A parameter no rank produced a gradient for (e.g. the object-score head, never in the
+        loss) keeps `grad=None`, so AdamW leaves it alone exactly as in a single-process run;
+        a rank that lacks a gradient others have contributes zeros.
+        """
         world = dist.get_world_size()
-        for p in self.params:
+        present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32, device=self.tool.device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+        for p, anywhere in zip(self.params, present.tolist(), strict=True):
+            if not anywhere:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)

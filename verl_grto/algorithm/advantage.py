@@ -1,0 +1,35 @@
+"""The policy side of GRTO: GRPO's group-relative advantage (docs/method.md, eq. "advantage").
+
+GRTO changes *what* is rewarded (the tool's mask, computed with sg(T_phi)) and adds a tool term
+with its own parameters; the policy advantage itself is exactly GRPO's. Registering it under its
+own name makes the choice explicit in recipes and lets tests pin the equality with verl's ``grpo``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, register_adv_est
+
+
+@register_adv_est("grto")
+def compute_grto_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) per group g of rollouts of one prompt; same call as ``grpo``."""
+    return compute_grpo_outcome_advantage(
+        token_level_rewards=token_level_rewards,
+        response_mask=response_mask,
+        index=index,
+        epsilon=epsilon,
+        norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+        config=config,
+    )

@@ -1,0 +1,113 @@
+"""The SAM2 tool as a verl worker: predict, update, save/load, in verl's single-controller style.
+
+:class:`ToolWorkerMixin` holds the tool operations as ``@register``-dispatched methods. Mixed into
+verl's ``ActorRolloutRefWorker`` (:class:`ActorRolloutRefToolWorker`, the default) the tool lives in
+the actor's processes, on the actor's devices, and its data-parallel gradient all-reduce uses the
+process group the actor already initialised. Each rank gets a shard of the rollouts
+(``Dispatch.DP_COMPUTE``: the driver passes one ``ToolBatch`` per rank); every rank ends an update
+with identical weights, so rank 0 alone writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.workers.engine_workers import ActorRolloutRefWorker
+
+from verl_grto.tool.engine import ToolBatch, ToolEngine, ToolEngineConfig
+from verl_grto.tool.losses import LossConfig
+from verl_grto.tool.model import SegmentationTool
+
+
+@dataclass
+class ToolSettings:
+    """What a worker needs to build the tool (a plain dataclass: it travels through Ray)."""
+
+    path: str
+    trainable: str = "mask_decoder"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    mask_threshold: float = 0.0
+    loss: dict[str, Any] = field(default_factory=dict)  # LossConfig fields
+
+    def engine_config(self) -> ToolEngineConfig:
+        return ToolEngineConfig(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+            mask_threshold=self.mask_threshold,
+            loss=LossConfig(**self.loss),
+        )
+
+
+@dataclass
+class ToolMasks:
+    """One rank's predictions: boolean masks (original image size), predicted IoU, prompt issues."""
+
+    masks: list[np.ndarray]
+    iou_pred: list[float]
+    prompt_issues: list[list[str]]
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class ToolWorkerMixin:
+    """Tool operations for a verl worker class (see the module docstring)."""
+
+    tool_engine: ToolEngine
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_tool(self, settings: ToolSettings) -> int:
+        tool = SegmentationTool.from_pretrained(settings.path, trainable=settings.trainable)
+        self.tool_engine = ToolEngine(tool, settings.engine_config())
+        return sum(p.numel() for p in self.tool_engine.params)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def tool_begin_step(self) -> None:
+        """A new step: image embeddings cached for the previous step are dropped."""
+        self.tool_engine.begin_step()
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    def tool_predict(self, batch: ToolBatch) -> ToolMasks:
+        if batch.num_rollouts == 0:
+            return ToolMasks([], [], [])
+        pred = self.tool_engine.predict(batch)
+        return ToolMasks(
+            masks=[m.cpu().numpy().astype(bool) for m in pred.masks],
+            iou_pred=[float(v) for v in pred.iou],
+            prompt_issues=[list(p) for p in pred.prompt_issues],
+        )
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE)
+    def tool_update(self, batch: ToolBatch, weights: list[float]) -> dict[str, float]:
+        return self.tool_engine.update(batch, weights)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def tool_save(self, directory: str) -> None:
+        if _rank() == 0:
+            self.tool_engine.save(directory)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def tool_load(self, directory: str) -> int:
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"no tool checkpoint at {directory}")
+        self.tool_engine.load(directory)
+        return self.tool_engine.step
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def tool_settings(self) -> dict[str, Any]:
+        return asdict(self.tool_engine.config)
+
+
+class ActorRolloutRefToolWorker(ActorRolloutRefWorker, ToolWorkerMixin):
+    """verl's hybrid actor/rollout/ref worker that also hosts the tool (colocated: same devices)."""

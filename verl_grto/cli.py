@@ -100,7 +100,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         extra["policy"] = summarize_records(read_records(records_path), sample_ids(split, args.limit))
     else:
         predictions_dir = _existing(args.predictions, "predictions folder")
-    report = evaluate_predictions(split, predictions_dir, suite, out / "report.json", limit=args.limit, extra=extra)
+    report = evaluate_predictions(split, predictions_dir, suite, out / "report.json", limit=args.limit, sections=extra)
     print(format_table(report))
     if "policy" in extra:
         policy = extra["policy"]

@@ -172,14 +172,14 @@ def evaluate_predictions(
     report_path: Path,
     *,
     limit: int | None = None,
-    extra: dict[str, Any] | None = None,
+    sections: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``<predictions_dir>/<sample_id>.png`` against the split and its baselines; write the JSON report.
 
     Returns the report: ``{"split", "predictions_dir", "suite", "n", "limit", "missing", "invalid",
     "scores": {method: {gIoU, cIoU, n, [COD metrics]}}}`` where method is "prediction", "box_fill"
-    and, where the rows carry the image's objects, "random_object_box"; ``extra`` entries (e.g. the
-    policy's parse rate) are added to it. ``limit`` scores the first rows only.
+    and, where the rows carry the image's objects, "random_object_box"; ``sections`` (e.g. the policy's
+    parse rate) are added to it as top-level entries. ``limit`` scores the first rows only.
     """
     if suite not in ("seg", "cod"):
         raise ValueError(f"suite must be 'seg' or 'cod', got {suite!r}")
@@ -223,7 +223,7 @@ def evaluate_predictions(
         "invalid": len(invalid),
         "invalid_ids": dict(list(invalid.items())[:MAX_LISTED]),
         "scores": {name: s.results() for name, s in scorers.items()},
-        **(extra or {}),
+        **(sections or {}),
     }
     with atomic_file(Path(report_path)) as tmp:
         tmp.write_text(json.dumps(report, indent=1))

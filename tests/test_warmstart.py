@@ -1,0 +1,104 @@
+"""Warm start: a short supervised run makes the random tiny policy answer in format; saved like the base; deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from verl_grto.assets import warmstart
+from verl_grto.assets.build import AssetPaths, ensure_assets
+from verl_grto.assets.warmstart import REPORT_NAME, WARM_POLICY_DIR, answer_target, ensure_warm_policy, warm_start_policy
+from verl_grto.atomic import STAMP_NAME, read_stamp
+from verl_grto.data.synthetic import make_sample
+from verl_grto.eval.policy_probe import probe_policy
+from verl_grto.reward.answer import parse_answer
+
+#: Enough for the format on this CPU (the learnability probe saw >95% parses after ~100 steps).
+SHORT_STEPS = 120
+PROBE_N = 32
+
+
+@pytest.fixture(scope="module")
+def warm(tiny_assets: AssetPaths, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, warmstart.WarmStartReport]:
+    out = tmp_path_factory.mktemp("warm") / "policy"
+    return out, warm_start_policy(tiny_assets.policy, out, seed=0, steps=SHORT_STEPS, train_pool=512, eval_n=PROBE_N)
+
+
+def test_answer_target_parses_to_the_object_box_and_an_inner_point() -> None:
+    for i in range(20):
+        scene, ref = make_sample(0, "plain", "t", i, max_objects=4)
+        parsed = parse_answer(answer_target(scene, ref), (scene.size, scene.size))
+        assert parsed.ok and parsed.has_think, parsed.reason
+        obj = scene.objects[ref.target]
+        (x, y), = parsed.objects[0].points
+        assert parsed.objects[0].box == obj.box
+        assert obj.mask[int(y), int(x)]
+
+
+def test_short_run_turns_unparseable_answers_into_parseable_ones(tiny_assets: AssetPaths, warm) -> None:
+    _, report = warm
+    before = probe_policy(tiny_assets.policy, seed=0, n=8)
+    assert before.parse_rate == 0.0  # the random policy: every GRPO reward would be 0
+    after = report.probe
+    assert after is not None and after.n == PROBE_N and after.split == before.split
+    assert after.parse_rate >= 0.8, after
+    assert after.truncated_rate <= 0.2
+    assert report.final_loss_mean10 < 0.5 * report.initial_loss
+    # baselines are reported on the same scenes (whole-image box is far from a one-object box)
+    assert 0.0 < after.whole_image_iou < 0.3 and after.random_object_iou == 1.0
+
+
+def test_saved_policy_loads_like_the_base(tiny_assets: AssetPaths, warm) -> None:
+    out, report = warm
+    base = tiny_assets.policy
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    assert model.config.to_dict() == AutoModelForImageTextToText.from_pretrained(base).config.to_dict()
+    for name in ("generation_config.json", "tokenizer.json", "chat_template.jinja", "processor_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    trained, initial = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+    saved = json.loads((out / REPORT_NAME).read_text())
+    assert saved["steps"] == SHORT_STEPS and saved["probe"]["parse_rate"] == report.probe.parse_rate
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tiny_assets: AssetPaths, tmp_path: Path) -> None:
+    def run(name: str, seed: int) -> warmstart.WarmStartReport:
+        return warm_start_policy(tiny_assets.policy, tmp_path / name, seed=seed, steps=4, batch_size=4, eval_n=0)
+
+    a, b, c = run("a", 0), run("b", 0), run("c", 1)
+    assert [loss for _, loss in a.loss_curve] == pytest.approx([loss for _, loss in b.loss_curve], rel=1e-6)
+    assert a.final_loss == pytest.approx(b.final_loss, rel=1e-6)
+    assert c.final_loss != pytest.approx(a.final_loss, rel=1e-3)
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), rtol=1e-5, atol=1e-6) for k in wa)
+
+
+def test_ensure_warm_policy_builds_once_beside_the_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = warmstart.warm_start_policy
+
+    def quick(base_dir: Path, out_dir: Path, seed: int = 0) -> warmstart.WarmStartReport:
+        calls.append(seed)
+        return real(base_dir, out_dir, seed=seed, steps=2, batch_size=2, eval_n=0)
+
+    monkeypatch.setattr(warmstart, "warm_start_policy", quick)
+    # a private root: a real default-settings build must never find this quick one under its stamp
+    path = ensure_warm_policy(root=tmp_path, seed=0)
+    base = ensure_assets(root=tmp_path, seed=0).policy
+    assert path == tmp_path / "seed0" / WARM_POLICY_DIR == base.parent / WARM_POLICY_DIR
+    assert (path / "model.safetensors").is_file() and (path / REPORT_NAME).is_file()
+    assert read_stamp(path)["base"] == read_stamp(base)
+    stamp_time = (path / STAMP_NAME).stat().st_mtime_ns
+    assert ensure_warm_policy(root=tmp_path, seed=0) == path
+    assert calls == [0]
+    assert (path / STAMP_NAME).stat().st_mtime_ns == stamp_time

@@ -13,7 +13,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from verl_grto.assets import warmstart
 from verl_grto.assets.build import AssetPaths, ensure_assets
-from verl_grto.assets.warmstart import REPORT_NAME, WARM_POLICY_DIR, answer_target, ensure_warm_policy, warm_start_policy
+from verl_grto.assets.warmstart import (
+    REPORT_NAME,
+    WARM_POLICY_DIR,
+    answer_target,
+    ensure_warm_policy,
+    warm_start_policy,
+)
 from verl_grto.atomic import STAMP_NAME, read_stamp
 from verl_grto.data.synthetic import make_sample
 from verl_grto.eval.policy_probe import probe_policy
@@ -36,7 +42,7 @@ def test_answer_target_parses_to_the_object_box_and_an_inner_point() -> None:
         parsed = parse_answer(answer_target(scene, ref), (scene.size, scene.size))
         assert parsed.ok and parsed.has_think, parsed.reason
         obj = scene.objects[ref.target]
-        (x, y), = parsed.objects[0].points
+        ((x, y),) = parsed.objects[0].points
         assert parsed.objects[0].box == obj.box
         assert obj.mask[int(y), int(x)]
 

@@ -67,9 +67,17 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def _existing(path: str, what: str) -> Path:
+    """``path``, or a CLIError naming what is missing (before minutes of model loading, not after)."""
     if not Path(path).exists():
         raise CLIError(f"{what} {path} does not exist")
     return Path(path)
+
+
+def _dtype(name: str) -> Any:
+    """The policy's torch dtype for ``--dtype`` (None: the predictor's default for the device)."""
+    import torch
+
+    return None if name == "auto" else {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -87,35 +95,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     suite = suite_for(split) if args.suite == "auto" else args.suite
-    extra = {}
+    sections: dict[str, Any] = {}  # added to the report
     if use_policy:
         from verl_grto.eval.inference import PolicyToolPredictor, read_records, summarize_records
 
         predictions_dir, records_path = out / "predictions", out / "records.jsonl"
         predictor = PolicyToolPredictor(
             _existing(args.policy, "policy"), _existing(args.tool, "tool"), max_new_tokens=args.max_new_tokens,
-            device=args.device, records_path=records_path,
+            device=args.device, dtype=_dtype(args.dtype), records_path=records_path,
         )
         run_predictions(split, predictor, predictions_dir, batch_size=args.batch_size, limit=args.limit)
-        extra["policy"] = summarize_records(read_records(records_path), sample_ids(split, args.limit))
+        sections["policy"] = summarize_records(read_records(records_path), sample_ids(split, args.limit))
     else:
         predictions_dir = _existing(args.predictions, "predictions folder")
-    report = evaluate_predictions(split, predictions_dir, suite, out / "report.json", limit=args.limit, sections=extra)
+    report = evaluate_predictions(split, predictions_dir, suite, out / "report.json", limit=args.limit, sections=sections)
     print(format_table(report))
-    if "policy" in extra:
-        policy = extra["policy"]
+    if "policy" in sections:
+        policy = sections["policy"]
         rate = "n/a" if policy["parse_rate"] is None else f"{policy['parse_rate']:.1%}"
         print(f"policy answers parsed: {policy['parsed']}/{policy['answered']} ({rate})")
     print(f"report: {out / 'report.json'}")
     return 0
 
 
-def _numbers(text: str, n: int | None, flag: str, form: str) -> list[float]:
+def _numbers(text: str, n: int, flag: str, form: str) -> list[float]:
+    """``n`` finite comma-separated numbers, or a CLIError quoting ``form``."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise CLIError(f"{flag} expects {form}, got {text!r}") from None
-    if (n is not None and len(values) != n) or not all(math.isfinite(v) for v in values):
+    if len(values) != n or not all(math.isfinite(v) for v in values):
         raise CLIError(f"{flag} expects {form}, got {text!r}")
     return values
 
@@ -124,9 +133,15 @@ def _flag_prompt(box: str | None, points: str | None, image_hw: tuple[int, int])
     """The --box / --points object, checked against the image by the answer parser's rules."""
     from verl_grto.reward.answer import ToolPrompt, format_answer, parse_answer
 
-    bbox = tuple(_numbers(box, 4, "--box", "x1,y1,x2,y2")) if box is not None else None
-    pts = tuple(tuple(_numbers(p, 2, "--points", "x,y;x,y;...")) for p in points.split(";")) if points else ()
-    prompt = ToolPrompt(bbox, pts, (1,) * len(pts))  # type: ignore[arg-type]
+    bbox = None
+    if box is not None:
+        x1, y1, x2, y2 = _numbers(box, 4, "--box", "x1,y1,x2,y2")
+        bbox = (x1, y1, x2, y2)
+    pts: list[tuple[float, float]] = []
+    for text in points.split(";") if points else []:
+        x, y = _numbers(text, 2, "--points", "x,y;x,y;...")
+        pts.append((x, y))
+    prompt = ToolPrompt(bbox, tuple(pts), (1,) * len(pts))
     parsed = parse_answer(format_answer([prompt]), image_hw)
     if not parsed.ok:
         raise CLIError(f"bad --box/--points for the {image_hw[1]}x{image_hw[0]} image: "
@@ -142,10 +157,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from verl_grto.eval.overlay import overlay
     from verl_grto.reward.answer import parse_answer
 
+    if not Path(args.image).is_file():
+        raise CLIError(f"image {args.image} does not exist")
     try:
         image = load_image(Path(args.image))  # decoded completely; EXIF-rotated / grey images normalised
     except RowError as exc:
-        raise CLIError(f"{exc} ({args.image})") from None
+        raise CLIError(f"--image {args.image}: {exc}") from None
     prompted = args.box is not None or args.points is not None
     flag_object = _flag_prompt(args.box, args.points, (image.height, image.width)) if prompted else None
     if not prompted and (args.policy is None or args.prompt is None):
@@ -159,8 +176,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if flag_object is not None:  # the policy is not needed, so not loaded
         predictor: Any = PromptedToolPredictor(ToolSegmenter(args.tool, device=args.device or "cpu"), [flag_object])
     else:
-        predictor = PolicyToolPredictor(_existing(args.policy, "policy"), args.tool,
-                                        max_new_tokens=args.max_new_tokens, device=args.device)
+        predictor = PolicyToolPredictor(_existing(args.policy, "policy"), args.tool, max_new_tokens=args.max_new_tokens,
+                                        device=args.device, dtype=_dtype(args.dtype))
     mask = predictor(row)
     record = predictor.records[-1]
     objects = [flag_object] if flag_object is not None else parse_answer(record.answer, mask.shape).objects
@@ -222,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=256, help="the policy's answer budget")
     ev.add_argument("--batch-size", type=int, default=8, help="rows per policy generate call")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="the policy's dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     ev.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment one image: policy + tool, or the tool alone on --box/--points")
@@ -234,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--points", help="x,y;x,y object points in image pixels: bypass the policy")
     pr.add_argument("--max-new-tokens", type=int, default=256)
     pr.add_argument("--device", help="cpu or cuda (default: cuda when available, cpu for the tool alone)")
+    pr.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the policy's dtype")
     pr.set_defaults(func=_cmd_predict)
     return parser
 

@@ -267,7 +267,13 @@ def warm_start_policy(
         probe = probe_ref = None
         if eval_n > 0:
             probe = probe_policy(
-                out_dir, seed, eval_n, domain, max_objects=max_objects, min_objects=1, max_new_tokens=eval_max_new_tokens
+                out_dir,
+                seed,
+                eval_n,
+                domain,
+                max_objects=max_objects,
+                min_objects=1,
+                max_new_tokens=eval_max_new_tokens,
             )
             if eval_referring:
                 lo, hi = REFERRING_OBJECTS

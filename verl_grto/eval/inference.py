@@ -50,7 +50,7 @@ def row_rgb(row: dict[str, Any]) -> np.ndarray:
     images = row_images(row)
     if not images:
         raise ValueError(f"sample {row.get('extra_info', {}).get('sample_id', '?')} has no image")
-    return np.asarray(images[0].convert("RGB"))
+    return np.array(images[0].convert("RGB"))  # a writable copy: torch refuses read-only buffers
 
 
 @dataclass
@@ -134,14 +134,18 @@ class PolicyToolPredictor:
         *,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         device: str | None = None,
+        dtype: torch.dtype | None = None,
         records_path: str | Path | None = None,
     ) -> None:
+        """``dtype`` of the policy: default float32 on CPU, bfloat16 on CUDA (as GPU rollouts run it)."""
         from verl_grto.policy.generate import GreedyPolicy  # transformers generation: imported when needed
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
         device = device or default_device()
-        self.policy = GreedyPolicy(policy_dir, device=device)
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        self.policy = GreedyPolicy(policy_dir, device=device, dtype=dtype)
         self.segmenter = ToolSegmenter(tool_dir, device=device)
         self.max_new_tokens = max_new_tokens
         self._recorder = _Recorder(records_path)

@@ -1,0 +1,142 @@
+"""The grto trainer's two phases (tool rewards before advantages, tool update after the actor),
+run in-process: verl's TransferQueue is replaced by a dict, the worker group by one local worker."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import verl  # noqa: F401
+from verl_grto.data.synthetic import generate_split
+from verl_grto.reward.answer import ToolPrompt, format_answer
+from verl_grto.tool.worker import ToolSettings, ToolWorkerMixin
+from verl_grto.trainer import grto_trainer
+from verl_grto.trainer.config import GRTOConfig
+
+
+class LocalWorkerGroup:
+    """verl's worker-group calls, answered by one in-process ToolWorkerMixin (world size 1)."""
+
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.worker = ToolWorkerMixin()
+
+    def __getattr__(self, name):
+        method = getattr(self.worker, name)
+
+        def call(*args):
+            # DP_COMPUTE methods get one item per rank; ONE_TO_ALL ones the bare value
+            if name in ("tool_predict", "tool_update"):
+                return [method(*(a[0] for a in args))]
+            return [method(*args)]
+
+        return call
+
+
+class FakeTQ:
+    def __init__(self, fields: dict) -> None:
+        self.fields = fields
+
+    def kv_batch_get(self, keys, partition_id, select_fields):
+        return {k: self.fields[k] for k in select_fields}
+
+    def kv_batch_put(self, keys, partition_id, fields):
+        for k in fields.keys():
+            self.fields[k] = fields[k]
+
+
+@pytest.fixture()
+def setup(tiny_assets, tmp_path, monkeypatch):
+    rows = generate_split(2, seed=0, domain="plain", split="train")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_assets.policy))
+    answers, extra, reward_model, uids = [], [], [], []
+    for r, row in enumerate(rows):
+        gt_box = row.ground_truth.boxes[0]
+        good = format_answer([ToolPrompt(box=tuple(gt_box))], think="x")
+        for k, text in enumerate([good, good, "no answer here", format_answer([ToolPrompt(box=(0, 0, 5, 5))])]):
+            answers.append(text)
+            extra.append({"sample_id": row.sample_id})
+            reward_model.append({"ground_truth": row.ground_truth.to_json()})
+            uids.append(f"u{r}")
+    tokens = [torch.tensor(tokenizer(a)["input_ids"]) for a in answers]
+    nested = torch.nested.as_nested_tensor(tokens, layout=torch.jagged)
+    tq = FakeTQ(
+        {
+            "responses": nested,
+            "uid": uids,
+            "extra_info": extra,
+            "reward_model": reward_model,
+            "rm_scores": torch.nested.as_nested_tensor([torch.zeros(len(t)) for t in tokens], layout=torch.jagged),
+        }
+    )
+    monkeypatch.setattr(grto_trainer, "tq", tq)
+    trainer = object.__new__(grto_trainer.GRTOTrainer)
+    trainer.grto = GRTOConfig(tool=ToolSettings(path=str(tiny_assets.tool), lr=1e-3))
+    trainer.tokenizer = tokenizer
+    trainer.timing_raw = {}
+    trainer.global_steps = 1
+    trainer.actor_rollout_wg = LocalWorkerGroup()
+    trainer.actor_rollout_wg.init_tool(trainer.grto.tool)
+
+    class Store:
+        def images(self, sids):
+            by_id = {row.sample_id: row for row in rows}
+            from PIL import Image
+            import io
+
+            return [np.asarray(Image.open(io.BytesIO(by_id[s].image_png)).convert("RGB")) for s in sids]
+
+    trainer.image_store = Store()
+    batch = SimpleNamespace(keys=[str(i) for i in range(len(answers))], partition_id="train")
+    return trainer, tq, batch
+
+
+def test_mask_rewards_replace_scores_at_last_token(setup):
+    trainer, tq, batch = setup
+    metrics: dict = {}
+    trainer._tool_rewards(batch, metrics)
+    scores = [row for row in tq.fields["rm_scores"].unbind()]
+    assert all(torch.all(s[:-1] == 0) for s in scores)
+    last = np.array([float(s[-1]) for s in scores])
+    assert last[2] == 0.0 and last[6] == 0.0  # unparseable answers score 0
+    assert metrics["grto/unparseable_fraction"] == pytest.approx(0.25)
+    assert metrics["grto/reward/score"] == pytest.approx(last.mean())
+    # the two identical good answers of one image get the same mask, hence the same score
+    assert last[0] == last[1]
+    assert trainer.actor_rollout_wg.worker.tool_engine.cache.images_encoded == 2  # 2 images, 8 rollouts
+
+
+def test_tool_update_weights_skip_unparseable_and_train(setup):
+    trainer, tq, batch = setup
+    metrics: dict = {}
+    trainer._tool_rewards(batch, metrics)
+    tq.fields["advantages"] = tq.fields["rm_scores"]
+    before = [p.detach().clone() for p in trainer.actor_rollout_wg.worker.tool_engine.params]
+    trainer._tool_update(batch, metrics)
+    assert metrics["grto/tool/skipped"] == 0.0
+    assert metrics["grto/tool/weight_mean"] == pytest.approx(0.75)  # 2 of 8 rollouts weigh 0
+    after = trainer.actor_rollout_wg.worker.tool_engine.params
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
+    trainer, tq, batch = setup
+    metrics: dict = {}
+    trainer._tool_rewards(batch, metrics)
+    tq.fields["advantages"] = tq.fields["rm_scores"]
+    engine = trainer.actor_rollout_wg.worker.tool_engine
+    with torch.no_grad():
+        engine.params[0].fill_(float("nan"))
+    snapshot = [p.detach().clone() for p in engine.params]
+    with caplog.at_level(logging.WARNING, logger=grto_trainer.logger.name):
+        trainer._tool_update(batch, metrics)
+    assert metrics["grto/tool/skipped"] == 1.0
+    assert "tool step skipped" in caplog.text
+    assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(engine.params, snapshot, strict=True))

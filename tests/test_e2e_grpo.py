@@ -7,7 +7,6 @@ model with KL loss, the plugin's `hf` rollout), a checkpoint, and a second run t
 from __future__ import annotations
 
 import pytest
-
 from e2e_helpers import read_metrics, run_main_ppo
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from verl.trainer.config import AlgoConfig
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 
 import verl_grto.algorithm.advantage  # noqa: F401  (registers "grto")
@@ -92,7 +91,6 @@ def test_surrogate_gradients_split_into_grpo_and_weighted_tool_loss():
 
     logp = torch.log_softmax(theta, -1)[answers][:, None].expand(n, length)
     old_logp = logp.detach()
-    config = AlgoConfig()
     policy_loss_fn = get_policy_loss_fn("vanilla")
 
     from verl.workers.config import ActorConfig

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 import verl  # noqa: F401
+
 from verl_grto.data.synthetic import generate_split
 from verl_grto.reward.answer import ToolPrompt, format_answer
 from verl_grto.tool.worker import ToolSettings, ToolWorkerMixin
@@ -46,7 +46,7 @@ class FakeTQ:
         return {k: self.fields[k] for k in select_fields}
 
     def kv_batch_put(self, keys, partition_id, fields):
-        for k in fields.keys():
+        for k in fields.keys():  # noqa: SIM118  (a TensorDict)
             self.fields[k] = fields[k]
 
 
@@ -60,7 +60,7 @@ def setup(tiny_assets, tmp_path, monkeypatch):
     for r, row in enumerate(rows):
         gt_box = row.ground_truth.boxes[0]
         good = format_answer([ToolPrompt(box=tuple(gt_box))], think="x")
-        for k, text in enumerate([good, good, "no answer here", format_answer([ToolPrompt(box=(0, 0, 5, 5))])]):
+        for text in [good, good, "no answer here", format_answer([ToolPrompt(box=(0, 0, 5, 5))])]:
             answers.append(text)
             extra.append({"sample_id": row.sample_id})
             reward_model.append({"ground_truth": row.ground_truth.to_json()})
@@ -88,8 +88,9 @@ def setup(tiny_assets, tmp_path, monkeypatch):
     class Store:
         def images(self, sids):
             by_id = {row.sample_id: row for row in rows}
-            from PIL import Image
             import io
+
+            from PIL import Image
 
             return [np.asarray(Image.open(io.BytesIO(by_id[s].image_png)).convert("RGB")) for s in sids]
 

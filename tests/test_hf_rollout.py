@@ -7,9 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+import verl  # noqa: F401  (plugin registration)
 from PIL import Image
 
-import verl  # noqa: F401  (plugin registration)
 from verl_grto.data.schema import build_instruction
 from verl_grto.rollout.hf_server import HFRolloutServer
 

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 import torch
+import verl  # noqa: F401  (loads the plugin, which applies the patches)
 from tensordict import TensorDict
 
-import verl  # noqa: F401  (loads the plugin, which applies the patches)
 from verl_grto import patches
 
 

@@ -87,7 +87,10 @@ def test_sam2_and_sam21_share_the_image_architecture():
         assert meta_sam2_config(f"sam2_{size}").to_dict() == meta_sam2_config(f"sam2.1_{size}").to_dict()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sam2") is None, reason="Meta's `sam2` package (the yaml source) is not installed")
+@pytest.mark.sam2
+@pytest.mark.skipif(
+    importlib.util.find_spec("sam2") is None, reason="Meta's `sam2` package (the yaml source) is not installed"
+)
 @pytest.mark.parametrize("name", META_CONFIG_NAMES)
 def test_hiera_specs_match_meta_yaml(name):
     """The spec table against Meta's packaged yaml, read as plain yaml (no `import sam2`, no Hydra)."""
@@ -97,7 +100,12 @@ def test_hiera_specs_match_meta_yaml(name):
     cfg = OmegaConf.load(os.path.join(package, "configs", name.split("_")[0], f"{name}.yaml"))
     trunk = cfg.model.image_encoder.trunk
     spec = meta_hiera_spec(name)
-    hiera_defaults = {"stages": (2, 3, 16, 3), "global_att_blocks": (12, 16, 20), "window_pos_embed_bkg_spatial_size": (14, 14), "window_spec": (8, 4, 14, 7)}
+    hiera_defaults = {
+        "stages": (2, 3, 16, 3),
+        "global_att_blocks": (12, 16, 20),
+        "window_pos_embed_bkg_spatial_size": (14, 14),
+        "window_spec": (8, 4, 14, 7),
+    }
     for field, default in hiera_defaults.items():
         assert tuple(trunk.get(field, default)) == getattr(spec, field), field
     assert (trunk.embed_dim, trunk.num_heads) == (spec.embed_dim, spec.num_heads)

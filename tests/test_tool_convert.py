@@ -1,4 +1,6 @@
-"""Meta SAM2 <-> transformers conversion, checked against Meta's own code (needs the `sam2` extra).
+"""Meta SAM2 <-> transformers conversion, checked against Meta's own code.
+
+Tests that build Meta's model need the `sam2` extra; they are marked `sam2` and skip without it.
 
 Meta's models are built from the packaged yaml with OmegaConf + hydra's `instantiate`, not
 `build_sam2`: importing `sam2` initialises Hydra's global state, which clashes with Hydra
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from tool_helpers import random_image
+from transformers import Sam2Model
 
 from verl_grto.tool.configs import META_CONFIG_NAMES, build_sam2_config, meta_sam2_config
 from verl_grto.tool.convert import (
@@ -30,16 +33,22 @@ from verl_grto.tool.model import SegmentationTool
 from verl_grto.tool.preprocess import image_to_pixels, logits_to_original
 from verl_grto.tool.prompts import ObjectPrompt
 
-pytestmark = [
-    pytest.mark.sam2,
-    pytest.mark.skipif(
-        importlib.util.find_spec("sam2") is None,
-        reason="Meta's SAM2 code is not installed (the `sam2` extra: see shared/notes/sam2.md for the CPU-safe pip line)",
-    ),
-]
+SAM2_MISSING = (
+    "Meta's SAM2 code is not installed (the `sam2` extra: see shared/notes/sam2.md for the CPU-safe pip line)"
+)
+
 
 # A Meta-expressible tiny model: Meta hard-codes the decoder MLP (2048), heads (8) and IoU head (256).
-TINY = dict(image_size=128, embed_dim=16, num_heads=1, stages=[1, 1, 2, 1], global_blocks=[3], windows=[8, 4, 4, 4], bkg=[4, 4], dim=32)
+TINY = dict(
+    image_size=128,
+    embed_dim=16,
+    num_heads=1,
+    stages=[1, 1, 2, 1],
+    global_blocks=[3],
+    windows=[8, 4, 4, 4],
+    bkg=[4, 4],
+    dim=32,
+)
 TINY_OVERRIDES = [
     f"model.image_size={TINY['image_size']}",
     f"model.image_encoder.trunk.embed_dim={TINY['embed_dim']}",
@@ -73,6 +82,8 @@ def tiny_hf_config():
 @pytest.fixture(scope="module")
 def meta_yaml():
     """Returns a builder of Meta models from packaged yaml (+ dotlist overrides); restores Hydra's global state."""
+    if importlib.util.find_spec("sam2") is None:
+        pytest.skip(SAM2_MISSING)
     from hydra.core.global_hydra import GlobalHydra
 
     was_initialized = GlobalHydra.instance().is_initialized()
@@ -118,13 +129,12 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale + tensor)
 
 
+@pytest.mark.sam2
 @pytest.mark.parametrize("name", META_CONFIG_NAMES)
 def test_key_mapping_matches_every_meta_architecture(meta_yaml, name):
     with parameters_on_meta_device():
         meta = meta_yaml(name)
     with torch.device("meta"):
-        from transformers import Sam2Model
-
         hf = Sam2Model(meta_sam2_config(name))
     meta_sd, hf_sd = meta.state_dict(), hf.state_dict()
     converted = meta_to_hf_state_dict(meta_sd)
@@ -210,6 +220,7 @@ def _save_meta(meta, path: str) -> None:
     torch.save({"model": meta.state_dict()}, path)
 
 
+@pytest.mark.sam2
 @pytest.mark.parametrize("stability_fallback", [False, True])
 def test_tiny_meta_and_converted_model_agree(meta_yaml, tmp_path, stability_fallback):
     torch.manual_seed(0)
@@ -229,6 +240,7 @@ def test_tiny_meta_and_converted_model_agree(meta_yaml, tmp_path, stability_fall
         assert not torch.equal(fallback, token0)
 
 
+@pytest.mark.sam2
 def test_meta_hf_meta_round_trip_is_exact(meta_yaml, tmp_path):
     torch.manual_seed(0)
     meta = meta_yaml("sam2.1_hiera_t", tuple(TINY_OVERRIDES))
@@ -246,6 +258,7 @@ def test_meta_hf_meta_round_trip_is_exact(meta_yaml, tmp_path):
     meta.load_state_dict(exported, strict=True)
 
 
+@pytest.mark.sam2
 def test_export_of_a_tool_trained_from_scratch_loads_into_meta(meta_yaml, tmp_path):
     """A tool built from config (positional matrices tied) exports to a file Meta's model loads and reproduces."""
     meta = meta_yaml("sam2.1_hiera_t", tuple(TINY_OVERRIDES)).eval()
@@ -270,6 +283,7 @@ def test_export_refuses_untied_positional_matrices():
         hf_to_meta_state_dict(tool.model.state_dict())
 
 
+@pytest.mark.sam2
 def test_hiera_t_meta_and_converted_model_agree(meta_yaml, tmp_path):
     """The real sam2.1_hiera_t architecture at 1024 px (random weights), one image, all prompt kinds."""
     start = time.perf_counter()

@@ -41,7 +41,9 @@ def _decode(tool, image, prompts_per_rollout):
 
 def test_preprocessing_matches_sam2_processor(image):
     size = 128
-    processor = Sam2Processor(image_processor=Sam2ImageProcessor(size={"height": size, "width": size}), target_size=size)
+    processor = Sam2Processor(
+        image_processor=Sam2ImageProcessor(size={"height": size, "width": size}), target_size=size
+    )
     ref = processor(
         images=image,
         input_boxes=[[list(BOX.box)]],
@@ -207,7 +209,9 @@ def test_gradients_reach_only_the_mask_decoder(image):
     for part in ("conv_s0", "conv_s1", "upscale_conv1", "transformer.layers.0", "mask_tokens", "iou_prediction_head"):
         assert any(f"mask_decoder.{part}" in n for n in with_grad), part
     assert not any(p.grad is not None for n, p in tool.model.named_parameters() if n not in trainable)
-    assert {id(p) for p in tool.trainable_parameters()} == {id(p) for n, p in tool.model.named_parameters() if n in trainable}
+    assert {id(p) for p in tool.trainable_parameters()} == {
+        id(p) for n, p in tool.model.named_parameters() if n in trainable
+    }
 
 
 def test_prompt_encoder_can_be_trainable(image):

@@ -33,7 +33,7 @@ PROBE_N = 32
 @pytest.fixture(scope="module")
 def warm(tiny_assets: AssetPaths, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, warmstart.WarmStartReport]:
     out = tmp_path_factory.mktemp("warm") / "policy"
-    return out, warm_start_policy(tiny_assets.policy, out, seed=0, steps=SHORT_STEPS, train_pool=512, eval_n=PROBE_N)
+    return out, warm_start_policy(tiny_assets.policy, out, seed=0, steps=SHORT_STEPS, eval_n=PROBE_N)
 
 
 def test_answer_target_parses_to_the_object_box_and_an_inner_point() -> None:
@@ -67,8 +67,13 @@ def test_saved_policy_loads_like_the_base(tiny_assets: AssetPaths, warm) -> None
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
-    assert model.config.to_dict() == AutoModelForImageTextToText.from_pretrained(base).config.to_dict()
-    for name in ("generation_config.json", "tokenizer.json", "chat_template.jinja", "processor_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "processor_config.json",
+    ):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
     trained, initial = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
     assert trained.keys() == initial.keys()

@@ -11,7 +11,7 @@ from verl_grto.tool.configs import tiny_sam2_config
 from verl_grto.tool.model import SegmentationTool
 from verl_grto.tool.prompts import ObjectPrompt
 
-torch.set_num_threads(2)  # the test machine is small and shared
+torch.set_num_threads(1)  # the test machine is small and shared: 2 threads under contention were 2-5x slower
 
 
 def tiny_tool(seed: int = 0, image_size: int = 128, **kwargs) -> SegmentationTool:

@@ -149,7 +149,7 @@ def _rebuild_equal_length_position_ids() -> None:
 
     @functools.wraps(original)
     def maybe_fix_3d_position_ids(data: Any) -> None:
-        if "position_ids" not in data.keys():
+        if "position_ids" not in data.keys():  # noqa: SIM118  (a TensorDict)
             return
         pos = data["position_ids"]
         if not (isinstance(pos, torch.Tensor) and pos.is_nested and pos.dim() == 3):

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Sam2Model
 
 from verl_grto.assets.qwen25vl import build_tiny_qwen25vl
 from verl_grto.atomic import build_dir_once
 from verl_grto.tool.configs import tiny_sam2_config
+from verl_grto.tool.model import SegmentationTool
 
 #: Bump when the built files change (sizes, tokenizer corpus, configs), so cached builds are replaced.
 BUILDER_VERSION = 1
@@ -35,8 +35,9 @@ class AssetPaths:
 
 def build_tiny_sam2(out_dir: Path, seed: int = 0, image_size: int = TINY_SAM2_IMAGE_SIZE) -> Path:
     """Write a randomly initialised tiny ``Sam2Model`` (see :func:`verl_grto.tool.configs.tiny_sam2_config`)."""
-    torch.manual_seed(seed)
-    model = Sam2Model(tiny_sam2_config(image_size)).to(torch.float32).eval()
+    # through SegmentationTool.from_config: it ties transformers' two copies of the prompt positional
+    # matrix (Meta's SAM2 has one), so the tool exports to Meta's format
+    model = SegmentationTool.from_config(tiny_sam2_config(image_size), seed=seed).model.to(torch.float32).eval()
     model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 
@@ -51,7 +52,7 @@ def build_assets(out: Path, seed: int = 0) -> AssetPaths:
     )
     tool = build_dir_once(
         out / "tiny_sam2",
-        {"builder": "tiny_sam2", "version": BUILDER_VERSION, "seed": seed, "image_size": TINY_SAM2_IMAGE_SIZE},
+        {"builder": "tiny_sam2", "version": BUILDER_VERSION, "seed": seed, "image_size": TINY_SAM2_IMAGE_SIZE, "tied": 1},
         lambda tmp: build_tiny_sam2(tmp, seed=seed),
     )
     return AssetPaths(policy=policy, tool=tool)

@@ -31,7 +31,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,10 @@ TRAIN_SPLIT = "warmstart-train"
 #: Object counts of the optional referring phase (the RL data's default range).
 REFERRING_OBJECTS = (2, 4)
 IMAGE_SIZE = 112
-DEFAULT_STEPS = 600
-DEFAULT_TRAIN_POOL = 2048
+DEFAULT_STEPS = 500
+DEFAULT_EVAL_N = 64
 _IGNORE = -100
+_CLIP_NORM = 1.0
 _WARMUP_STEPS = 20
 _MIN_LR_FRACTION = 0.1
 _LOSS_LOG_EVERY = 10
@@ -76,9 +77,9 @@ class WarmStartReport:
     lr: float
     domain: str
     max_objects: int
-    train_pool: int | None  # distinct training scenes per phase (None: a fresh scene every time)
+    train_scenes: int  # distinct scenes trained on (a fresh one per example)
     num_threads: int
-    wall_time_s: float  # training, data generation included
+    train_time_s: float  # loading, data generation, training and saving
     eval_time_s: float
     initial_loss: float  # first step's batch loss
     final_loss: float  # last step's batch loss
@@ -87,7 +88,6 @@ class WarmStartReport:
     probe: ProbeResult | None  # held-out scenes like phase 1's
     probe_referring: ProbeResult | None = None  # held-out 2-4-object scenes, when evaluated
     base_dir: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -117,12 +117,16 @@ class _Example:
     input_ids: list[int]  # prompt then target
     n_prompt: int
     mm_token_type_ids: list[int]
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor  # (1, 3)
+    image: Image.Image
 
 
-class _Examples:
-    """Training example ``i`` of one phase, encoded on first use and cached (a pool is cycled, not regenerated)."""
+class _TrainingStream:
+    """Example ``i`` of a phase's own synthetic stream: a fresh scene for every example, none repeated.
+
+    Encoding a prompt through the processor costs about twice as much as drawing its scene, and prompt ids
+    depend only on the instruction and the image size (which fixes the number of image pads), so they are
+    cached by those; pixels are processed per batch in :func:`_collate`.
+    """
 
     def __init__(self, processor: Any, seed: int, domain: str, objects: tuple[int, int]) -> None:
         self.processor = processor
@@ -130,15 +134,9 @@ class _Examples:
         self.domain = domain
         self.min_objects, self.max_objects = objects
         self.split = f"{TRAIN_SPLIT}-m{self.min_objects}to{self.max_objects}"
-        self.eos = processor.tokenizer.eos_token
-        self._cache: dict[int, _Example] = {}
+        self._prompts: dict[tuple[str, tuple[int, int]], tuple[list[int], list[int]]] = {}
 
-    def __getitem__(self, i: int) -> _Example:
-        if i not in self._cache:
-            self._cache[i] = self._encode(i)
-        return self._cache[i]
-
-    def _encode(self, i: int) -> _Example:
+    def example(self, i: int) -> _Example:
         scene, ref = make_sample(
             self.seed,
             self.domain,
@@ -148,23 +146,30 @@ class _Examples:
             max_objects=self.max_objects,
             min_objects=self.min_objects,
         )
+        image = Image.fromarray(scene.image)
         instruction = build_instruction(ref.text, width=scene.size, height=scene.size)
-        prompt = encode_prompt(self.processor, instruction, [Image.fromarray(scene.image)])
-        target = self.processor.tokenizer(answer_target(scene, ref) + self.eos, add_special_tokens=False)["input_ids"]
-        prompt_ids = prompt["input_ids"][0].tolist()
+        key = (instruction, image.size)
+        if key not in self._prompts:
+            prompt = encode_prompt(self.processor, instruction, [image])
+            self._prompts[key] = (prompt["input_ids"][0].tolist(), prompt["mm_token_type_ids"][0].tolist())
+        prompt_ids, prompt_types = self._prompts[key]
+        tokenizer = self.processor.tokenizer
+        target = tokenizer(answer_target(scene, ref) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         return _Example(
             input_ids=prompt_ids + list(target),
             n_prompt=len(prompt_ids),
-            mm_token_type_ids=prompt["mm_token_type_ids"][0].tolist() + [0] * len(target),
-            pixel_values=prompt["pixel_values"],
-            image_grid_thw=prompt["image_grid_thw"],
+            mm_token_type_ids=prompt_types + [0] * len(target),
+            image=image,
         )
 
 
-def _collate(examples: list[_Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels on the target tokens only (the model shifts them itself)."""
+def _collate(examples: list[_Example], processor: Any) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels on the target tokens only (the model shifts them itself).
+
+    Pixels go through ``processor.image_processor`` as the ``hf`` rollout server sends them.
+    """
     length = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    ids = torch.full((len(examples), length), processor.tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, _IGNORE)
     mask = torch.zeros_like(ids)
     types = torch.zeros_like(ids, dtype=torch.int)
@@ -174,12 +179,13 @@ def _collate(examples: list[_Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, e.n_prompt : n] = ids[row, e.n_prompt : n]
         mask[row, :n] = 1
         types[row, :n] = torch.tensor(e.mm_token_type_ids, dtype=torch.int)
+    vision = processor.image_processor(images=[e.image for e in examples], return_tensors="pt")
     return {
         "input_ids": ids,
         "attention_mask": mask,
         "mm_token_type_ids": types,
-        "pixel_values": torch.cat([e.pixel_values for e in examples]),
-        "image_grid_thw": torch.cat([e.image_grid_thw for e in examples]),
+        "pixel_values": vision["pixel_values"],
+        "image_grid_thw": vision["image_grid_thw"],
         "labels": labels,
     }
 
@@ -200,6 +206,34 @@ def _save(model: torch.nn.Module, processor: Any, base_dir: Path, out_dir: Path)
     shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
 
 
+def _train(
+    base_dir: Path, seed: int, phases: list[tuple[tuple[int, int], int]], batch_size: int, lr: float, domain: str
+) -> tuple[torch.nn.Module, Any, list[float]]:
+    """Run the phases ``[((min_objects, max_objects), steps), ...]``; returns model, processor, batch losses."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor  # slow to import
+
+    torch.manual_seed(seed)
+    processor = AutoProcessor.from_pretrained(base_dir)
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    total = sum(n for _, n in phases)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total))
+    losses: list[float] = []
+    for objects, n_steps in phases:
+        stream = _TrainingStream(processor, seed, domain, objects)
+        for step in range(n_steps):
+            batch = [stream.example(i) for i in range(step * batch_size, (step + 1) * batch_size)]
+            loss = model(**_collate(batch, processor)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), _CLIP_NORM)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+    return model.eval(), processor, losses
+
+
 def warm_start_policy(
     base_dir: Path,
     out_dir: Path,
@@ -210,61 +244,35 @@ def warm_start_policy(
     domain: str = "plain",
     max_objects: int = 1,
     referring_steps: int = 0,
-    train_pool: int | None = DEFAULT_TRAIN_POOL,
-    weight_decay: float = 0.0,
     num_threads: int | None = None,
-    eval_n: int = 100,
+    eval_n: int = DEFAULT_EVAL_N,
     eval_referring: bool = False,
     eval_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> WarmStartReport:
-    """Train the policy in ``base_dir`` on synthetic scenes and save it (and the report) into ``out_dir``.
+    """Train the policy in ``base_dir`` on synthetic scenes; save it and ``warmstart_report.json`` into ``out_dir``.
 
-    Phase 1 runs ``steps`` steps on scenes with 1..``max_objects`` objects; phase 2 (``referring_steps``
-    > 0) continues on 2-4-object referring scenes. ``train_pool`` distinct scenes per phase are cycled
-    (generating and encoding a scene costs about as much as a training step on it); None draws a fresh
-    scene for every example. ``num_threads`` sets torch's CPU threads for the run (restored afterwards).
-    ``eval_n`` held-out scenes (0: no evaluation) are answered greedily through the rollout's code path
-    (:func:`verl_grto.eval.policy_probe.probe_policy`); ``eval_referring`` adds 2-4-object scenes.
+    Phase 1: ``steps`` steps on scenes of 1..``max_objects`` objects. Phase 2 (``referring_steps`` > 0):
+    2-4-object referring scenes. Every example is a fresh scene. The learning rate warms up over
+    20 steps, then decays (cosine) to a tenth. ``num_threads`` sets torch's CPU threads for the call
+    (restored afterwards). ``eval_n`` held-out scenes (0: no evaluation) are answered greedily through
+    the rollout's own code path (:func:`verl_grto.eval.policy_probe.probe_policy`) with
+    ``eval_max_new_tokens``; ``eval_referring`` adds as many 2-4-object scenes.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor  # slow to import
-
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    if steps + referring_steps < 1:
+        raise ValueError("a warm start needs at least one step")
     try:
         start = time.perf_counter()
-        torch.manual_seed(seed)
-        processor = AutoProcessor.from_pretrained(base_dir)
-        model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        total = steps + referring_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total))
-        pad_id = processor.tokenizer.pad_token_id
         phases = [((1, max_objects), steps), (REFERRING_OBJECTS, referring_steps)]
-        losses: list[float] = []
-        for phase, (objects, n_steps) in enumerate(phases):
-            examples = _Examples(processor, seed, domain, objects)
-            rng = np.random.default_rng([seed, phase])
-            for step in range(n_steps):
-                if train_pool is None:
-                    indices = range(step * batch_size, (step + 1) * batch_size)
-                else:
-                    indices = rng.integers(train_pool, size=batch_size).tolist()
-                loss = model(**_collate([examples[i] for i in indices], pad_id)).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-        model.eval()
+        model, processor, losses = _train(base_dir, seed, phases, batch_size, lr, domain)
         _save(model, processor, base_dir, out_dir)
-        wall = time.perf_counter() - start
+        train_time = time.perf_counter() - start
 
         start = time.perf_counter()
-        probe = probe_ref = None
+        probe = probe_referring = None
         if eval_n > 0:
             probe = probe_policy(
                 out_dir,
@@ -275,31 +283,30 @@ def warm_start_policy(
                 min_objects=1,
                 max_new_tokens=eval_max_new_tokens,
             )
-            if eval_referring:
-                lo, hi = REFERRING_OBJECTS
-                probe_ref = probe_policy(
-                    out_dir, seed, eval_n, domain, max_objects=hi, min_objects=lo, max_new_tokens=eval_max_new_tokens
-                )
-        eval_time = time.perf_counter() - start
+        if eval_n > 0 and eval_referring:
+            lo, hi = REFERRING_OBJECTS
+            probe_referring = probe_policy(
+                out_dir, seed, eval_n, domain, max_objects=hi, min_objects=lo, max_new_tokens=eval_max_new_tokens
+            )
         report = WarmStartReport(
             seed=seed,
-            steps=total,
+            steps=len(losses),
             single_object_steps=steps,
             referring_steps=referring_steps,
             batch_size=batch_size,
             lr=lr,
             domain=domain,
             max_objects=max_objects,
-            train_pool=train_pool,
+            train_scenes=len(losses) * batch_size,
             num_threads=torch.get_num_threads(),
-            wall_time_s=round(wall, 2),
-            eval_time_s=round(eval_time, 2),
-            initial_loss=losses[0] if losses else float("nan"),
-            final_loss=losses[-1] if losses else float("nan"),
-            final_loss_mean10=float(np.mean(losses[-10:])) if losses else float("nan"),
-            loss_curve=[(s, losses[s]) for s in range(0, len(losses), _LOSS_LOG_EVERY)],
+            train_time_s=round(train_time, 2),
+            eval_time_s=round(time.perf_counter() - start, 2),
+            initial_loss=losses[0],
+            final_loss=losses[-1],
+            final_loss_mean10=float(np.mean(losses[-10:])),
+            loss_curve=[(s, losses[s]) for s in sorted({*range(0, len(losses), _LOSS_LOG_EVERY), len(losses) - 1})],
             probe=probe,
-            probe_referring=probe_ref,
+            probe_referring=probe_referring,
             base_dir=str(base_dir),
         )
         (out_dir / REPORT_NAME).write_text(report.to_json())

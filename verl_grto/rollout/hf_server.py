@@ -135,13 +135,12 @@ class HFRolloutServer:
         if do_sample:
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0)
         inputs = self._model_inputs(prompt_ids, image_data)
-        with self._lock, torch.no_grad():
-            # transformers' sampling draws from the global RNG; fork it so the server's
-            # stream is its own (reproducible per seed, unaffected by other threads).
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(self._generator.get_state())
-                out = self.model.generate(**inputs, **gen_kwargs)
-                self._generator.set_state(torch.get_rng_state())
+        # transformers' sampling draws from the global RNG; fork it so the server's
+        # stream is its own (reproducible per seed, unaffected by other threads).
+        with self._lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._generator.get_state())
+            out = self.model.generate(**inputs, **gen_kwargs)
+            self._generator.set_state(torch.get_rng_state())
         tokens = out.sequences[0, len(prompt_ids) :]
         logits = torch.stack(out.logits, dim=1)[0].float()  # raw logits, (T, V)
         if do_sample and temperature != 1.0:

@@ -38,7 +38,10 @@ _KEY_TEMPLATES: tuple[tuple[str, str], ...] = (
     # FPN neck
     ("image_encoder.neck.convs.*.conv.*", "vision_encoder.neck.convs.*.*"),
     # prompt encoder (point_embeddings.{0..3} <-> rows of point_embed.weight is handled separately)
-    ("sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "prompt_encoder.shared_embedding.positional_embedding"),
+    (
+        "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+        "prompt_encoder.shared_embedding.positional_embedding",
+    ),
     ("sam_prompt_encoder.no_mask_embed.weight", "prompt_encoder.no_mask_embed.weight"),
     ("sam_prompt_encoder.not_a_point_embed.weight", "prompt_encoder.not_a_point_embed.weight"),
     ("sam_prompt_encoder.mask_downscaling.0.*", "prompt_encoder.mask_embed.conv1.*"),
@@ -64,8 +67,14 @@ _KEY_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("sam_mask_decoder.transformer.layers.*.norm*.*", "mask_decoder.transformer.layers.*.layer_norm*.*"),
     ("sam_mask_decoder.transformer.layers.*.mlp.layers.0.*", "mask_decoder.transformer.layers.*.mlp.proj_in.*"),
     ("sam_mask_decoder.transformer.layers.*.mlp.layers.1.*", "mask_decoder.transformer.layers.*.mlp.proj_out.*"),
-    ("sam_mask_decoder.transformer.final_attn_token_to_image.out_proj.*", "mask_decoder.transformer.final_attn_token_to_image.o_proj.*"),
-    ("sam_mask_decoder.transformer.final_attn_token_to_image.*_proj.*", "mask_decoder.transformer.final_attn_token_to_image.*_proj.*"),
+    (
+        "sam_mask_decoder.transformer.final_attn_token_to_image.out_proj.*",
+        "mask_decoder.transformer.final_attn_token_to_image.o_proj.*",
+    ),
+    (
+        "sam_mask_decoder.transformer.final_attn_token_to_image.*_proj.*",
+        "mask_decoder.transformer.final_attn_token_to_image.*_proj.*",
+    ),
     ("sam_mask_decoder.transformer.norm_final_attn.*", "mask_decoder.transformer.layer_norm_final_attn.*"),
     # last, as it would also match the specific rules above: iou_token, mask_tokens, obj_score_token
     ("sam_mask_decoder.*.weight", "mask_decoder.*.weight"),
@@ -77,7 +86,13 @@ _HF_PROMPT_PE = "prompt_encoder.shared_embedding.positional_embedding"
 _HF_IMAGE_PE = "shared_image_embedding.positional_embedding"  # a second copy of Meta's single matrix
 
 # Meta's video-memory modules: not part of the image model.
-_META_VIDEO_PREFIXES = ("memory_attention.", "memory_encoder.", "mask_downsample.", "obj_ptr_proj.", "obj_ptr_tpos_proj.")
+_META_VIDEO_PREFIXES = (
+    "memory_attention.",
+    "memory_encoder.",
+    "mask_downsample.",
+    "obj_ptr_proj.",
+    "obj_ptr_tpos_proj.",
+)
 _META_VIDEO_KEYS = ("maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial")
 
 
@@ -130,7 +145,9 @@ def meta_to_hf_state_dict(meta: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         else:
             out[new_key] = value
     if unknown:
-        raise KeyError(f"Meta keys with no transformers counterpart: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        raise KeyError(
+            f"Meta keys with no transformers counterpart: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
+        )
     if sorted(point_rows) != list(range(len(point_rows))) or not point_rows:
         raise KeyError(f"point embeddings rows {sorted(point_rows)} are not 0..n-1")
     out[_HF_POINT_EMBED] = torch.cat([point_rows[i] for i in range(len(point_rows))], dim=0)
@@ -168,7 +185,7 @@ def hf_to_meta_state_dict(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 def load_meta_state_dict(pt_path: str) -> dict[str, torch.Tensor]:
     """Read a Meta `.pt` checkpoint safely (`weights_only=True`); accepts `{"model": sd}` or a bare state dict."""
     checkpoint = torch.load(pt_path, map_location="cpu", weights_only=True)
-    return checkpoint["model"] if "model" in checkpoint else checkpoint
+    return checkpoint.get("model", checkpoint)
 
 
 def convert_meta_checkpoint(pt_path: str, config_name: str | Sam2Config, out_dir: str | None = None) -> Sam2Model:

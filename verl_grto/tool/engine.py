@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from verl_grto.tool.cache import EmbeddingCache
 from verl_grto.tool.losses import LossConfig, SegLosses, segmentation_losses, weighted_mean
-from verl_grto.tool.model import DecodeOutput, ImageFeatures, SegmentationTool
+from verl_grto.tool.model import DecodeOutput, SegmentationTool
 from verl_grto.tool.preprocess import ImageLike, logits_to_masks
 from verl_grto.tool.prompts import PromptLike
 
@@ -109,28 +109,26 @@ class ToolEngine:
         """Start a training step: drop the previous step's cached image features."""
         self.cache.clear()
 
-    def _features(self, batch: ToolBatch) -> ImageFeatures:
-        return self.cache.get(batch.sample_ids, batch.images)
-
     def _decode(self, batch: ToolBatch, train: bool) -> DecodeOutput:
-        features = self._features(batch)
         self.tool.train(train)
+        if batch.num_rollouts == 0:  # an empty shard: `update` must still join the other ranks' collectives
+            return self.tool.empty_output()
+        features = self.cache.get(batch.sample_ids, batch.images)
         return self.tool.decode(features, batch.prompts, batch.image_index)
 
     @torch.no_grad()
     def predict(self, batch: ToolBatch) -> ToolPrediction:
         """Masks for the rollouts' prompts (for rewards and evaluation); no gradients."""
         out = self._decode(batch, train=False)
-        features = self._features(batch)  # cached: no second encode
         masks = [
-            logits_to_masks(logits[None], features.original_sizes[row], self.config.mask_threshold)[0]
-            for logits, row in zip(out.mask_logits, batch.image_index, strict=True)
+            logits_to_masks(logits[None], size, self.config.mask_threshold)[0]
+            for logits, size in zip(out.mask_logits, out.original_sizes, strict=True)
         ]
         return ToolPrediction(masks, out.iou_pred, out.num_objects, out.prompt_issues)
 
-    def _loss(self, batch: ToolBatch, weights: Sequence[float] | torch.Tensor | None) -> tuple[
-        torch.Tensor, SegLosses, torch.Tensor, DecodeOutput
-    ]:
+    def _loss(
+        self, batch: ToolBatch, weights: Sequence[float] | torch.Tensor | None
+    ) -> tuple[torch.Tensor, SegLosses, torch.Tensor, DecodeOutput]:
         if batch.gt_masks is None:
             raise ValueError("update needs gt_masks")
         out = self._decode(batch, train=True)

@@ -37,7 +37,9 @@ class LossConfig:
     dice_smooth: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (self.resolution in ("low_res", "original") or (isinstance(self.resolution, int) and self.resolution > 0)):
+        if not (
+            self.resolution in ("low_res", "original") or (isinstance(self.resolution, int) and self.resolution > 0)
+        ):
             raise ValueError(f"resolution must be 'low_res', 'original' or a positive int, got {self.resolution!r}")
 
 
@@ -148,10 +150,7 @@ def segmentation_losses(
         empty = mask_logits.new_zeros(0)
         return SegLosses(empty, empty, empty, empty, empty)
     bce_t, dice_t, iou_t = torch.cat(bce), torch.cat(dice), torch.cat(iou).to(mask_logits.dtype)
-    if iou_pred is not None:
-        iou_loss = (iou_pred - iou_t) ** 2
-    else:
-        iou_loss = torch.zeros_like(bce_t)
+    iou_loss = (iou_pred - iou_t) ** 2 if iou_pred is not None else torch.zeros_like(bce_t)
     total = config.bce_weight * bce_t + config.dice_weight * dice_t
     if config.iou_weight:
         total = total + config.iou_weight * iou_loss

@@ -83,13 +83,14 @@ class DecodeOutput:
 
     `num_objects[r]` counts the objects that reached the model; 0 means the rollout's mask is
     the constant background `EMPTY_LOGIT` and carries no gradient. `prompt_issues[r]` lists why
-    prompt parts were repaired or dropped.
+    prompt parts were repaired or dropped. `original_sizes[r]` is the (H, W) of rollout r's image.
     """
 
     mask_logits: torch.Tensor
     iou_pred: torch.Tensor
     num_objects: torch.Tensor
     prompt_issues: list[list[str]] = field(default_factory=list)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 class SegmentationTool(nn.Module):
@@ -171,29 +172,47 @@ class SegmentationTool(nn.Module):
         pixels = images_to_pixels(images, self.image_size)
         return self.encode_pixels(pixels, [original_size(image) for image in images])
 
+    def _project(self, features: ImageFeatures) -> ImageFeatures:
+        """Apply `conv_s0`/`conv_s1` if the cache holds raw features (with gradients, as they are trainable then).
+
+        Done once per image, before features are repeated per object.
+        """
+        if features.high_res_projected:
+            return features
+        decoder = self.model.mask_decoder
+        s0, s1 = features.high_res_features
+        return ImageFeatures(
+            features.image_embeddings, (decoder.conv_s0(s0), decoder.conv_s1(s1)), True, features.original_sizes
+        )
+
+    def _to_model_frame(self, coords: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """Scale (N, K, 2) pixel coordinates, row n belonging to an image of size sizes[n]."""
+        return torch.stack([scale_coords(c, hw, self.image_size) for c, hw in zip(coords, sizes, strict=True)])
+
     def _decode_group(
         self, features: ImageFeatures, image_rows: list[int], prompts: list[SanitizedPrompt]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode objects whose prompts share a signature, so their token sequences need no padding."""
+        """Decode objects whose prompts share a signature, so their token sequences need no padding.
+
+        `features` must be projected (see `_project`); `image_rows[i]` is object i's row in it.
+        """
         model = self.model
         device = self.device
         feats = features.select(image_rows)
         s0, s1 = feats.high_res_features
-        if not feats.high_res_projected:
-            s0, s1 = model.mask_decoder.conv_s0(s0), model.mask_decoder.conv_s1(s1)
 
         boxes = points = labels = None
         if prompts[0].box is not None:
             corners = torch.tensor([p.box for p in prompts], dtype=torch.float32, device=device).view(-1, 2, 2)
-            corners = torch.stack([scale_coords(c, hw, self.image_size) for c, hw in zip(corners, feats.original_sizes)])
-            boxes = corners.view(-1, 1, 4)  # (N, boxes per mask = 1, 4)
+            boxes = self._to_model_frame(corners, feats.original_sizes).view(-1, 1, 4)  # (N, 1 box per mask, 4)
         if prompts[0].points:
             pts = torch.tensor([p.points for p in prompts], dtype=torch.float32, device=device)
-            pts = torch.stack([scale_coords(c, hw, self.image_size) for c, hw in zip(pts, feats.original_sizes)])
-            points = pts[:, None]  # (N, 1, P, 2)
+            points = self._to_model_frame(pts, feats.original_sizes)[:, None]  # (N, 1, P, 2)
             labels = torch.tensor([p.labels for p in prompts], dtype=torch.int32, device=device)[:, None]
 
-        sparse, dense = model.prompt_encoder(input_points=points, input_labels=labels, input_boxes=boxes, input_masks=None)
+        sparse, dense = model.prompt_encoder(
+            input_points=points, input_labels=labels, input_boxes=boxes, input_masks=None
+        )
         positional = model.get_image_wide_positional_embeddings().repeat(len(prompts), 1, 1, 1)
         masks, iou, _, _ = model.mask_decoder(
             image_embeddings=feats.image_embeddings.to(sparse.dtype),
@@ -204,6 +223,13 @@ class SegmentationTool(nn.Module):
             high_resolution_features=[s0, s1],
         )
         return masks[:, 0, 0], iou[:, 0, 0]
+
+    def empty_output(self) -> DecodeOutput:
+        """The decode result for zero rollouts (e.g. an empty data-parallel shard), without touching features."""
+        dtype = self.model.no_memory_embedding.dtype
+        side = self.image_size // 4  # the decoder's low-resolution mask size
+        empty = torch.empty(0, side, side, dtype=dtype, device=self.device)
+        return DecodeOutput(empty, torch.empty(0, dtype=dtype, device=self.device), torch.zeros(0, dtype=torch.long))
 
     def decode(
         self,
@@ -248,8 +274,12 @@ class SegmentationTool(nn.Module):
         groups: dict[tuple[bool, int], list[int]] = {}
         for i, p in enumerate(clean):
             groups.setdefault(p.signature, []).append(i)
+        used = sorted(set(rows))
+        position = {row: i for i, row in enumerate(used)}
+        projected = self._project(features.select(used)) if used else features
         for members in groups.values():
-            logits, iou = self._decode_group(features, [rows[i] for i in members], [clean[i] for i in members])
+            positions = [position[rows[i]] for i in members]
+            logits, iou = self._decode_group(projected, positions, [clean[i] for i in members])
             for j, i in enumerate(members):
                 object_logits[i], object_iou[i] = logits[j], iou[j]
 
@@ -264,7 +294,8 @@ class SegmentationTool(nn.Module):
             else:
                 mask_logits.append(torch.full((h, w), EMPTY_LOGIT, dtype=dtype, device=device))
                 iou_pred.append(torch.zeros((), dtype=dtype, device=device))
-        counts = torch.bincount(torch.as_tensor(owners, dtype=torch.long), minlength=num_rollouts)
         if num_rollouts == 0:
-            return DecodeOutput(torch.empty(0, h, w, dtype=dtype, device=device), torch.empty(0, dtype=dtype), counts, [])
-        return DecodeOutput(torch.stack(mask_logits), torch.stack(iou_pred), counts, prompt_issues)
+            return self.empty_output()
+        counts = torch.bincount(torch.as_tensor(owners, dtype=torch.long), minlength=num_rollouts)
+        sizes = [features.original_sizes[int(row)] for row in image_index]
+        return DecodeOutput(torch.stack(mask_logits), torch.stack(iou_pred), counts, prompt_issues, sizes)

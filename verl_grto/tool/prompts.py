@@ -80,9 +80,9 @@ def _sanitize_box(box: Sequence[float], height: int, width: int, min_size: float
     return box, None
 
 
-def sanitize_prompt(prompt: PromptLike, image_hw: tuple[int, int], min_box_size: float = 1.0) -> tuple[
-    SanitizedPrompt | None, list[str]
-]:
+def sanitize_prompt(
+    prompt: PromptLike, image_hw: tuple[int, int], min_box_size: float = 1.0
+) -> tuple[SanitizedPrompt | None, list[str]]:
     """Repair what can be repaired, drop what cannot; return the prompt (None if nothing usable) and the issues.
 
     Boxes get their corners ordered (silently: x1 > x2 is a harmless convention slip) and

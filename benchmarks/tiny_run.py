@@ -1,0 +1,89 @@
+"""Wall time and peak memory of the 2-step tiny run, split into start-up and steps.
+
+    .venv/bin/python benchmarks/tiny_run.py [--recipe grpo_tiny_cpu] [--steps 2]
+
+Runs ``python -m verl.trainer.main_ppo --config-path recipes --config-name RECIPE`` in a subprocess
+and samples the summed RSS of its whole process tree (driver, Ray, workers, rollout servers) every
+0.25 s. Start-up ends when verl's trainer logs "Training from scratch" / "Resuming from"; the steps
+phase runs from there to the exit. The tiny assets and data are built first (outside the timing).
+A measurement, not a test: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+START_MARKERS = ("Training from scratch", "Resuming from")
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--recipe", default="grpo_tiny_cpu")
+    ap.add_argument("--steps", type=int, default=2)
+    args = ap.parse_args()
+
+    runs = tempfile.mkdtemp(prefix="tiny_run_")
+    env = {**os.environ, "VERL_GRTO_RUNS": runs}
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", "recipes", "--config-name", args.recipe,
+           f"trainer.total_training_steps={args.steps}", "trainer.save_freq=-1"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = {"startup": 0, "steps": 0}
+    phase = {"name": "startup", "t": None}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            rss = tree_rss(ps)
+            peak[phase["name"]] = max(peak[phase["name"]], rss)
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    tail: list[str] = []
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        if phase["t"] is None and any(m in line for m in START_MARKERS):
+            phase["t"] = time.perf_counter()
+            phase["name"] = "steps"
+    rc = proc.wait()
+    t_end = time.perf_counter()
+    stop.set()
+    sampler.join()
+    if rc != 0 or phase["t"] is None:
+        print("".join(tail), file=sys.stderr)
+        print(f"main_ppo exited with {rc}", file=sys.stderr)
+        return 1
+    startup, steps = phase["t"] - t0, t_end - phase["t"]
+    gib = 1024**3
+    print(f"recipe {args.recipe}, {args.steps} steps, {os.cpu_count()} CPUs")
+    print(f"start-up : {startup:7.1f} s   peak RSS {peak['startup'] / gib:5.2f} GiB")
+    print(f"steps    : {steps:7.1f} s   peak RSS {peak['steps'] / gib:5.2f} GiB   ({steps / args.steps:.1f} s/step incl. shutdown)")
+    print(f"total    : {t_end - t0:7.1f} s   peak RSS {max(peak.values()) / gib:5.2f} GiB")
+    print(f"ratio steps/start-up: {steps / startup:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

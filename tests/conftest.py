@@ -19,3 +19,10 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> AssetPaths:
     from verl_grto.assets.build import ensure_assets  # imported here: transformers is slow to import
 
     return ensure_assets(root=tmp_path_factory.mktemp("assets"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def e2e_home(tmp_path_factory: pytest.TempPathFactory):
+    """One VERL_GRTO_HOME for every end-to-end run of the session: the tiny assets (and the warm-started
+    policy, the pre-trained tool) are built once, in a private cache, never in ~/.cache."""
+    return tmp_path_factory.mktemp("grto_home")

@@ -13,14 +13,14 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, e2e_home):
     root = tmp_path_factory.mktemp("e2e_grpo")
-    out = run_main_ppo("grpo_tiny_cpu", root / "home", root / "runs", root / "m1.jsonl", [])
-    return root, out
+    out = run_main_ppo("grpo_tiny_cpu", e2e_home, root / "runs", root / "m1.jsonl", [])
+    return root, out, e2e_home
 
 
 def test_two_grpo_steps_learn_signal(first_run):
-    root, _ = first_run
+    root = first_run[0]
     metrics = read_metrics(root / "m1.jsonl")
     assert sorted(metrics) == [1, 2]
     for step, m in metrics.items():
@@ -32,7 +32,7 @@ def test_two_grpo_steps_learn_signal(first_run):
 
 
 def test_checkpoint_written(first_run):
-    root, _ = first_run
+    root = first_run[0]
     step_dir = root / "runs" / "grpo_tiny_cpu" / "global_step_2"
     assert (step_dir / "actor" / "model_world_size_1_rank_0.pt").is_file()
     assert (step_dir / "actor" / "optim_world_size_1_rank_0.pt").is_file()
@@ -41,8 +41,8 @@ def test_checkpoint_written(first_run):
 
 
 def test_second_run_resumes_from_checkpoint(first_run):
-    root, _ = first_run
-    out = run_main_ppo("grpo_tiny_cpu", root / "home", root / "runs", root / "m2.jsonl", ["trainer.total_training_steps=3"])
+    root = first_run[0]
+    out = run_main_ppo("grpo_tiny_cpu", first_run[2], root / "runs", root / "m2.jsonl", ["trainer.total_training_steps=3"])
     assert "Resuming from" in out and "global_step_2" in out
     metrics = read_metrics(root / "m2.jsonl")
     assert sorted(metrics) == [3], f"resumed run logged steps {sorted(metrics)}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tool_helpers import random_image, tiny_tool
 
-from verl_grto.tool.cache import EmbeddingCache
+from verl_grto.tool.cache import EmbeddingCache, features_nbytes
 from verl_grto.tool.engine import ToolBatch, ToolEngine
 from verl_grto.tool.prompts import ObjectPrompt
 
@@ -78,3 +78,21 @@ def test_engine_encodes_distinct_images_not_rollouts(images):
     engine.begin_step()
     engine.predict(batch)
     assert engine.cache.images_encoded == 2 * len(ids)
+
+
+def test_byte_bound_evicts_least_recently_used(tool, images):
+    """BTO keeps features across epochs under a memory bound: the least recently used image goes first."""
+    per_image = features_nbytes(tool.encode([images["a"]]))
+    cache = EmbeddingCache(tool, max_bytes=2 * per_image)
+    cache.get(["a", "b"], [images["a"], images["b"]])
+    cache.get(["a"])  # touch a: b is now the least recently used
+    cache.get(["c"], [images["c"]])
+    assert "b" not in cache and "a" in cache and "c" in cache
+    assert cache.evictions == 1 and cache.nbytes == 2 * per_image and cache.images_encoded == 3
+    # one call's own images are served whole even beyond the bound, then trimmed by later calls
+    cache.get(list("abc"), [images["a"], images["b"], None])
+    assert len(cache) == 3 and cache.nbytes == 3 * per_image
+    cache.get(["c"])
+    assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
+    cache.clear()
+    assert cache.nbytes == 0

@@ -13,13 +13,29 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 
+ASSET_KINDS = ("policy", "tool", "policy_warm", "tool_pretrained")
+
+
 def resolve_asset(kind: str, seed: int | str = 0) -> str:
-    """``${grto_asset:policy|tool,SEED}`` -> the tiny model directory, built if missing."""
+    """``${grto_asset:KIND,SEED}`` -> a tiny model directory, built if missing.
+
+    ``policy`` / ``tool``: randomly initialised; ``policy_warm``: the policy after a short supervised
+    warm start (it emits parseable answers: the reference policy); ``tool_pretrained``: the tool
+    after pre-training on the plain domain (the stand-in for SAM2's own pre-training)."""
     from verl_grto.assets.build import ensure_assets
 
-    if kind not in ("policy", "tool"):
-        raise ValueError(f"grto_asset: unknown asset {kind!r}; expected 'policy' or 'tool'")
-    return str(getattr(ensure_assets(None, seed=int(seed)), kind))
+    seed = int(seed)
+    if kind in ("policy", "tool"):
+        return str(getattr(ensure_assets(None, seed=seed), kind))
+    if kind == "policy_warm":
+        from verl_grto.assets.warmstart import ensure_warm_policy
+
+        return str(ensure_warm_policy(None, seed=seed))
+    if kind == "tool_pretrained":
+        from verl_grto.assets.tool_pretrain import ensure_pretrained_tool
+
+        return str(ensure_pretrained_tool(None, seed=seed))
+    raise ValueError(f"grto_asset: unknown asset {kind!r}; expected one of {ASSET_KINDS}")
 
 
 def resolve_synthetic(

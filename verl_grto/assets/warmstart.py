@@ -60,6 +60,7 @@ DEFAULT_STEPS = 500
 DEFAULT_EVAL_N = 64
 _IGNORE = -100
 _CLIP_NORM = 1.0
+_COPIED_CONFIGS = ("config.json", "generation_config.json")
 _WARMUP_STEPS = 20
 _MIN_LR_FRACTION = 0.1
 _LOSS_LOG_EVERY = 10
@@ -199,11 +200,16 @@ def _lr_factor(step: int, total: int) -> float:
 
 
 def _save(model: torch.nn.Module, processor: Any, base_dir: Path, out_dir: Path) -> None:
-    """Write the trained weights with the base's config, tokenizer, processor and generation config."""
+    """Write the trained weights, the processor (tokenizer included) and the base's own config files.
+
+    The configs are copied, not re-serialised: loading with an explicit dtype adds ``"dtype"`` entries,
+    and the warm policy should differ from the base in its weights only.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
+    for name in _COPIED_CONFIGS:
+        shutil.copy2(base_dir / name, out_dir / name)
 
 
 def _train(

@@ -22,8 +22,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from verl_grto.data.chat import encode_prompt
@@ -58,6 +60,7 @@ class ProbeResult:
     max_new_tokens: int
     mean_response_tokens: float
     truncated_rate: float  # hit max_new_tokens without an end-of-sequence token
+    distinct_responses: int  # 1 means the policy answers the same whatever the scene
     failure_reasons: dict[str, int] = field(default_factory=dict)  # the most common parse failures
     examples: list[str] = field(default_factory=list)  # the first few responses, to eyeball
 
@@ -72,7 +75,7 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return int((a & b).sum()) / union if union else 0.0
 
 
-async def _generate_all(server: object, prompts: list[tuple[list[int], Image.Image]], max_new_tokens: int) -> list:
+async def _generate_all(server: Any, prompts: list[tuple[list[int], Image.Image]], max_new_tokens: int) -> list[Any]:
     params = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": max_new_tokens, "logprobs": False}
     return [
         await server.generate(prompt_ids=ids, sampling_params=dict(params), request_id=str(k), image_data=[image])
@@ -95,7 +98,9 @@ def probe_policy(
     from verl_grto.rollout.hf_server import HFRolloutServer  # imports ray and verl: only when probing
 
     rows = generate_split(n, seed, domain, split, max_objects=max_objects, min_objects=min_objects)
+    threads = torch.get_num_threads()  # the server may set its own (VERL_GRTO_ROLLOUT_THREADS): not ours to keep
     server = HFRolloutServer(str(policy_dir), {"response_length": max_new_tokens, "prompt_length": 4096}, seed=seed)
+    torch.set_num_threads(threads)
     prompts = []
     for row in rows:
         image = Image.open(io.BytesIO(row.image_png)).convert("RGB")
@@ -103,7 +108,7 @@ def probe_policy(
         prompts.append((ids, image))
     outputs = asyncio.run(_generate_all(server, prompts, max_new_tokens))
 
-    ious, parsed, lengths, truncated, failures, examples = [], [], [], [], Counter(), []
+    ious, parsed, lengths, truncated, failures, texts = [], [], [], [], Counter(), []
     whole, rand_obj, gt_boxes = [], [], []
     for row, out in zip(rows, outputs, strict=True):
         text = server.tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -114,8 +119,7 @@ def probe_policy(
             failures[_reason_kind(score.reason)] += 1
         lengths.append(len(out.token_ids))
         truncated.append(out.stop_reason == "length")
-        if len(examples) < n_examples:
-            examples.append(text)
+        texts.append(text)
         gt = row.ground_truth
         h, w = gt.image_size
         gt_boxes.append(gt.boxes[0])
@@ -139,6 +143,7 @@ def probe_policy(
         max_new_tokens=max_new_tokens,
         mean_response_tokens=float(np.mean(lengths)),
         truncated_rate=float(np.mean(truncated)),
+        distinct_responses=len(set(texts)),
         failure_reasons=dict(failures.most_common(5)),
-        examples=examples,
+        examples=texts[:n_examples],
     )

@@ -31,6 +31,9 @@ import torch
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
+from verl_grto.policy.inputs import model_inputs
+from verl_grto.policy.load import load_policy
+
 logger = logging.getLogger(__name__)
 
 ROLLOUT_NAME = "hf"
@@ -40,20 +43,6 @@ def server_actor_name(replica_rank: int) -> str:
     """The Ray actor name of a replica's server; the adapter finds its server by it."""
     job = ray.get_runtime_context().get_job_id()
     return f"verl_grto_hf_server_{job}_{replica_rank}"
-
-
-def _load_policy(path: str, trust_remote_code: bool) -> tuple[torch.nn.Module, Any, Any]:
-    """Load model, tokenizer and (for vision-language models) processor from an HF directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    is_vlm = hasattr(config, "vision_config")
-    auto_cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    model = auto_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) if is_vlm else None
-    return model, tokenizer, processor
 
 
 class HFRolloutServer:
@@ -66,7 +55,7 @@ class HFRolloutServer:
 
     def __init__(self, model_path: str, rollout_config: dict[str, Any], trust_remote_code: bool = False, seed: int = 0):
         torch.set_num_threads(int(os.environ.get("VERL_GRTO_ROLLOUT_THREADS", torch.get_num_threads())))
-        self.model, self.tokenizer, self.processor = _load_policy(model_path, trust_remote_code)
+        self.model, self.tokenizer, self.processor = load_policy(model_path, trust_remote_code)
         self.response_length = int(rollout_config["response_length"])
         self.prompt_length = int(rollout_config["prompt_length"])
         self.global_steps: int | None = None
@@ -92,29 +81,13 @@ class HFRolloutServer:
         return await asyncio.to_thread(self._generate_sync, list(prompt_ids), dict(sampling_params), image_data)
 
     def _model_inputs(self, prompt_ids: list[int], image_data: list[Any] | None) -> dict[str, torch.Tensor]:
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
-        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        if image_data:
-            if self.processor is None:
-                raise ValueError("image_data was sent to a text-only model")
-            vision = self.processor.image_processor(images=list(image_data), return_tensors="pt")
-            inputs["pixel_values"] = vision["pixel_values"]
-            inputs["image_grid_thw"] = vision["image_grid_thw"]
-            n_pad = int((input_ids == self._image_token_id).sum())
-            n_expected = int(vision["image_grid_thw"].prod(-1).sum()) // (self.processor.image_processor.merge_size**2)
-            if n_pad != n_expected:
-                raise ValueError(
-                    f"prompt holds {n_pad} image tokens but its {len(image_data)} image(s) need {n_expected}; "
-                    "the prompt was built with another processor configuration"
-                )
-        if self._image_token_id is not None:
-            # text 0 / image 1 / video 2: switches Qwen2.5-VL generate to 3-D mrope positions
-            mm_types = torch.zeros_like(input_ids, dtype=torch.int)
-            mm_types[input_ids == self._image_token_id] = 1
-            if self._video_token_id is not None:
-                mm_types[input_ids == self._video_token_id] = 2
-            inputs["mm_token_type_ids"] = mm_types
-        return inputs
+        return model_inputs(
+            [prompt_ids],
+            [list(image_data)] if image_data else None,
+            self.processor,
+            image_token_id=self._image_token_id,
+            video_token_id=self._video_token_id,
+        )
 
     def _generate_sync(self, prompt_ids: list[int], sampling_params: dict[str, Any], image_data: list[Any] | None) -> TokenOutput:
         max_new = sampling_params.pop("max_tokens", None) or sampling_params.pop("max_new_tokens", None)

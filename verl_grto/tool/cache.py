@@ -1,29 +1,52 @@
-"""Per-step cache of image features keyed by sample id.
+"""Cache of image features keyed by sample id: per step in GRTO, across epochs in BTO.
 
 Why: a GRTO step has G rollouts per prompt image, and the tool is called for prediction
 (reward) and again for the update. Encoding is by far the most expensive part of SAM2, so
 each distinct image must be encoded once per step, however many rollouts or calls use it.
 The caller clears the cache at the start of each step; features depend on the frozen encoder
 only, so they stay valid while the decoder trains within the step.
+
+BTO (`verl_grto.algorithm.bootstrap`) trains the tool for several epochs on a fixed buffer, so
+it keeps the cache for the whole stage and every image is encoded once. A dataset's features
+need not fit in memory (SAM2-L at 1024 px: ~17 MB per image, ~88 MB with raw high-resolution
+features when `conv_s0`/`conv_s1` train), hence the optional `max_bytes` bound, which evicts
+the least recently used images.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 from verl_grto.tool.model import ImageFeatures, SegmentationTool
 from verl_grto.tool.preprocess import ImageLike, original_size
 
 
-class EmbeddingCache:
-    """Encodes unseen images in one batch and serves cached features for the rest."""
+def features_nbytes(features: ImageFeatures) -> int:
+    """Memory held by cached features (embeddings and both high-resolution levels)."""
+    tensors = (features.image_embeddings, *features.high_res_features)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
-    def __init__(self, tool: SegmentationTool, encode_batch_size: int = 8) -> None:
+
+class EmbeddingCache:
+    """Encodes unseen images in one batch and serves cached features for the rest.
+
+    With `max_bytes` set, least recently used images are evicted once the cached features exceed
+    it; the images of the current `get` call are never evicted by that call, so one call's
+    images may exceed the bound until the next call.
+    """
+
+    def __init__(self, tool: SegmentationTool, encode_batch_size: int = 8, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         self.tool = tool
         self.encode_batch_size = encode_batch_size  # bounds encoder activation memory
-        self._features: dict[Hashable, ImageFeatures] = {}
+        self.max_bytes = max_bytes
+        self._features: OrderedDict[Hashable, ImageFeatures] = OrderedDict()  # least recently used first
+        self.nbytes = 0  # memory of the cached features
         self.images_encoded = 0  # distinct images sent through the encoder since construction
         self.encoder_calls = 0  # batched encoder invocations since construction
+        self.evictions = 0  # images dropped to respect max_bytes since construction
 
     def __contains__(self, sample_id: Hashable) -> bool:
         return sample_id in self._features
@@ -34,6 +57,17 @@ class EmbeddingCache:
     def clear(self) -> None:
         """Drop all cached features (call once per training step)."""
         self._features.clear()
+        self.nbytes = 0
+
+    def _evict(self, keep: set[Hashable]) -> None:
+        if self.max_bytes is None:
+            return
+        for sid in list(self._features):
+            if self.nbytes <= self.max_bytes:
+                break
+            if sid not in keep:
+                self.nbytes -= features_nbytes(self._features.pop(sid))
+                self.evictions += 1
 
     def get(self, sample_ids: Sequence[Hashable], images: Sequence[ImageLike | None] | None = None) -> ImageFeatures:
         """Features for `sample_ids`, in order; `images[i]` is needed only for ids not yet cached.
@@ -49,6 +83,7 @@ class EmbeddingCache:
             if sid in self._features:
                 if image is not None and original_size(image) != self._features[sid].original_sizes[0]:
                     raise ValueError(f"sample id {sid!r} is cached with another image size")
+                self._features.move_to_end(sid)
             elif sid not in pending:
                 if image is None:
                     raise KeyError(f"sample id {sid!r} is not cached and no image was given")
@@ -61,4 +96,7 @@ class EmbeddingCache:
             self.images_encoded += len(chunk)
             for row, sid in enumerate(chunk):
                 self._features[sid] = features.select([row])
-        return ImageFeatures.concat([self._features[sid] for sid in sample_ids])
+                self.nbytes += features_nbytes(self._features[sid])
+        out = ImageFeatures.concat([self._features[sid] for sid in sample_ids])
+        self._evict(keep=set(sample_ids))
+        return out

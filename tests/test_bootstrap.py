@@ -107,9 +107,17 @@ def fresh_engine(base_tool: SegmentationTool, lr: float = 3e-3) -> ToolEngine:
 def test_build_saves_and_reloads_exactly(data, tmp_path):
     rows = data["train"][:5]
     buffer = build_buffer(
-        rows, fake_generate, G, tmp_path, reference_policy="/p/ref", seed=7, sampling={"temperature": 1.0},
-        chunk_size=2, save_every=2, progress=False,
-    )  # fmt: skip
+        rows,
+        fake_generate,
+        G,
+        tmp_path,
+        reference_policy="/p/ref",
+        seed=7,
+        sampling={"temperature": 1.0},
+        chunk_size=2,
+        save_every=2,
+        progress=False,
+    )
     assert len(buffer) == 5 * G and buffer.done_sample_ids() == {_sid(r) for r in rows}
     assert not list((tmp_path / "parts").glob("*.parquet"))  # consolidated into rollouts.parquet
 
@@ -143,7 +151,16 @@ def test_build_resumes_after_a_crash(data, tmp_path):
         return fake_generate(chunk, n)
 
     with pytest.raises(RuntimeError, match="server died"):
-        build_buffer(rows, crashing, G, tmp_path / "resumed", reference_policy="fake", chunk_size=1, save_every=100, progress=False)  # fmt: skip
+        build_buffer(
+            rows,
+            crashing,
+            G,
+            tmp_path / "resumed",
+            reference_policy="fake",
+            chunk_size=1,
+            save_every=100,
+            progress=False,
+        )
     kept = RolloutBuffer.load(tmp_path / "resumed")  # parts written on the way out
     assert kept.done_sample_ids() == {_sid(r) for r in rows[:3]} and len(kept) == 3 * G
 
@@ -152,7 +169,9 @@ def test_build_resumes_after_a_crash(data, tmp_path):
         return fake_generate(chunk, n)
 
     calls.clear()
-    resumed = build_buffer(rows, recording, G, tmp_path / "resumed", reference_policy="fake", chunk_size=2, progress=False)
+    resumed = build_buffer(
+        rows, recording, G, tmp_path / "resumed", reference_policy="fake", chunk_size=2, progress=False
+    )
     assert calls == [_sid(r) for r in rows[3:]]
     assert resumed.records == complete.records
     assert RolloutBuffer.load(tmp_path / "resumed").records == complete.records
@@ -180,9 +199,11 @@ def test_importance_weights_are_used_when_asked(data, base_tool):
         return [[v + bonus for v in r.logprobs] if r.key == doubled.key else r.logprobs for r in records]
 
     expected = [
-        0.0 if not r.parse_ok else float(importance_weights([np.asarray(target([r])[0])], [np.asarray(r.logprobs)], 4.0)[0])
+        0.0
+        if not r.parse_ok
+        else float(importance_weights([np.asarray(target([r])[0])], [np.asarray(r.logprobs)], 4.0)[0])
         for r in buffer.records
-    ]  # fmt: skip
+    ]
     weights = rollout_weights(buffer.records, "importance", target, importance_clip=4.0)
     np.testing.assert_allclose(weights, expected)
     assert weights[1] == pytest.approx(2.0 ** (1.0 / len(doubled.logprobs)))
@@ -198,9 +219,21 @@ def test_importance_weights_are_used_when_asked(data, base_tool):
         return update(batch, batch_weights)
 
     engine.update = spy
-    train_tool_on_buffer(engine, buffer, data["store"], epochs=1, batch_size=2, weighting="importance",
-                         target_logprob_fn=target, importance_clip=4.0, progress=False)  # fmt: skip
-    usable = {sid: [i for i, r in enumerate(buffer.records) if r.sample_id == sid and r.parse_ok] for sid in buffer.done_sample_ids()}
+    train_tool_on_buffer(
+        engine,
+        buffer,
+        data["store"],
+        epochs=1,
+        batch_size=2,
+        weighting="importance",
+        target_logprob_fn=target,
+        importance_clip=4.0,
+        progress=False,
+    )
+    usable = {
+        sid: [i for i, r in enumerate(buffer.records) if r.sample_id == sid and r.parse_ok]
+        for sid in buffer.done_sample_ids()
+    }
     for sample_ids, batch_weights in seen:
         assert batch_weights == [weights[i] for sid in sample_ids for i in usable[sid]]
     assert sum(len(w) for _, w in seen) == sum(r.parse_ok for r in buffer.records)
@@ -222,13 +255,28 @@ def test_tool_learns_from_the_buffer_with_each_image_encoded_once(data, base_too
     """
     torch.manual_seed(0)
     engine = fresh_engine(base_tool)
-    report = train_tool_on_buffer(engine, data["buffer"], data["store"], epochs=12, batch_size=2,
-                                  heldout=data["heldout"].records, heldout_store=data["val_store"], progress=False)  # fmt: skip
+    report = train_tool_on_buffer(
+        engine,
+        data["buffer"],
+        data["store"],
+        epochs=12,
+        batch_size=2,
+        heldout=data["heldout"].records,
+        heldout_store=data["val_store"],
+        progress=False,
+    )
     losses = report.epoch_losses
-    print(f"losses {[round(v, 3) for v in losses]}, IoU {report.iou_before:.3f} -> {report.iou_after:.3f}, {report.wall_s:.1f} s")
+    print(
+        f"losses {[round(v, 3) for v in losses]}, IoU {report.iou_before:.3f} -> {report.iou_after:.3f}, {report.wall_s:.1f} s"
+    )
     assert len(losses) == 12 and losses[-1] < 0.7 * losses[0] and np.mean(losses[-3:]) < np.mean(losses[:3])
     assert report.iou_after > report.iou_before + 0.05
-    assert (report.rollouts, report.usable_rollouts, report.batches, report.skipped_batches) == (6 * G, 6 * (G - 1), 36, 0)
+    assert (report.rollouts, report.usable_rollouts, report.batches, report.skipped_batches) == (
+        6 * G,
+        6 * (G - 1),
+        36,
+        0,
+    )
     # the encoder ran once per image for the whole stage, not once per epoch: one call per first-epoch batch
     assert report.distinct_images == 6 and report.images_encoded == 6 and report.encoder_calls == 3
     assert report.cache_evictions == 0 and report.heldout_rollouts == 6 * G
@@ -249,7 +297,9 @@ def test_resume_inside_the_stage_is_bit_exact(data, base_tool, tmp_path):
     settings = {"epochs": 3, "batch_size": 2, "checkpoint_every": 2, "progress": False}
     torch.manual_seed(0)
     whole_engine = fresh_engine(base_tool)
-    whole = train_tool_on_buffer(whole_engine, data["buffer"], data["store"], checkpoint_dir=tmp_path / "whole", **settings)
+    whole = train_tool_on_buffer(
+        whole_engine, data["buffer"], data["store"], checkpoint_dir=tmp_path / "whole", **settings
+    )
     assert whole.tool_dir is not None and Path(whole.tool_dir).parent == latest_checkpoint(tmp_path / "whole")
 
     torch.manual_seed(0)
@@ -269,15 +319,22 @@ def test_resume_inside_the_stage_is_bit_exact(data, base_tool, tmp_path):
 
     torch.manual_seed(123)  # a new process: other RNG state, a fresh tool; the checkpoint restores both
     restarted = fresh_engine(base_tool)
-    resumed = train_tool_on_buffer(restarted, data["buffer"], data["store"], checkpoint_dir=tmp_path / "resumed", **settings)
+    resumed = train_tool_on_buffer(
+        restarted, data["buffer"], data["store"], checkpoint_dir=tmp_path / "resumed", **settings
+    )
     assert resumed.resumed_from_batch == 4 and resumed.batches == whole.batches == 9
     assert resumed.epoch_losses == whole.epoch_losses
     _assert_states_equal(restarted.state_dict(), whole_engine.state_dict())
     assert len(list((tmp_path / "resumed").glob("bto-*"))) == 1  # older checkpoints pruned
 
     with pytest.raises(ValueError, match="other settings"):
-        train_tool_on_buffer(fresh_engine(base_tool), data["buffer"], data["store"],
-                             checkpoint_dir=tmp_path / "resumed", **{**settings, "batch_size": 3})  # fmt: skip
+        train_tool_on_buffer(
+            fresh_engine(base_tool),
+            data["buffer"],
+            data["store"],
+            checkpoint_dir=tmp_path / "resumed",
+            **{**settings, "batch_size": 3},
+        )
 
 
 # ---- the HF generator ---------------------------------------------------------------------------

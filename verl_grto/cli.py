@@ -194,6 +194,59 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sam2_config(value: str) -> Any:
+    """``--config``: a Meta config name, or a transformers Sam2 ``config.json`` (or its folder) for other shapes."""
+    from transformers import Sam2Config
+
+    from verl_grto.tool.configs import META_CONFIG_NAMES, meta_sam2_config
+
+    if value in META_CONFIG_NAMES:
+        return meta_sam2_config(value)
+    if Path(value).exists():
+        try:
+            return Sam2Config.from_pretrained(value)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--config {value}: not a transformers Sam2 config ({exc})") from None
+    raise CLIError(f"unknown SAM2 config {value!r}; one of {', '.join(META_CONFIG_NAMES)} or a config.json path")
+
+
+def _conversion_error(exc: Exception) -> str:
+    """One line for a conversion failure (a KeyError's str() would wrap its message in quotes)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+def _cmd_convert_sam2(args: argparse.Namespace) -> int:
+    from verl_grto.tool.convert import convert_meta_checkpoint
+
+    checkpoint = _existing(args.checkpoint, "checkpoint")
+    config = _sam2_config(args.config)  # checked before the checkpoint is read
+    try:
+        model = convert_meta_checkpoint(str(checkpoint), config, args.out)
+    except (KeyError, ValueError) as exc:  # not a Meta checkpoint, or keys of another model
+        raise CLIError(f"--checkpoint {checkpoint}: {_conversion_error(exc)}") from None
+    except RuntimeError as exc:  # load_state_dict: shapes of another architecture
+        first = str(exc).strip().splitlines()
+        raise CLIError(f"--checkpoint {checkpoint} does not fit --config {args.config}: {first[-1].strip()}") from None
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"tool": args.out, "config": args.config, "parameters": params}, indent=2))
+    return 0
+
+
+def _cmd_export_sam2(args: argparse.Namespace) -> int:
+    from verl_grto.tool.convert import export_meta_checkpoint
+
+    tool = _existing(args.tool, "tool")
+    if not (tool / "config.json").is_file():
+        raise CLIError(f"--tool {tool} is not a transformers Sam2 folder (no config.json)")
+    base = None if args.base_checkpoint is None else str(_existing(args.base_checkpoint, "base checkpoint"))
+    try:
+        state = export_meta_checkpoint(str(tool), args.out, base_checkpoint=base)
+    except (KeyError, ValueError, OSError) as exc:  # unreadable tool, or a base checkpoint of another model
+        raise CLIError(_conversion_error(exc)) from None
+    print(json.dumps({"checkpoint": args.out, "keys": len(state), "base_checkpoint": base}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verl-grto", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", help="cpu or cuda (default: cuda when available, cpu for the tool alone)")
     pr.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the policy's dtype")
     pr.set_defaults(func=_cmd_predict)
+
+    conv_sam2 = sub.add_parser("convert-sam2", help="Meta SAM2 .pt checkpoint -> tool folder (transformers Sam2)")
+    conv_sam2.add_argument("--checkpoint", required=True, help="Meta .pt ({'model': state_dict})")
+    conv_sam2.add_argument("--config", required=True,
+                           help="Meta config name (sam2.1_hiera_t, _s, _b+, _l; or sam2_...) or a Sam2 config.json")
+    conv_sam2.add_argument("--out", required=True, help="output folder (save_pretrained)")
+    conv_sam2.set_defaults(func=_cmd_convert_sam2)
+
+    exp_sam2 = sub.add_parser("export-sam2", help="tool folder -> Meta SAM2 .pt checkpoint")
+    exp_sam2.add_argument("--tool", required=True, help="tool folder (transformers Sam2, e.g. a saved ToolEngine)")
+    exp_sam2.add_argument("--out", required=True, help="output .pt")
+    exp_sam2.add_argument("--base-checkpoint",
+                          help="the Meta .pt the tool came from: its video-memory weights are carried over, "
+                               "so Meta's build_sam2 loads the result (without it only the image model is written)")
+    exp_sam2.set_defaults(func=_cmd_export_sam2)
     return parser
 
 

@@ -183,9 +183,22 @@ def hf_to_meta_state_dict(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def load_meta_state_dict(pt_path: str) -> dict[str, torch.Tensor]:
-    """Read a Meta `.pt` checkpoint safely (`weights_only=True`); accepts `{"model": sd}` or a bare state dict."""
-    checkpoint = torch.load(pt_path, map_location="cpu", weights_only=True)
-    return checkpoint.get("model", checkpoint)
+    """Read a Meta `.pt` checkpoint safely (`weights_only=True`); accepts `{"model": sd}` or a bare state dict.
+
+    Raises ValueError for a file that is not a state dict of tensors, so that callers (the CLI)
+    report a wrong file as such rather than as whatever `torch.load` happened to raise (for
+    arbitrary bytes that is a bare `KeyError`).
+    """
+    try:
+        checkpoint = torch.load(pt_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, KeyError...: all mean "not a checkpoint"
+        raise ValueError(f"{pt_path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{pt_path} is not a Meta SAM2 checkpoint: expected {{'model': state_dict}} or a state dict")
+    return state
 
 
 def convert_meta_checkpoint(pt_path: str, config_name: str | Sam2Config, out_dir: str | None = None) -> Sam2Model:

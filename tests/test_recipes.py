@@ -1,0 +1,137 @@
+"""Every recipe composes, resolves and passes the checks verl's ``main_ppo`` runs before training.
+
+The GPU recipes cannot run here, so this is their only gate: a typo in a key, a batch size that
+does not divide, a ``grto:`` section the trainer would reject, or a trainer mode the plugin does not
+register all fail in seconds instead of after a multi-node job has been scheduled.
+
+The tiny recipes' ``${grto_asset:...}`` / ``${grto_synthetic:...}`` resolvers *build* models and data
+(minutes on this machine), so those recipes are checked unresolved, then validated with the
+resolver-backed paths replaced by placeholders: everything else in them is resolved and validated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import verl  # noqa: F401  (first: loads the verl_grto plugin, which registers resolvers, trainer, estimator)
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+from verl.trainer.ppo.utils import need_critic, need_reference_policy
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+from verl.utils.config import validate_config
+
+from verl_grto.trainer.config import GRTOConfig
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.endswith("_base"))
+pytestmark = pytest.mark.filterwarnings("ignore:Disabled critic:UserWarning")  # GRPO-style runs have no critic
+
+GPU_RECIPES = ("grto_qwen25vl_7b_sam21_large", "grto_qwen25vl_7b_sam21_large_megatron")
+GPU_ENV = ("POLICY_PATH", "TOOL_PATH", "TRAIN_FILES", "VAL_FILES")
+# The keys the tiny recipes fill through the asset-building resolvers.
+RESOLVER_KEYS = ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "grto.tool.path")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """The GPU recipes read their paths from the environment; point them at a temp folder."""
+    for name in GPU_ENV:
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("NNODES", raising=False)
+    yield
+
+
+def _compose(name: str, overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
+        return compose(config_name=name, overrides=overrides or [])
+
+
+def _validate(cfg: DictConfig) -> None:
+    """What main_ppo checks before it starts Ray, plus what the plugin itself would reject."""
+    OmegaConf.resolve(cfg)
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    get_adv_estimator_fn(cfg.algorithm.adv_estimator)
+    mode = cfg.trainer.v1.trainer_mode
+    assert mode in TRAINER_REGISTRY, f"trainer mode {mode!r} not registered: {sorted(TRAINER_REGISTRY)}"
+    if mode == "grto" or "grto" in cfg:
+        GRTOConfig.from_config(cfg.grto)
+
+
+def test_the_gpu_recipes_are_found() -> None:
+    assert set(GPU_RECIPES) <= set(RECIPES)
+    assert not [r for r in RECIPES if r.endswith("_base")]
+
+
+def _raw(cfg: DictConfig, key: str) -> object:
+    """The value at `key` as written (interpolations unresolved), or None if the key is absent."""
+    node: object = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+@pytest.mark.parametrize("name", [r for r in RECIPES if r not in GPU_RECIPES])
+def test_tiny_recipe_composes_and_validates(name: str, tmp_path: Path) -> None:
+    cfg = _compose(name)
+    assert cfg.trainer.device == "cpu"
+    assert cfg.actor_rollout_ref.rollout.name == "hf"
+    present = [key for key in RESOLVER_KEYS if _raw(cfg, key) is not None]
+    assert "data.train_files" in present and "actor_rollout_ref.model.path" in present
+    for key in present:
+        assert str(_raw(cfg, key)).startswith("${grto_"), f"{name}: {key} should come from an asset resolver"
+        OmegaConf.update(cfg, key, str(tmp_path / key))
+    assert "${grto_" not in OmegaConf.to_yaml(cfg, resolve=False), "resolving would build assets"
+    _validate(cfg)
+
+
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_gpu_recipe_resolves_and_validates(name: str, tmp_path: Path) -> None:
+    cfg = _compose(name)
+    _validate(cfg)
+    assert cfg.data.train_files == str(tmp_path / "train_files")
+    assert cfg.data.val_files == str(tmp_path / "val_files")
+    assert cfg.actor_rollout_ref.model.path == str(tmp_path / "policy_path")
+    assert cfg.trainer.v1.trainer_mode == "grto"
+    assert cfg.trainer.n_gpus_per_node == 8
+    arr = cfg.actor_rollout_ref
+    assert arr.rollout.name == "vllm" and arr.rollout.n == 8 and arr.rollout.dtype == "bfloat16"
+    assert arr.actor.use_kl_loss and arr.actor.kl_loss_type == "low_var_kl"
+    grto = GRTOConfig.from_config(cfg.grto)
+    assert grto.tool.path == str(tmp_path / "tool_path")
+    assert grto.tool.lr == pytest.approx(1e-5) and grto.tool.max_grad_norm == 1.0
+    assert grto.tool.engine_config().loss.resolution == 256
+    assert grto.trains_tool
+
+
+def test_fsdp_recipe_is_one_node_fsdp2() -> None:
+    cfg = _compose("grto_qwen25vl_7b_sam21_large")
+    assert cfg.trainer.nnodes == 1
+    assert cfg.actor_rollout_ref.actor.strategy == cfg.actor_rollout_ref.ref.strategy == "fsdp2"
+
+
+def test_megatron_recipe_takes_nnodes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NNODES", "4")
+    cfg = _compose("grto_qwen25vl_7b_sam21_large_megatron")
+    assert cfg.model_engine == "megatron"
+    assert cfg.actor_rollout_ref.actor.strategy == "megatron"
+    _validate(cfg)
+    assert cfg.trainer.nnodes == 4  # an int: validate_config multiplies it
+
+
+def test_megatron_recipe_rejects_a_node_count_that_breaks_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check verl would fail with at start-up, caught here: 3 nodes -> DP 12 x micro 4 = 48 !| 1024."""
+    monkeypatch.setenv("NNODES", "3")
+    with pytest.raises(AssertionError, match="divisible"):
+        _validate(_compose("grto_qwen25vl_7b_sam21_large_megatron"))
+
+
+def test_a_missing_path_variable_fails_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unset POLICY_PATH must stop the run, not fall back to a default model."""
+    monkeypatch.delenv("POLICY_PATH")
+    cfg = _compose("grto_qwen25vl_7b_sam21_large")
+    with pytest.raises(Exception, match="POLICY_PATH"):
+        OmegaConf.resolve(cfg)

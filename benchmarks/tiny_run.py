@@ -12,6 +12,7 @@ A measurement, not a test: this machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -29,10 +30,8 @@ START_MARKERS = ("Training from scratch", "Resuming from")
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):  # a process may exit between listing and reading
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 

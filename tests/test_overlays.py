@@ -73,8 +73,8 @@ def test_wandb_offline_run_gets_images_and_both_mask_layers(tmp_path: Path, monk
     finally:
         run.finish()
     media = tmp_path / "wandb" / Path(run.dir).parent.name / "files" / "media" / "images"
-    assert len(list((media / WANDB_KEY).glob("*.png"))) == 2
-    assert len(list((media / "mask" / WANDB_KEY).glob("*.mask.png"))) == 4  # prediction + ground truth each
+    assert len(list(media.glob(f"{WANDB_KEY}_*.png"))) == 2  # one file per image, named after the key
+    assert len(list(media.glob(f"mask/{WANDB_KEY}_*.mask.png"))) == 4  # prediction + ground truth each
 
 
 def test_mismatched_inputs_are_rejected() -> None:

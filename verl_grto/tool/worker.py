@@ -55,6 +55,14 @@ class ToolMasks:
     prompt_issues: list[list[str]]
 
 
+def worker_device() -> torch.device:
+    """The device verl gave this worker process (the actor's), through verl's platform layer."""
+    from verl.utils.device import get_device_id, get_device_name
+
+    name = get_device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, get_device_id())
+
+
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -66,7 +74,7 @@ class ToolWorkerMixin:
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_tool(self, settings: ToolSettings) -> int:
-        tool = SegmentationTool.from_pretrained(settings.path, trainable=settings.trainable)
+        tool = SegmentationTool.from_pretrained(settings.path, trainable=settings.trainable).to(worker_device())
         self.tool_engine = ToolEngine(tool, settings.engine_config())
         return sum(p.numel() for p in self.tool_engine.params)
 

@@ -34,6 +34,7 @@ from verl_grto.reward.mask_reward import score_mask_answer
 from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.worker import ActorRolloutRefToolWorker
 from verl_grto.trainer.config import GRTOConfig
+from verl_grto.trainer.overlays import default_tb_dir, log_overlays
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -166,6 +167,17 @@ class GRTOTrainer(PPOTrainerSync):
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict({"rm_scores": rm_scores}))
 
         self._view, self._parse_ok = view, [p.ok for p in parsed]
+        if self.grto.log_images_every and self.global_steps % self.grto.log_images_every == 0:
+            rows = [view.sample_ids.index(s) for s in dict.fromkeys(view.sample_ids)][: self.grto.num_logged_images]
+            tb_dir = default_tb_dir(self.config.trainer.project_name, self.config.trainer.experiment_name)
+            log_overlays(
+                self.global_steps,
+                self.image_store.images([view.sample_ids[i] for i in rows]),
+                [masks[i] for i in rows],
+                [gt_masks[i] for i in rows],
+                self.config.trainer.logger,
+                tb_dir,
+            )
         for key in ("mask_iou", "format_reward", "box_iou", "points_in_mask", "repeat_fraction"):
             metrics[f"grto/reward/{key}"] = float(np.mean([b.metrics()[key] for b in breakdowns]))
         metrics["grto/reward/score"] = float(np.mean(scores))

@@ -52,16 +52,22 @@ def main(argv: list[str] | None = None) -> int:
         split = write_synthetic(work / "data", n_train=1, n_val=args.rows, seed=0, domain="plain")["val"]
         rows = pq.read_table(split).to_pylist()
         policy = args.policy or assets.policy
-        print(f"{len(rows)} rows of {split.name}, policy {policy}, tool {assets.tool}, "
-              f"max_new_tokens {args.max_new_tokens}, torch threads {torch.get_num_threads()}, device cpu")
-        print(f"{'path':<24}{'batch':>6}{'samples/s':>11}{'gen s/smp':>11}{'tool s/smp':>12}{'gen/tool':>10}{'parsed':>8}")
+        print(
+            f"{len(rows)} rows of {split.name}, policy {policy}, tool {assets.tool}, "
+            f"max_new_tokens {args.max_new_tokens}, torch threads {torch.get_num_threads()}, device cpu"
+        )
+        print(
+            f"{'path':<24}{'batch':>6}{'samples/s':>11}{'gen s/smp':>11}{'tool s/smp':>12}{'gen/tool':>10}{'parsed':>8}"
+        )
 
         tool_per_sample: dict[int, float] = {}
         predictor = PolicyToolPredictor(policy, assets.tool, max_new_tokens=args.max_new_tokens, device="cpu")
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             images = [row_rgb(r) for r in rows]
-            boxes = [[ToolPrompt(tuple(b)) for b in GroundTruth.from_json(r["reward_model"]["ground_truth"]).boxes]
-                     for r in rows]
+            boxes = [
+                [ToolPrompt(tuple(b)) for b in GroundTruth.from_json(r["reward_model"]["ground_truth"]).boxes]
+                for r in rows
+            ]
             start = time.perf_counter()
             for i in range(0, len(rows), batch):
                 predictor.segmenter.segment(images[i : i + batch], boxes[i : i + batch])
@@ -69,16 +75,23 @@ def main(argv: list[str] | None = None) -> int:
 
             predictor.records.clear()
             start = time.perf_counter()
-            run_predictions(split, predictor, work / f"predictions-b{batch}-{time.time_ns()}", progress=False,
-                            batch_size=batch)
+            run_predictions(
+                split, predictor, work / f"predictions-b{batch}-{time.time_ns()}", progress=False, batch_size=batch
+            )
             wall = time.perf_counter() - start
-            summary = summarize_records({r.sample_id: r for r in predictor.records}, [r.sample_id for r in predictor.records])
+            summary = summarize_records(
+                {r.sample_id: r for r in predictor.records}, [r.sample_id for r in predictor.records]
+            )
             gen, tool = summary["generation_s_per_sample"], summary["tool_s_per_sample"]
             ratio = gen / tool_per_sample[batch]
-            print(f"{'evaluate':<24}{batch:>6}{len(rows) / wall:>11.2f}{gen:>11.4f}{tool:>12.4f}{ratio:>10.1f}"
-                  f"{summary['parsed']:>5}/{summary['answered']}")
-            print(f"{'tool on gt boxes':<24}{batch:>6}{1 / tool_per_sample[batch]:>11.2f}{'':>11}"
-                  f"{tool_per_sample[batch]:>12.4f}")
+            print(
+                f"{'evaluate':<24}{batch:>6}{len(rows) / wall:>11.2f}{gen:>11.4f}{tool:>12.4f}{ratio:>10.1f}"
+                f"{summary['parsed']:>5}/{summary['answered']}"
+            )
+            print(
+                f"{'tool on gt boxes':<24}{batch:>6}{1 / tool_per_sample[batch]:>11.2f}{'':>11}"
+                f"{tool_per_sample[batch]:>12.4f}"
+            )
     return 0
 
 

@@ -43,8 +43,17 @@ def main() -> int:
 
     runs = tempfile.mkdtemp(prefix="tiny_run_")
     env = {**os.environ, "VERL_GRTO_RUNS": runs}
-    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", "recipes", "--config-name", args.recipe,
-           f"trainer.total_training_steps={args.steps}", "trainer.save_freq=-1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "verl.trainer.main_ppo",
+        "--config-path",
+        "recipes",
+        "--config-name",
+        args.recipe,
+        f"trainer.total_training_steps={args.steps}",
+        "trainer.save_freq=-1",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
@@ -78,7 +87,9 @@ def main() -> int:
     gib = 1024**3
     print(f"recipe {args.recipe}, {args.steps} steps, {os.cpu_count()} CPUs")
     print(f"start-up : {startup:7.1f} s   peak RSS {peak['startup'] / gib:5.2f} GiB")
-    print(f"steps    : {steps:7.1f} s   peak RSS {peak['steps'] / gib:5.2f} GiB   ({steps / args.steps:.1f} s/step incl. shutdown)")
+    print(
+        f"steps    : {steps:7.1f} s   peak RSS {peak['steps'] / gib:5.2f} GiB   ({steps / args.steps:.1f} s/step incl. shutdown)"
+    )
     print(f"total    : {t_end - t0:7.1f} s   peak RSS {max(peak.values()) / gib:5.2f} GiB")
     print(f"ratio steps/start-up: {steps / startup:.2f}")
     return 0

@@ -92,8 +92,11 @@ def measure(engine: ToolEngine, work: Workload, repeats: int) -> dict[tuple[str,
     warm = ToolBatch([0], [work.images[0]], [0], [[ObjectPrompt(work.boxes[0])]], [work.gt_masks[0]])
     engine.begin_step()
     engine.update(warm)  # first-call allocations and lazy initialisation, outside the timings
-    return {(kind, cached): best_seconds(step(kind, cached), repeats)
-            for kind in ("predict", "update") for cached in (False, True)}
+    return {
+        (kind, cached): best_seconds(step(kind, cached), repeats)
+        for kind in ("predict", "update")
+        for cached in (False, True)
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     names = ["tiny"] if args.quick else args.configs.split(",")
     rollouts = args.images * args.group
 
-    print(f"{args.images} images x G={args.group} rollouts, 1 box each; best of {args.repeats}; "
-          f"torch threads {torch.get_num_threads()}, device cpu")
+    print(
+        f"{args.images} images x G={args.group} rollouts, 1 box each; best of {args.repeats}; "
+        f"torch threads {torch.get_num_threads()}, device cpu"
+    )
     print(f"{'config':<16}{'call':<9}{'uncached':>12}{'cached':>12}{'unit':>10}{'cached/uncached':>17}{'encodes':>10}")
     for name in names:
         config = tiny_sam2_config() if name == "tiny" else meta_sam2_config(name)
@@ -122,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = measure(engine, work, args.repeats)
         for kind, per_call, unit in (("predict", rollouts, "masks/s"), ("update", 1, "steps/s")):
             uncached, cached = (per_call / seconds[kind, c] for c in (False, True))
-            print(f"{name:<16}{kind:<9}{uncached:>12.3f}{cached:>12.3f}{unit:>10}{cached / uncached:>16.2f}x"
-                  f"{f'{rollouts}/{args.images}':>10}")
+            print(
+                f"{name:<16}{kind:<9}{uncached:>12.3f}{cached:>12.3f}{unit:>10}{cached / uncached:>16.2f}x"
+                f"{f'{rollouts}/{args.images}':>10}"
+            )
     return 0
 
 

@@ -115,6 +115,7 @@ def assert_row(row: dict[str, Any], mask: np.ndarray, expression: str, boxes: li
 
 # ---------------------------------------------------------------- ReasonSeg (LISA release)
 
+
 def reasonseg_json(path: Path, shapes: list[dict], texts: list[str], is_sentence: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"text": texts, "is_sentence": is_sentence, "shapes": shapes}))
@@ -130,6 +131,7 @@ def rect_points(x1: int, y1: int, x2: int, y2: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------- REFER (RefCOCO*)
+
 
 def coco_polygon(mask: np.ndarray) -> list[float]:
     return [float(v) for xy in polygon(mask) for v in xy]
@@ -153,10 +155,16 @@ def write_refs_pickle(path: Path, refs: list[dict]) -> None:
 
 def ref(ref_id: int, ann_id: int, image_id: int, split: str, sents: list[str]) -> dict[str, Any]:
     return {
-        "ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split, "category_id": 1,
-        "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg", "sent_ids": [],
-        "sentences": [{"sent_id": ref_id * 10 + i, "sent": s, "raw": s.upper(), "tokens": s.split()}
-                      for i, s in enumerate(sents)],
+        "ref_id": ref_id,
+        "ann_id": ann_id,
+        "image_id": image_id,
+        "split": split,
+        "category_id": 1,
+        "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+        "sent_ids": [],
+        "sentences": [
+            {"sent_id": ref_id * 10 + i, "sent": s, "raw": s.upper(), "tokens": s.split()} for i, s in enumerate(sents)
+        ],
     }
 
 

@@ -52,8 +52,21 @@ def _camo(root):
 
 def test_data_convert_then_score_predictions_with_the_cod_suite(tmp_path, capsys):
     out = tmp_path / "camo"
-    rc = main(["data", "convert", "camo", "--src", str(_camo(tmp_path)), "--out", str(out),
-               "--opt", "splits=test", "--opt", "progress=false"])
+    rc = main(
+        [
+            "data",
+            "convert",
+            "camo",
+            "--src",
+            str(_camo(tmp_path)),
+            "--out",
+            str(out),
+            "--opt",
+            "splits=test",
+            "--opt",
+            "progress=false",
+        ]
+    )
     assert rc == 0
     assert "test: written 2, skipped 0" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.parquet")) == ["test.parquet"]  # the option reached the converter
@@ -61,7 +74,20 @@ def test_data_convert_then_score_predictions_with_the_cod_suite(tmp_path, capsys
     rows = pq.read_table(out / "test.parquet").to_pylist()
     preds = tmp_path / "preds"
     write_prediction(prediction_path(preds, rows[0]["extra_info"]["sample_id"]), _gt(rows[0]))  # perfect; 2nd missing
-    assert main(["evaluate", "--split", str(out / "test.parquet"), "--predictions", str(preds), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--split",
+                str(out / "test.parquet"),
+                "--predictions",
+                str(preds),
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert report["suite"] == "cod" and "S_measure" in report["scores"]["prediction"]  # auto: a COD release
@@ -72,9 +98,26 @@ def test_data_convert_then_score_predictions_with_the_cod_suite(tmp_path, capsys
 
 def test_data_convert_errors(tmp_path, capsys):
     camo = _camo(tmp_path)
-    assert main(["data", "convert", "camo", "--src", str(camo), "--out", str(tmp_path / "o"), "--opt", "split=test"]) == 2
+    assert (
+        main(["data", "convert", "camo", "--src", str(camo), "--out", str(tmp_path / "o"), "--opt", "split=test"]) == 2
+    )
     assert "unknown option 'split'" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    assert main(["data", "convert", "camo", "--src", str(camo), "--out", str(tmp_path / "o"), "--opt", "include_noncam=maybe"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "camo",
+                "--src",
+                str(camo),
+                "--out",
+                str(tmp_path / "o"),
+                "--opt",
+                "include_noncam=maybe",
+            ]
+        )
+        == 2
+    )
     assert "expected true or false" in capsys.readouterr().err
     assert main(["data", "convert", "coco", "--src", str(camo), "--out", str(tmp_path / "o")]) == 2
     assert "unknown dataset 'coco'" in capsys.readouterr().err
@@ -92,8 +135,25 @@ def test_data_convert_errors(tmp_path, capsys):
 
 def test_evaluate_with_policy_and_tool_resumes(val, tiny_assets, tmp_path, capsys):
     out = tmp_path / "ev"
-    args = ["evaluate", "--split", str(val), "--policy", str(tiny_assets.policy), "--tool", str(tiny_assets.tool),
-            "--out", str(out), "--max-new-tokens", "8", "--device", "cpu", "--batch-size", "3", "--suite", "auto"]
+    args = [
+        "evaluate",
+        "--split",
+        str(val),
+        "--policy",
+        str(tiny_assets.policy),
+        "--tool",
+        str(tiny_assets.tool),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "3",
+        "--suite",
+        "auto",
+    ]
     assert main([*args, "--limit", "4"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -146,8 +206,28 @@ def test_predict_with_a_box_needs_no_policy(image, tiny_assets, tmp_path, capsys
 def test_predict_with_the_policy(image, tiny_assets, tmp_path, capsys):
     path, h, w = image
     out = tmp_path / "pred.png"
-    assert main(["predict", "--policy", str(tiny_assets.policy), "--tool", str(tiny_assets.tool), "--image", str(path),
-                 "--prompt", "the red circle", "--out", str(out), "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--policy",
+                str(tiny_assets.policy),
+                "--tool",
+                str(tiny_assets.tool),
+                "--image",
+                str(path),
+                "--prompt",
+                "the red circle",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "8",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     mask = _read_outputs(out, h, w)
     assert printed["parse_reason"] == parse_answer(printed["answer"], (h, w)).reason

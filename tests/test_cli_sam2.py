@@ -70,8 +70,10 @@ def test_convert_errors_exit_2_with_one_line(meta_pt, tmp_path, capsys):
     pt, config = meta_pt
     out = str(tmp_path / "out")
 
-    assert main(["convert-sam2", "--checkpoint", str(tmp_path / "nope.pt"), "--config", "sam2.1_hiera_t",
-                 "--out", out]) == 2
+    assert (
+        main(["convert-sam2", "--checkpoint", str(tmp_path / "nope.pt"), "--config", "sam2.1_hiera_t", "--out", out])
+        == 2
+    )
     assert _error(capsys) == f"verl-grto: error: checkpoint {tmp_path / 'nope.pt'} does not exist"
 
     assert main(["convert-sam2", "--checkpoint", str(pt), "--config", "sam2.1_hiera_xl", "--out", out]) == 2
@@ -110,7 +112,9 @@ def test_export_errors_exit_2_with_one_line(meta_pt, tmp_path, capsys):
     tool_dir = tmp_path / "tool"
     assert main(["convert-sam2", "--checkpoint", str(pt), "--config", str(config), "--out", str(tool_dir)]) == 0
     capsys.readouterr()
-    assert main(["export-sam2", "--tool", str(tool_dir), "--out", out, "--base-checkpoint", str(tmp_path / "b.pt")]) == 2
+    assert (
+        main(["export-sam2", "--tool", str(tool_dir), "--out", out, "--base-checkpoint", str(tmp_path / "b.pt")]) == 2
+    )
     assert _error(capsys) == f"verl-grto: error: base checkpoint {tmp_path / 'b.pt'} does not exist"
 
     mismatched = tmp_path / "mismatched.pt"

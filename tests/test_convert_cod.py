@@ -54,7 +54,8 @@ def test_cod10k_round_trip(tmp_path, kind):
     assert again.written == report.written
     assert read_rows(tmp_path / "out2" / "train.parquet").keys() == train.keys()
     assert [r["extra_info"]["expression"] for r in read_rows(tmp_path / "out2" / "train.parquet").values()] == [
-        r["extra_info"]["expression"] for r in train.values()]  # deterministic prompt variants
+        r["extra_info"]["expression"] for r in train.values()
+    ]  # deterministic prompt variants
 
 
 def test_camo_and_nc4k_layouts(tmp_path):
@@ -66,7 +67,9 @@ def test_camo_and_nc4k_layouts(tmp_path):
         save_mask_png(camo / "GT" / f"camourflage_{n}.png", m)
     report = convert("camo", camo, tmp_path / "camo_out", progress=False)
     assert report.written == {"train": 1, "test": 1} and report.skipped == []  # the shared GT folder is no error
-    assert_row(read_rows(tmp_path / "camo_out" / "test.parquet")["camo-test-camourflage_00002"], scene.masks[1], PROMPTS[0])
+    assert_row(
+        read_rows(tmp_path / "camo_out" / "test.parquet")["camo-test-camourflage_00002"], scene.masks[1], PROMPTS[0]
+    )
 
     nc4k = tmp_path / "NC4K"
     save_jpg(nc4k / "Imgs" / "1.jpg", scene.rgb)

@@ -72,10 +72,17 @@ def test_bad_rows_are_reported_by_file_and_row(tmp_path):
     assert report.written == {"test": 1}
     got = {(s.file.split("/")[-1], s.row): s.reason for s in report.skipped}
     h, w = scene.hw
-    assert set(got) == {("corrupt.jpg", "corrupt"), ("nolabel.jpg", "nolabel"), ("wide.jpg", "wide"),
-                        ("badqa.jpg", "badqa"), ("lonely.json", "lonely")}
+    assert set(got) == {
+        ("corrupt.jpg", "corrupt"),
+        ("nolabel.jpg", "nolabel"),
+        ("wide.jpg", "wide"),
+        ("badqa.jpg", "badqa"),
+        ("lonely.json", "lonely"),
+    }
     assert got[("corrupt.jpg", "corrupt")].startswith("corrupt image corrupt.jpg")
     assert got[("nolabel.jpg", "nolabel")] == "missing mask nolabel.png"
-    assert got[("wide.jpg", "wide")].startswith(f"mask size {h}x{w + 3} (labels/wide.png) differs from image size {h}x{w}")
+    assert got[("wide.jpg", "wide")].startswith(
+        f"mask size {h}x{w + 3} (labels/wide.png) differs from image size {h}x{w}"
+    )
     assert got[("badqa.jpg", "badqa")].startswith("malformed annotation badqa.json")
     assert got[("lonely.json", "lonely")] == "annotation lonely.json has no image"

@@ -33,14 +33,20 @@ def _release(tmp_path, scene):
     # val/a: two target polygons from real masks, plus a "flag" shape that must be ignored
     save_jpg(root / "val" / "a.jpg", scene.rgb)
     m0, m1 = scene.masks[0], scene.masks[1]
-    reasonseg_json(root / "val" / "a.json",
-                   [shape("target", polygon(m0)), shape("target", polygon(m1)), shape("flag", rect_points(0, 0, 5, 5))],
-                   ["what holds the water?", "a second phrasing"], is_sentence=False)
+    reasonseg_json(
+        root / "val" / "a.json",
+        [shape("target", polygon(m0)), shape("target", polygon(m1)), shape("flag", rect_points(0, 0, 5, 5))],
+        ["what holds the water?", "a second phrasing"],
+        is_sentence=False,
+    )
     # val/b: a rectangle target with an "ignore" rectangle inside it (the smaller one is painted last)
     save_jpg(root / "val" / "b.jpg", scene.rgb)
-    reasonseg_json(root / "val" / "b.json",
-                   [shape("ignore", rect_points(20, 10, 25, 15)), shape("target", rect_points(10, 5, 40, 30))],
-                   ["The thing you would sit on after a long walk."], is_sentence=True)
+    reasonseg_json(
+        root / "val" / "b.json",
+        [shape("ignore", rect_points(20, 10, 25, 15)), shape("target", rect_points(10, 5, 40, 30))],
+        ["The thing you would sit on after a long walk."],
+        is_sentence=True,
+    )
     # train/c: every query becomes a row
     save_jpg(root / "train" / "c.jpg", scene.rgb)
     reasonseg_json(root / "train" / "c.json", [shape("target", polygon(m0))], ["q one", "q two"], is_sentence=False)
@@ -79,7 +85,10 @@ def test_long_and_short_query_subsets(tmp_path):
     assert report.written == {"val_long": 1} and report.excluded == {"val_long": {"short query": 1}}
     assert set(read_rows(tmp_path / "long" / "val_long.parquet")) == {"reasonseg-val_long-b-q0"}
     convert("reasonseg", src, tmp_path / "short", splits=["val"], queries="short", all_queries=True, progress=False)
-    assert set(read_rows(tmp_path / "short" / "val_short.parquet")) == {"reasonseg-val_short-a-q0", "reasonseg-val_short-a-q1"}
+    assert set(read_rows(tmp_path / "short" / "val_short.parquet")) == {
+        "reasonseg-val_short-a-q0",
+        "reasonseg-val_short-a-q1",
+    }
 
 
 def test_bad_rows_are_reported_by_file_and_row(tmp_path):
@@ -99,8 +108,13 @@ def test_bad_rows_are_reported_by_file_and_row(tmp_path):
     report = convert("reasonseg", tmp_path, tmp_path / "out", progress=False)
     assert report.written == {"val": 1}
     got = {(s.file.split("/")[-1], s.row): s.reason for s in report.skipped}
-    assert set(got) == {("corrupt.json", "corrupt"), ("badjson.json", "badjson"), ("badpoints.json", "badpoints"),
-                        ("noanno.jpg", "noanno"), ("noimage.json", "noimage")}
+    assert set(got) == {
+        ("corrupt.json", "corrupt"),
+        ("badjson.json", "badjson"),
+        ("badpoints.json", "badpoints"),
+        ("noanno.jpg", "noanno"),
+        ("noimage.json", "noimage"),
+    }
     assert got[("corrupt.json", "corrupt")].startswith("corrupt image corrupt.jpg")
     assert got[("badjson.json", "badjson")].startswith("malformed annotation")
     assert got[("badpoints.json", "badpoints")].startswith("malformed annotation")

@@ -30,8 +30,15 @@ IMAGES = "images/mscoco/images/train2014"
 def _ann(ann_id, image_id, segmentation, mask, iscrowd=0):
     ys, xs = np.nonzero(mask)
     bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-    return {"id": ann_id, "image_id": image_id, "category_id": 1, "segmentation": segmentation,
-            "area": float(mask.sum()), "bbox": bbox, "iscrowd": iscrowd}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "segmentation": segmentation,
+        "area": float(mask.sum()),
+        "bbox": bbox,
+        "iscrowd": iscrowd,
+    }
 
 
 def _release(root, dataset="refcoco", split_by="unc", kind="synthetic"):
@@ -39,18 +46,26 @@ def _release(root, dataset="refcoco", split_by="unc", kind="synthetic"):
     save_jpg(root / IMAGES / coco_image_name(1), a.rgb)
     save_jpg(root / IMAGES / coco_image_name(2), b.rgb)
     (h1, w1), (h2, w2) = a.hw, b.hw
-    images = [{"id": 1, "file_name": coco_image_name(1), "height": h1, "width": w1},
-              {"id": 2, "file_name": coco_image_name(2), "height": h2, "width": w2}]
-    anns = [_ann(101, 1, [coco_polygon(a.masks[0])], a.masks[0]),
-            _ann(102, 1, uncompressed_rle(a.masks[1]), a.masks[1], iscrowd=1),
-            _ann(103, 1, [coco_polygon(a.masks[2])], a.masks[2]),
-            _ann(201, 2, [coco_polygon(b.masks[0])], b.masks[0])]
-    refs = [ref(1, 101, 1, "train", ["left bowl", "the bowl on the left"]),
-            ref(2, 102, 1, "val", ["red thing"]),
-            ref(3, 201, 2, "testA", ["square"]),
-            ref(4, 103, 1, "testB", ["the triangle"])]
+    images = [
+        {"id": 1, "file_name": coco_image_name(1), "height": h1, "width": w1},
+        {"id": 2, "file_name": coco_image_name(2), "height": h2, "width": w2},
+    ]
+    anns = [
+        _ann(101, 1, [coco_polygon(a.masks[0])], a.masks[0]),
+        _ann(102, 1, uncompressed_rle(a.masks[1]), a.masks[1], iscrowd=1),
+        _ann(103, 1, [coco_polygon(a.masks[2])], a.masks[2]),
+        _ann(201, 2, [coco_polygon(b.masks[0])], b.masks[0]),
+    ]
+    refs = [
+        ref(1, 101, 1, "train", ["left bowl", "the bowl on the left"]),
+        ref(2, 102, 1, "val", ["red thing"]),
+        ref(3, 201, 2, "testA", ["square"]),
+        ref(4, 103, 1, "testB", ["the triangle"]),
+    ]
     (root / dataset).mkdir(parents=True, exist_ok=True)
-    (root / dataset / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": []}))
+    (root / dataset / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": []})
+    )
     write_refs_pickle(root / dataset / f"refs({split_by}).p", refs)
     return a, b, images, anns, refs
 
@@ -66,7 +81,11 @@ def test_round_trip(tmp_path, kind):
     report = convert("refcoco", tmp_path / "refer", tmp_path / "out", progress=False)
     assert report.written == {"train": 2, "val": 1, "testA": 1, "testB": 1} and report.skipped == []
     assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == [
-        "testA.parquet", "testB.parquet", "train.parquet", "val.parquet"]
+        "testA.parquet",
+        "testB.parquet",
+        "train.parquet",
+        "val.parquet",
+    ]
 
     train = read_rows(tmp_path / "out" / "train.parquet")
     poly0 = _polygon_mask(anns[0]["segmentation"][0], *a.hw)
@@ -83,7 +102,13 @@ def test_round_trip(tmp_path, kind):
     test_a = read_rows(tmp_path / "out" / "testA.parquet")
     assert_row(test_a["refcoco-unc-testA-r3-s30"], _polygon_mask(anns[3]["segmentation"][0], *b.hw), "square")
     assert json.loads(test_a["refcoco-unc-testA-r3-s30"]["extra_info"]["object_boxes"]) == [
-        [anns[3]["bbox"][0], anns[3]["bbox"][1], anns[3]["bbox"][0] + anns[3]["bbox"][2], anns[3]["bbox"][1] + anns[3]["bbox"][3]]]
+        [
+            anns[3]["bbox"][0],
+            anns[3]["bbox"][1],
+            anns[3]["bbox"][0] + anns[3]["bbox"][2],
+            anns[3]["bbox"][1] + anns[3]["bbox"][3],
+        ]
+    ]
 
 
 def test_refcocog_umd_and_split_selection(tmp_path):
@@ -99,17 +124,23 @@ def test_bad_rows_are_reported_by_file_and_row(tmp_path):
     root = tmp_path / "refer"
     a, _, images, anns, refs = _release(root)
     write_corrupt_jpg(root / IMAGES / coco_image_name(3))
-    images += [{"id": 3, "file_name": coco_image_name(3), "height": 32, "width": 32},
-               {"id": 4, "file_name": coco_image_name(1), "height": a.hw[0] + 1, "width": a.hw[1]}]
-    anns += [_ann(301, 3, [[1, 1, 20, 1, 20, 20]], np.ones((2, 2), bool)),
-             _ann(401, 4, [coco_polygon(a.masks[0])], a.masks[0])]
-    bad_refs = [
-        {**ref(5, 101, 1, "val", ["x"]), "sentences": "not a list"},      # malformed ref
-        ref(6, 999, 1, "val", ["x"]),                                      # annotation missing
-        ref(7, 301, 3, "val", ["x"]),                                      # corrupt image
-        ref(8, 401, 4, "val", ["x"]),                                      # instances.json size != image size
+    images += [
+        {"id": 3, "file_name": coco_image_name(3), "height": 32, "width": 32},
+        {"id": 4, "file_name": coco_image_name(1), "height": a.hw[0] + 1, "width": a.hw[1]},
     ]
-    (root / "refcoco" / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": []}))
+    anns += [
+        _ann(301, 3, [[1, 1, 20, 1, 20, 20]], np.ones((2, 2), bool)),
+        _ann(401, 4, [coco_polygon(a.masks[0])], a.masks[0]),
+    ]
+    bad_refs = [
+        {**ref(5, 101, 1, "val", ["x"]), "sentences": "not a list"},  # malformed ref
+        ref(6, 999, 1, "val", ["x"]),  # annotation missing
+        ref(7, 301, 3, "val", ["x"]),  # corrupt image
+        ref(8, 401, 4, "val", ["x"]),  # instances.json size != image size
+    ]
+    (root / "refcoco" / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": []})
+    )
     write_refs_pickle(root / "refcoco" / "refs(unc).p", refs + bad_refs)
 
     report = convert("refcoco", root, tmp_path / "out", progress=False)
@@ -143,7 +174,9 @@ def test_unsafe_refs_pickle_is_refused_without_running_it(tmp_path, monkeypatch)
     _release(root)
     monkeypatch.chdir(tmp_path)
     (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([{"ref_id": 1, "x": _Evil()}], protocol=2))
-    with pytest.raises(AnnotationFileError, match=r"refs\(unc\)\.p: cannot load refs pickle: refusing to load global io\.open"):
+    with pytest.raises(
+        AnnotationFileError, match=r"refs\(unc\)\.p: cannot load refs pickle: refusing to load global io\.open"
+    ):
         convert("refcoco", root, tmp_path / "out", progress=False)
     assert not (tmp_path / "MARKER").exists()
 

@@ -25,7 +25,9 @@ def test_two_grpo_steps_learn_signal(first_run):
     assert sorted(metrics) == [1, 2]
     for step, m in metrics.items():
         assert m["actor/grad_norm"] > 0, f"step {step}: zero gradient"
-        assert max(abs(m["critic/advantages/max"]), abs(m["critic/advantages/min"])) > 0, f"step {step}: zero advantages"
+        assert max(abs(m["critic/advantages/max"]), abs(m["critic/advantages/min"])) > 0, (
+            f"step {step}: zero advantages"
+        )
         assert m["actor/kl_loss"] >= 0 and "actor/kl_loss" in m  # reference model + KL loss are on
         # rollout (hf server) and actor agree on log-probs: the weight sync works
         assert m["training/rollout_probs_diff_max"] < 1e-2
@@ -42,7 +44,9 @@ def test_checkpoint_written(first_run):
 
 def test_second_run_resumes_from_checkpoint(first_run):
     root = first_run[0]
-    out = run_main_ppo("grpo_tiny_cpu", first_run[2], root / "runs", root / "m2.jsonl", ["trainer.total_training_steps=3"])
+    out = run_main_ppo(
+        "grpo_tiny_cpu", first_run[2], root / "runs", root / "m2.jsonl", ["trainer.total_training_steps=3"]
+    )
     assert "Resuming from" in out and "global_step_2" in out
     metrics = read_metrics(root / "m2.jsonl")
     assert sorted(metrics) == [3], f"resumed run logged steps {sorted(metrics)}"

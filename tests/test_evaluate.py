@@ -25,11 +25,19 @@ def _write_split(path, samples, with_objects):
         extra = {"ignore_mask": json.dumps(encode_rle(ignore)) if ignore is not None else ""}
         if with_objects:
             extra["object_boxes"] = json.dumps(objects)
-        records.append(RLRow(
-            data_source="t", instruction=build_instruction("x", w, h), image_png=b"", index=i, sample_id=sid,
-            split="test", expression="x", extra=extra,
-            ground_truth=GroundTruth(encode_rle(gt), [tight_box(gt)] if gt.any() else [], (h, w)),
-        ).to_record())
+        records.append(
+            RLRow(
+                data_source="t",
+                instruction=build_instruction("x", w, h),
+                image_png=b"",
+                index=i,
+                sample_id=sid,
+                split="test",
+                expression="x",
+                extra=extra,
+                ground_truth=GroundTruth(encode_rle(gt), [tight_box(gt)] if gt.any() else [], (h, w)),
+            ).to_record()
+        )
     write_rows_atomic(records, path)
 
 
@@ -46,8 +54,13 @@ def split(tmp_path):
     ignore = np.zeros(s.hw, bool)
     ignore[40:50, 60:70] = True
     boxes = [tight_box(m) for m in s.masks]
-    samples = [("a", m0, None, boxes), ("b", m1, None, boxes), ("c", np.zeros(s.hw, bool), None, []),
-               ("d", m2, None, boxes), ("e", m2 & ~ignore, ignore, boxes[2:])]
+    samples = [
+        ("a", m0, None, boxes),
+        ("b", m1, None, boxes),
+        ("c", np.zeros(s.hw, bool), None, []),
+        ("d", m2, None, boxes),
+        ("e", m2 & ~ignore, ignore, boxes[2:]),
+    ]
     _write_split(tmp_path / "test.parquet", samples, with_objects=True)
     return tmp_path / "test.parquet", samples
 
@@ -76,7 +89,12 @@ def test_scores_match_independent_numpy_and_pysodmetrics(tmp_path, split):
     assert (report["missing"], report["invalid"], report["n"]) == (1, 1, 5)
     assert report["missing_ids"] == ["b"] and "differs from image" in report["invalid_ids"]["d"]
 
-    sm, em, wfm, mae = py_sod_metrics.Smeasure(), py_sod_metrics.Emeasure(), py_sod_metrics.WeightedFmeasure(), py_sod_metrics.MAE()
+    sm, em, wfm, mae = (
+        py_sod_metrics.Smeasure(),
+        py_sod_metrics.Emeasure(),
+        py_sod_metrics.WeightedFmeasure(),
+        py_sod_metrics.MAE(),
+    )
     for sid, gt, _, _ in samples:
         for m in (sm, em, wfm, mae):
             m.step(pred=used[sid].astype(np.uint8) * 255, gt=gt.astype(np.uint8) * 255)
@@ -96,8 +114,9 @@ def test_scores_match_independent_numpy_and_pysodmetrics(tmp_path, split):
     assert report["scores"]["box_fill"]["gIoU"] == pytest.approx(np.mean(fill_ious))
     rand_ious = []
     for sid, gt, ign, objects in samples:
-        pick = baselines.random_object_box(GroundTruth(encode_rle(gt), [], gt.shape),
-                                           {"sample_id": sid, "object_boxes": json.dumps(objects)})
+        pick = baselines.random_object_box(
+            GroundTruth(encode_rle(gt), [], gt.shape), {"sample_id": sid, "object_boxes": json.dumps(objects)}
+        )
         assert not objects or any(np.array_equal(pick, baselines.fill_boxes([b], *gt.shape)) for b in objects)
         i, u = _iou(pick, gt, ign)
         rand_ious.append(1.0 if u == 0 else i / u)
@@ -148,5 +167,11 @@ def test_evaluate_runs_the_predictor_only_where_no_png_exists(tmp_path, split):
 def test_a_predictor_returning_the_wrong_size_fails_loudly(tmp_path, split):
     parquet, _ = split
     with pytest.raises(ValueError, match="expected"):
-        evaluate(parquet, lambda row: np.zeros((3, 3), bool), tmp_path / "p", suite="seg",
-                 report_path=tmp_path / "r.json", progress=False)
+        evaluate(
+            parquet,
+            lambda row: np.zeros((3, 3), bool),
+            tmp_path / "p",
+            suite="seg",
+            report_path=tmp_path / "r.json",
+            progress=False,
+        )

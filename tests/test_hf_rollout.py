@@ -24,7 +24,12 @@ def server(tiny_assets):
 
 def _prompt(server: HFRolloutServer) -> tuple[list[int], list[Image.Image]]:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_instruction("the red circle", 112, 112)}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": build_instruction("the red circle", 112, 112)}],
+        }
+    ]
     text = server.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = server.processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
     return ids, [image]
@@ -77,7 +82,9 @@ def test_logprobs_match_actor_after_weight_sync(server, tiny_assets):
     ids, images = _prompt(server)
 
     stale = _generate(server, ids, images)
-    stale_gap = (torch.tensor(stale.log_probs) - _actor_logprobs(actor, server, ids, images, stale.token_ids)).abs().max()
+    stale_gap = (
+        (torch.tensor(stale.log_probs) - _actor_logprobs(actor, server, ids, images, stale.token_ids)).abs().max()
+    )
     assert stale_gap > 10 * LOGPROB_TOL  # before the sync the two disagree
 
     n = server.update_weights({k: v.clone() for k, v in actor.state_dict().items()}, global_steps=1)

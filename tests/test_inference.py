@@ -40,9 +40,14 @@ def _odd_row(index: int) -> dict:
     gt = np.zeros(ODD_HW, bool)
     gt[20:60, 30:100] = True
     return RLRow(
-        data_source="t", instruction=build_instruction("the wide grey rectangle", w, h), image_png=buf.getvalue(),
-        ground_truth=GroundTruth(encode_rle(gt), [[30.0, 20.0, 100.0, 60.0]], ODD_HW), index=index,
-        sample_id="odd", split="val", expression="the wide grey rectangle",
+        data_source="t",
+        instruction=build_instruction("the wide grey rectangle", w, h),
+        image_png=buf.getvalue(),
+        ground_truth=GroundTruth(encode_rle(gt), [[30.0, 20.0, 100.0, 60.0]], ODD_HW),
+        index=index,
+        sample_id="odd",
+        split="val",
+        expression="the wide grey rectangle",
     ).to_record()
 
 
@@ -50,9 +55,13 @@ def _odd_row(index: int) -> dict:
 def split(tmp_path_factory):
     """Two synthetic 112x112 val rows and one 90x150 row, in one parquet."""
     root = tmp_path_factory.mktemp("split")
-    synthetic = pq.read_table(write_synthetic(root / "syn", n_train=1, n_val=2, seed=0, domain="plain")["val"]).to_pylist()
-    rows = [{**r, "extra_info": {k: r["extra_info"][k] for k in ("index", "sample_id", "split", "expression")}}
-            for r in synthetic] + [_odd_row(2)]  # one extra_info schema for all rows
+    synthetic = pq.read_table(
+        write_synthetic(root / "syn", n_train=1, n_val=2, seed=0, domain="plain")["val"]
+    ).to_pylist()
+    rows = [
+        {**r, "extra_info": {k: r["extra_info"][k] for k in ("index", "sample_id", "split", "expression")}}
+        for r in synthetic
+    ] + [_odd_row(2)]  # one extra_info schema for all rows
     return write_rows_atomic(rows, root / "val.parquet")
 
 
@@ -75,8 +84,9 @@ def test_prompt_ids_match_verl_agent_loop(rows, tiny_assets, tmp_path, monkeypat
     from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
 
     tokenizer, processor = hf_tokenizer(str(tiny_assets.policy)), hf_processor(str(tiny_assets.policy))
-    config = OmegaConf.create({"max_prompt_length": 1024, "filter_overlong_prompts": False,
-                               "cache_dir": str(tmp_path / "verl_cache")})
+    config = OmegaConf.create(
+        {"max_prompt_length": 1024, "filter_overlong_prompts": False, "cache_dir": str(tmp_path / "verl_cache")}
+    )
     dataset = RLHFDataset(str(split), tokenizer, config, processor=processor)
     builder = create_continuous_token_builder(tokenizer, hf_model_type="qwen2_5_vl", processor=processor)
     for i, row in enumerate(rows):
@@ -94,16 +104,18 @@ def test_model_inputs_equal_the_processor_and_left_pad(rows, predictor):
     image_token = predictor.policy.model.config.image_token_id
     prompts = [render_prompt(build_messages(r["prompt"], row_images(r)), processor) for r in rows]
     ids, images = prompts[2]
-    text = processor.apply_chat_template(build_messages(rows[2]["prompt"], row_images(rows[2])),
-                                         add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(
+        build_messages(rows[2]["prompt"], row_images(rows[2])), add_generation_prompt=True, tokenize=False
+    )
     reference = processor(text=[text], images=images, return_tensors="pt")
     single = model_inputs([ids], [images], processor, image_token_id=image_token, pad_token_id=0)
     assert set(single) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
     for key, value in single.items():
         assert torch.equal(value, reference[key].to(value.dtype)), key
 
-    batch = model_inputs([p[0] for p in prompts], [p[1] for p in prompts], processor, image_token_id=image_token,
-                         pad_token_id=0)
+    batch = model_inputs(
+        [p[0] for p in prompts], [p[1] for p in prompts], processor, image_token_id=image_token, pad_token_id=0
+    )
     lengths = [len(p[0]) for p in prompts]
     assert len(set(lengths)) > 1  # the odd-size image makes a longer prompt: padding is exercised
     for row, n in enumerate(lengths):
@@ -132,8 +144,13 @@ def test_mask_has_image_size_and_unparseable_answer_is_recorded(rows, predictor)
 
 def test_parsed_objects_are_segmented_together(rows, predictor, monkeypatch):
     objects = [ToolPrompt((30, 20, 100, 60)), ToolPrompt(None, ((10.0, 80.0),), (1,))]
-    answers = {"odd": format_answer(objects), rows[0]["extra_info"]["sample_id"]: '<answer>{"bbox": [0, 0, 500, 9]}</answer>'}
-    monkeypatch.setattr(predictor.policy, "answer", lambda batch, n: [answers[r["extra_info"]["sample_id"]] for r in batch])
+    answers = {
+        "odd": format_answer(objects),
+        rows[0]["extra_info"]["sample_id"]: '<answer>{"bbox": [0, 0, 500, 9]}</answer>',
+    }
+    monkeypatch.setattr(
+        predictor.policy, "answer", lambda batch, n: [answers[r["extra_info"]["sample_id"]] for r in batch]
+    )
     masks = predictor.predict_batch([rows[2], rows[0]])
     good, bad = predictor.records[-2:]
 

@@ -60,7 +60,12 @@ def test_cod_suite_matches_pysodmetrics_called_directly():
     gts = [rng.random((24, 32)) > 0.7 for _ in range(4)]
     preds = [gts[0], rng.random((24, 32)) > 0.5, None, (rng.random((24, 32)) * 255).astype(np.uint8)]
     acc = CODAccumulator()
-    sm, em, wfm, mae = py_sod_metrics.Smeasure(), py_sod_metrics.Emeasure(), py_sod_metrics.WeightedFmeasure(), py_sod_metrics.MAE()
+    sm, em, wfm, mae = (
+        py_sod_metrics.Smeasure(),
+        py_sod_metrics.Emeasure(),
+        py_sod_metrics.WeightedFmeasure(),
+        py_sod_metrics.MAE(),
+    )
     for p, g in zip(preds, gts, strict=True):
         acc.add(p, g)
         p_u8 = np.zeros(g.shape, np.uint8) if p is None else (p.astype(np.uint8) * 255 if p.dtype == bool else p)
@@ -80,7 +85,9 @@ def test_cod_suite_matches_pysodmetrics_called_directly():
 
 
 def test_box_fill_covers_every_pixel_a_box_touches():
-    gt = GroundTruth(mask_rle={"size": [8, 10], "counts": ""}, boxes=[[1.5, 2, 4, 3.2], [8, 6, 12, 9]], image_size=(8, 10))
+    gt = GroundTruth(
+        mask_rle={"size": [8, 10], "counts": ""}, boxes=[[1.5, 2, 4, 3.2], [8, 6, 12, 9]], image_size=(8, 10)
+    )
     expected = np.zeros((8, 10), bool)
     expected[2:4, 1:4] = True
     expected[6:8, 8:10] = True  # clipped to the image

@@ -101,14 +101,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         predictions_dir, records_path = out / "predictions", out / "records.jsonl"
         predictor = PolicyToolPredictor(
-            _existing(args.policy, "policy"), _existing(args.tool, "tool"), max_new_tokens=args.max_new_tokens,
-            device=args.device, dtype=_dtype(args.dtype), records_path=records_path,
+            _existing(args.policy, "policy"),
+            _existing(args.tool, "tool"),
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+            dtype=_dtype(args.dtype),
+            records_path=records_path,
         )
         run_predictions(split, predictor, predictions_dir, batch_size=args.batch_size, limit=args.limit)
         sections["policy"] = summarize_records(read_records(records_path), sample_ids(split, args.limit))
     else:
         predictions_dir = _existing(args.predictions, "predictions folder")
-    report = evaluate_predictions(split, predictions_dir, suite, out / "report.json", limit=args.limit, sections=sections)
+    report = evaluate_predictions(
+        split, predictions_dir, suite, out / "report.json", limit=args.limit, sections=sections
+    )
     print(format_table(report))
     if "policy" in sections:
         policy = sections["policy"]
@@ -144,8 +150,10 @@ def _flag_prompt(box: str | None, points: str | None, image_hw: tuple[int, int])
     prompt = ToolPrompt(bbox, tuple(pts), (1,) * len(pts))
     parsed = parse_answer(format_answer([prompt]), image_hw)
     if not parsed.ok:
-        raise CLIError(f"bad --box/--points for the {image_hw[1]}x{image_hw[0]} image: "
-                       + parsed.reason.removeprefix("answer JSON: "))
+        raise CLIError(
+            f"bad --box/--points for the {image_hw[1]}x{image_hw[0]} image: "
+            + parsed.reason.removeprefix("answer JSON: ")
+        )
     return parsed.objects[0]
 
 
@@ -176,8 +184,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if flag_object is not None:  # the policy is not needed, so not loaded
         predictor: Any = PromptedToolPredictor(ToolSegmenter(args.tool, device=args.device or "cpu"), [flag_object])
     else:
-        predictor = PolicyToolPredictor(_existing(args.policy, "policy"), args.tool, max_new_tokens=args.max_new_tokens,
-                                        device=args.device, dtype=_dtype(args.dtype))
+        predictor = PolicyToolPredictor(
+            _existing(args.policy, "policy"),
+            args.tool,
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+            dtype=_dtype(args.dtype),
+        )
     mask = predictor(row)
     record = predictor.records[-1]
     objects = [flag_object] if flag_object is not None else parse_answer(record.answer, mask.shape).objects
@@ -186,11 +199,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     write_prediction(out, mask)
     overlay_path = out.with_name(f"{out.stem}.overlay.png")
     overlay(row_rgb(row), mask, objects).save(overlay_path)
-    print(json.dumps({
-        "mask": str(out), "overlay": str(overlay_path), "foreground_pixels": int(mask.sum()),
-        "answer": record.answer, "parse_reason": record.reason, "objects_used": record.num_objects,
-        "prompt_issues": record.prompt_issues,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "mask": str(out),
+                "overlay": str(overlay_path),
+                "foreground_pixels": int(mask.sum()),
+                "answer": record.answer,
+                "parse_reason": record.reason,
+                "objects_used": record.num_objects,
+                "prompt_issues": record.prompt_issues,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -251,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verl-grto", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    doctor = sub.add_parser("doctor", help="check, in a fresh process, that verl loads everything this plugin registers")
+    doctor = sub.add_parser(
+        "doctor", help="check, in a fresh process, that verl loads everything this plugin registers"
+    )
     doctor.set_defaults(func=_cmd_doctor)
 
     assets = sub.add_parser("assets", help="build the tiny Qwen2.5-VL policy and tiny SAM2 tool locally")
@@ -276,24 +300,41 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("name", help="dataset: reasonseg, refcoco, refcoco+, refcocog, cod10k, camo, nc4k, earthreason")
     conv.add_argument("--src", required=True, help="the release folder")
     conv.add_argument("--out", required=True, help="output folder (gets <split>.parquet and conversion_report.json)")
-    conv.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                      help="a converter option, e.g. splits=val,test or keep_empty=false (repeatable)")
+    conv.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a converter option, e.g. splits=val,test or keep_empty=false (repeatable)",
+    )
     conv.set_defaults(func=_cmd_data_convert)
 
-    ev = sub.add_parser("evaluate", help="predict a split with a policy + tool (resumable), or score PNGs; write report.json")
+    ev = sub.add_parser(
+        "evaluate", help="predict a split with a policy + tool (resumable), or score PNGs; write report.json"
+    )
     ev.add_argument("--split", required=True, help="a split parquet")
     ev.add_argument("--policy", help="policy checkpoint (Hugging Face folder)")
     ev.add_argument("--tool", help="tool checkpoint (transformers Sam2 folder)")
     ev.add_argument("--predictions", help="score the <sample_id>.png in this folder instead of running inference")
-    ev.add_argument("--out", required=True, help="output folder: report.json, and predictions/ + records.jsonl when inferring")
-    ev.add_argument("--suite", choices=["seg", "cod", "auto"], default="auto",
-                    help="metrics: seg (gIoU, cIoU), cod (adds the COD suite), auto (cod for COD releases)")
+    ev.add_argument(
+        "--out", required=True, help="output folder: report.json, and predictions/ + records.jsonl when inferring"
+    )
+    ev.add_argument(
+        "--suite",
+        choices=["seg", "cod", "auto"],
+        default="auto",
+        help="metrics: seg (gIoU, cIoU), cod (adds the COD suite), auto (cod for COD releases)",
+    )
     ev.add_argument("--limit", type=int, help="only the first N rows")
     ev.add_argument("--max-new-tokens", type=int, default=256, help="the policy's answer budget")
     ev.add_argument("--batch-size", type=int, default=8, help="rows per policy generate call")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                    help="the policy's dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    ev.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the policy's dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+    )
     ev.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment one image: policy + tool, or the tool alone on --box/--points")
@@ -301,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tool", required=True, help="tool checkpoint")
     pr.add_argument("--image", required=True)
     pr.add_argument("--prompt", help="the referring expression (the policy's instruction is built around it)")
-    pr.add_argument("--out", required=True, help="mask PNG (0/255, image size); the overlay goes beside it as <stem>.overlay.png")
+    pr.add_argument(
+        "--out", required=True, help="mask PNG (0/255, image size); the overlay goes beside it as <stem>.overlay.png"
+    )
     pr.add_argument("--box", help="x1,y1,x2,y2 in image pixels (x2/y2 exclusive): bypass the policy")
     pr.add_argument("--points", help="x,y;x,y object points in image pixels: bypass the policy")
     pr.add_argument("--max-new-tokens", type=int, default=256)
@@ -311,17 +354,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv_sam2 = sub.add_parser("convert-sam2", help="Meta SAM2 .pt checkpoint -> tool folder (transformers Sam2)")
     conv_sam2.add_argument("--checkpoint", required=True, help="Meta .pt ({'model': state_dict})")
-    conv_sam2.add_argument("--config", required=True,
-                           help="Meta config name (sam2.1_hiera_t, _s, _b+, _l; or sam2_...) or a Sam2 config.json")
+    conv_sam2.add_argument(
+        "--config",
+        required=True,
+        help="Meta config name (sam2.1_hiera_t, _s, _b+, _l; or sam2_...) or a Sam2 config.json",
+    )
     conv_sam2.add_argument("--out", required=True, help="output folder (save_pretrained)")
     conv_sam2.set_defaults(func=_cmd_convert_sam2)
 
     exp_sam2 = sub.add_parser("export-sam2", help="tool folder -> Meta SAM2 .pt checkpoint")
     exp_sam2.add_argument("--tool", required=True, help="tool folder (transformers Sam2, e.g. a saved ToolEngine)")
     exp_sam2.add_argument("--out", required=True, help="output .pt")
-    exp_sam2.add_argument("--base-checkpoint",
-                          help="the Meta .pt the tool came from: its video-memory weights are carried over, "
-                               "so Meta's build_sam2 loads the result (without it only the image model is written)")
+    exp_sam2.add_argument(
+        "--base-checkpoint",
+        help="the Meta .pt the tool came from: its video-memory weights are carried over, "
+        "so Meta's build_sam2 loads the result (without it only the image model is written)",
+    )
     exp_sam2.set_defaults(func=_cmd_export_sam2)
     return parser
 

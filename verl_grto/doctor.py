@@ -102,7 +102,17 @@ def run_doctor() -> int:
         return 1
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"verl {found['verl_version']}; plugin loaded by verl: {found['plugin_loaded']}")
-    kinds = ("platform", "rollout", "rollout_adapter", "engine", "trainer", "adv_estimator", "policy_loss", "resolver", "reward")
+    kinds = (
+        "platform",
+        "rollout",
+        "rollout_adapter",
+        "engine",
+        "trainer",
+        "adv_estimator",
+        "policy_loss",
+        "resolver",
+        "reward",
+    )
     for kind in kinds:
         print(f"  {kind:16s} {', '.join(found.get(kind, [])) or '-'}")
     for err in found.get("errors", []):

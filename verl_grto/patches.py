@@ -31,7 +31,9 @@ def check_verl_version(version: str) -> None:
     if version in TESTED_VERL_VERSIONS:
         return
     if os.environ.get("VERL_GRTO_ALLOW_UNTESTED_VERL") == "1":
-        logger.warning("verl-grto: verl %s is untested (tested: %s); patches applied anyway", version, TESTED_VERL_VERSIONS)
+        logger.warning(
+            "verl-grto: verl %s is untested (tested: %s); patches applied anyway", version, TESTED_VERL_VERSIONS
+        )
         return
     raise UntestedVerlVersionError(
         f"verl-grto patches verl internals and was tested with verl {', '.join(TESTED_VERL_VERSIONS)}, "

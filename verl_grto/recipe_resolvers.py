@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-
 ASSET_KINDS = ("policy", "tool", "policy_warm", "tool_pretrained")
 
 

@@ -52,7 +52,13 @@ def build_assets(out: Path, seed: int = 0) -> AssetPaths:
     )
     tool = build_dir_once(
         out / "tiny_sam2",
-        {"builder": "tiny_sam2", "version": BUILDER_VERSION, "seed": seed, "image_size": TINY_SAM2_IMAGE_SIZE, "tied": 1},
+        {
+            "builder": "tiny_sam2",
+            "version": BUILDER_VERSION,
+            "seed": seed,
+            "image_size": TINY_SAM2_IMAGE_SIZE,
+            "tied": 1,
+        },
         lambda tmp: build_tiny_sam2(tmp, seed=seed),
     )
     return AssetPaths(policy=policy, tool=tool)

@@ -155,5 +155,7 @@ def ensure_pretrained_tool(root: Path | None = None, seed: int = 0, steps: int =
     base = ensure_assets(root, seed=seed)
     stamp = {"builder": "tiny_sam2_pretrained", "version": PRETRAIN_VERSION, "seed": seed, "steps": steps}
     return build_dir_once(
-        base.tool.parent / "tiny_sam2_pretrained", stamp, lambda tmp: pretrain_tool(base.tool, tmp, seed=seed, steps=steps)
+        base.tool.parent / "tiny_sam2_pretrained",
+        stamp,
+        lambda tmp: pretrain_tool(base.tool, tmp, seed=seed, steps=steps),
     )

@@ -11,8 +11,9 @@ probe saw box IoU ~0.6 only after ~1500 steps): pass more ``steps`` where minute
 
 What is trained is exactly what RL later runs:
 
-* input: the instruction as verl builds the prompt (:func:`verl_grto.data.chat.encode_prompt`: image
-  part + text, chat template with the generation prompt, processor-expanded image pads);
+* input: the instruction as verl builds the prompt (:mod:`verl_grto.policy.inputs`: image part +
+  text, the agent loop's image resize, chat template with the generation prompt, processor-expanded
+  image pads) and the model tensors as the ``hf`` rollout builds them;
 * target: :func:`answer_target` (a short think naming the referred object's colour and shape, then the
   box and one positive point inside the object) followed by ``<|im_end|>``, tokenised on its own and
   appended, as a rollout response is; loss on those tokens only;
@@ -45,14 +46,14 @@ from PIL import Image
 
 from verl_grto.assets.build import build_assets, ensure_assets
 from verl_grto.atomic import build_dir_once, read_stamp
-from verl_grto.data.chat import encode_prompt
 from verl_grto.data.schema import build_instruction
 from verl_grto.data.synthetic import Referring, Scene, make_sample
 from verl_grto.eval.policy_probe import DEFAULT_MAX_NEW_TOKENS, ProbeResult, probe_policy
+from verl_grto.policy.inputs import build_messages, model_inputs, render_prompt
 from verl_grto.reward.answer import ToolPrompt, format_answer
 
 #: Bump when the defaults or the training change, so cached warm policies are rebuilt.
-WARMSTART_VERSION = 1
+WARMSTART_VERSION = 2
 WARM_POLICY_DIR = "tiny_qwen25vl_warm"
 REPORT_NAME = "warmstart_report.json"
 #: The synthetic stream training scenes are drawn from (disjoint from RL's ``train``/``val`` and the probe's).
@@ -60,7 +61,7 @@ TRAIN_SPLIT = "warmstart-train"
 #: Object counts of the optional referring phase (the RL data's default range).
 REFERRING_OBJECTS = (2, 4)
 IMAGE_SIZE = 112
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 300
 DEFAULT_EVAL_N = 64
 _IGNORE = -100
 _CLIP_NORM = 1.0
@@ -122,16 +123,16 @@ def answer_target(scene: Scene, ref: Referring) -> str:
 class _Example:
     input_ids: list[int]  # prompt then target
     n_prompt: int
-    mm_token_type_ids: list[int]
-    image: Image.Image
+    image: Image.Image  # as the policy sees it (after the agent loop's resize)
 
 
 class _TrainingStream:
     """Example ``i`` of a phase's own synthetic stream: a fresh scene for every example, none repeated.
 
-    Encoding a prompt through the processor costs about twice as much as drawing its scene, and prompt ids
-    depend only on the instruction and the image size (which fixes the number of image pads), so they are
-    cached by those; pixels are processed per batch in :func:`_collate`.
+    Prompts are rendered by :func:`verl_grto.policy.inputs.render_prompt`, as verl's agent loop renders
+    them. That costs about twice as much as drawing the scene, and when the agent loop's resize keeps the
+    image as it is, the prompt ids depend only on the instruction and the image size (which fixes the
+    number of image pads): they are then cached by those.
     """
 
     def __init__(self, processor: Any, seed: int, domain: str, objects: tuple[int, int]) -> None:
@@ -140,7 +141,17 @@ class _TrainingStream:
         self.domain = domain
         self.min_objects, self.max_objects = objects
         self.split = f"{TRAIN_SPLIT}-m{self.min_objects}to{self.max_objects}"
-        self._prompts: dict[tuple[str, tuple[int, int]], tuple[list[int], list[int]]] = {}
+        self._prompts: dict[tuple[str, tuple[int, int]], list[int]] = {}
+
+    def _prompt(self, instruction: str, image: Image.Image) -> tuple[list[int], Image.Image]:
+        key = (instruction, image.size)
+        if key in self._prompts:
+            return self._prompts[key], image
+        messages = build_messages([{"role": "user", "content": instruction}], [image])
+        ids, (seen,) = render_prompt(messages, self.processor)
+        if seen.size == image.size:  # not resized: these ids hold for every image of this size
+            self._prompts[key] = ids
+        return ids, seen
 
     def example(self, i: int) -> _Example:
         scene, ref = make_sample(
@@ -152,53 +163,35 @@ class _TrainingStream:
             max_objects=self.max_objects,
             min_objects=self.min_objects,
         )
-        image = Image.fromarray(scene.image)
         instruction = build_instruction(ref.text, width=scene.size, height=scene.size)
-        key = (instruction, image.size)
-        if key not in self._prompts:
-            prompt = encode_prompt(self.processor, instruction, [image])
-            self._prompts[key] = (prompt["input_ids"][0].tolist(), prompt["mm_token_type_ids"][0].tolist())
-        prompt_ids, prompt_types = self._prompts[key]
+        prompt_ids, image = self._prompt(instruction, Image.fromarray(scene.image))
         tokenizer = self.processor.tokenizer
         target = tokenizer(answer_target(scene, ref) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        return _Example(
-            input_ids=prompt_ids + list(target),
-            n_prompt=len(prompt_ids),
-            mm_token_type_ids=prompt_types + [0] * len(target),
-            image=image,
-        )
+        return _Example(input_ids=prompt_ids + list(target), n_prompt=len(prompt_ids), image=image)
 
 
-def _collate(examples: list[_Example], processor: Any) -> tuple[dict[str, Any], torch.Tensor]:
+def _collate(examples: list[_Example], processor: Any, config: Any) -> tuple[dict[str, Any], torch.Tensor]:
     """Model inputs for a batch, and the labels of its last ``logits_to_keep - 1`` next-token predictions.
 
-    Left-padded (as verl pads prompts), so every target ends at the last position and the LM head only
-    runs on the last ``longest target + 1`` positions instead of all of them (it is a large share of
-    this model's compute). Labels are the target tokens, -100 elsewhere. Pixels go through
-    ``processor.image_processor`` as the ``hf`` rollout server sends them.
+    The tensors come from :func:`verl_grto.policy.inputs.model_inputs`, as the ``hf`` rollout builds
+    them (pixels from the image processor, ``mm_token_type_ids`` for 3-D mrope positions), left-padded:
+    every target ends at the last position, so the LM head only runs on the last ``longest target + 1``
+    positions (it is a large share of this model's compute). Labels: the target tokens, -100 elsewhere.
     """
-    length = max(len(e.input_ids) for e in examples)
+    inputs: dict[str, Any] = model_inputs(
+        [e.input_ids for e in examples],
+        [[e.image] for e in examples],
+        processor,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
     keep = max(len(e.input_ids) - e.n_prompt for e in examples) + 1
-    ids = torch.full((len(examples), length), processor.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    types = torch.zeros_like(ids, dtype=torch.int)
     labels = torch.full((len(examples), keep - 1), _IGNORE, dtype=torch.long)
     for row, e in enumerate(examples):
-        start = length - len(e.input_ids)
-        ids[row, start:] = torch.tensor(e.input_ids)
-        mask[row, start:] = 1
-        types[row, start:] = torch.tensor(e.mm_token_type_ids, dtype=torch.int)
         target = e.input_ids[e.n_prompt :]
         labels[row, keep - 1 - len(target) :] = torch.tensor(target)
-    vision = processor.image_processor(images=[e.image for e in examples], return_tensors="pt")
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "mm_token_type_ids": types,
-        "pixel_values": vision["pixel_values"],
-        "image_grid_thw": vision["image_grid_thw"],
-        "logits_to_keep": keep,
-    }
+    inputs["logits_to_keep"] = keep
     return inputs, labels
 
 
@@ -249,7 +242,7 @@ def _train(
         stream = _TrainingStream(processor, seed, domain, objects)
         for step in range(n_steps):
             batch = [stream.example(i) for i in range(step * batch_size, (step + 1) * batch_size)]
-            loss = _answer_loss(model, *_collate(batch, processor))
+            loss = _answer_loss(model, *_collate(batch, processor, model.config))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), _CLIP_NORM)

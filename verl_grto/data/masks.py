@@ -19,7 +19,10 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     """Decode a COCO RLE dict (counts as str or bytes) into an HxW bool array."""
     counts = rle["counts"]
-    coco = {"size": [int(v) for v in rle["size"]], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    coco = {
+        "size": [int(v) for v in rle["size"]],
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
     return mask_utils.decode(coco).astype(bool)
 
 

@@ -27,10 +27,10 @@ ABILITY = "referring_segmentation"
 
 #: The instruction the policy sees. Coordinates are pixels of the image as given.
 INSTRUCTION_TEMPLATE = (
-    "{image}Find the object described by: \"{expression}\". "
+    '{image}Find the object described by: "{expression}". '
     "The image is {width}x{height} pixels. "
     "Think briefly inside <think></think>, then answer inside <answer></answer> with JSON "
-    "{{\"bbox\": [x1, y1, x2, y2], \"points\": [[x, y]]}} in pixel coordinates."
+    '{{"bbox": [x1, y1, x2, y2], "points": [[x, y]]}} in pixel coordinates.'
 )
 
 

@@ -87,7 +87,10 @@ def _num_rows(split_parquet: Path, limit: int | None = None) -> int:
 
 def sample_ids(split_parquet: Path, limit: int | None = None) -> list[str]:
     """The split's sample ids in row order (the first ``limit`` when given)."""
-    return [r["extra_info"]["sample_id"] for r in _iter_rows(Path(split_parquet), columns=["extra_info"], batch_size=1024, limit=limit)]
+    return [
+        r["extra_info"]["sample_id"]
+        for r in _iter_rows(Path(split_parquet), columns=["extra_info"], batch_size=1024, limit=limit)
+    ]
 
 
 def suite_for(split_parquet: Path) -> Suite:
@@ -123,6 +126,7 @@ def run_predictions(
     _check_limit(limit)
     predict_batch = getattr(predictor, "predict_batch", None)
     if predict_batch is None or batch_size == 1:
+
         def predict_batch(rows: list[dict[str, Any]]) -> list[np.ndarray]:
             return [predictor(row) for row in rows]
 
@@ -243,14 +247,24 @@ def evaluate(
 ) -> dict[str, Any]:
     """Predict the rows not yet in ``predictions_dir`` (when a predictor is given), then score them."""
     if predictor is not None:
-        run_predictions(split_parquet, predictor, predictions_dir, progress=progress, batch_size=batch_size, limit=limit)
+        run_predictions(
+            split_parquet, predictor, predictions_dir, progress=progress, batch_size=batch_size, limit=limit
+        )
     return evaluate_predictions(split_parquet, predictions_dir, suite, report_path, limit=limit)
 
 
 _COLUMNS = {
     "seg": [("gIoU", "gIoU"), ("cIoU", "cIoU")],
-    "cod": [("gIoU", "gIoU"), ("cIoU", "cIoU"), ("S_measure", "S_a"), ("E_measure_adaptive", "E_adp"),
-            ("E_measure_mean", "E_mean"), ("E_measure_max", "E_max"), ("weighted_F", "wF"), ("MAE", "MAE")],
+    "cod": [
+        ("gIoU", "gIoU"),
+        ("cIoU", "cIoU"),
+        ("S_measure", "S_a"),
+        ("E_measure_adaptive", "E_adp"),
+        ("E_measure_mean", "E_mean"),
+        ("E_measure_max", "E_max"),
+        ("weighted_F", "wF"),
+        ("MAE", "MAE"),
+    ],
 }
 
 

@@ -80,9 +80,9 @@ class ToolSegmenter:
         tool.model.to(device)
         self.engine = ToolEngine(tool)
 
-    def segment(self, images: Sequence[np.ndarray], objects: Sequence[Sequence[PromptLike]]) -> tuple[
-        list[np.ndarray], list[int], list[list[str]]
-    ]:
+    def segment(
+        self, images: Sequence[np.ndarray], objects: Sequence[Sequence[PromptLike]]
+    ) -> tuple[list[np.ndarray], list[int], list[list[str]]]:
         """Masks (bool HxW, each image's size; the union of its objects), objects used, prompt issues.
 
         An image without objects gets an empty mask without running the tool.
@@ -95,8 +95,12 @@ class ToolSegmenter:
         todo = [i for i, objs in enumerate(objects) if objs]
         if todo:
             self.engine.begin_step()  # features of earlier batches are not needed again
-            batch = ToolBatch(list(range(len(todo))), [images[i] for i in todo], list(range(len(todo))),
-                              [list(objects[i]) for i in todo])
+            batch = ToolBatch(
+                list(range(len(todo))),
+                [images[i] for i in todo],
+                list(range(len(todo))),
+                [list(objects[i]) for i in todo],
+            )
             pred = self.engine.predict(batch)
             self.engine.begin_step()
             for j, i in enumerate(todo):
@@ -169,8 +173,9 @@ class PolicyToolPredictor:
         tool_s = time.perf_counter() - start
         n = len(rows)
         self._recorder.add(
-            SampleRecord(str(row["extra_info"]["sample_id"]), text, p.reason, used[i], issues[i],
-                         generation_s / n, tool_s / n, n)
+            SampleRecord(
+                str(row["extra_info"]["sample_id"]), text, p.reason, used[i], issues[i], generation_s / n, tool_s / n, n
+            )
             for i, (row, text, p) in enumerate(zip(rows, answers, parsed, strict=True))
         )
         return masks
@@ -201,7 +206,9 @@ class PromptedToolPredictor:
         start = time.perf_counter()
         masks, used, issues = self.segmenter.segment([image], [self.objects])
         tool_s = time.perf_counter() - start
-        self._recorder.add([SampleRecord(str(row["extra_info"]["sample_id"]), None, "", used[0], issues[0], 0.0, tool_s)])
+        self._recorder.add(
+            [SampleRecord(str(row["extra_info"]["sample_id"]), None, "", used[0], issues[0], 0.0, tool_s)]
+        )
         return masks[0]
 
 

@@ -35,5 +35,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, objects: Sequence[PromptLike] = (
             x1, y1, x2, y2 = (float(v) for v in obj.box)
             draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=BOX_COLOUR, width=max(1, radius // 2))
         for (x, y), label in zip(obj.points, obj.labels, strict=True):
-            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=POINT_COLOURS.get(int(label), BOX_COLOUR))
+            draw.ellipse(
+                [x - radius, y - radius, x + radius, y + radius], fill=POINT_COLOURS.get(int(label), BOX_COLOUR)
+            )
     return image

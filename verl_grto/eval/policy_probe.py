@@ -4,7 +4,7 @@ Why: a quick, honest number for "does this policy emit parseable answers and loc
 start's report, sanity checks of RL checkpoints) that measures what RL will actually see. So the
 checkpoint is loaded and run by the ``hf`` rollout server itself (:class:`HFRolloutServer`, its
 loader, input building with 3-D mrope positions and ``model.generate`` with the checkpoint's
-generation config), prompts are built like verl's agent loop (:mod:`verl_grto.data.chat`), responses
+generation config), prompts are built like verl's agent loop (:mod:`verl_grto.policy.inputs`), responses
 are decoded like verl's reward manager (``skip_special_tokens=True``) and scored by the RL reward
 (:func:`verl_grto.reward.box_reward.score_box_answer`).
 
@@ -17,7 +17,6 @@ best-ish constant answer; computed on the evaluated scenes themselves, so slight
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from verl_grto.data.chat import encode_prompt
 from verl_grto.data.synthetic import generate_split
 from verl_grto.eval.baselines import fill_boxes, random_object_box
+from verl_grto.policy.inputs import build_messages, render_prompt, row_images
 from verl_grto.reward.box_reward import score_box_answer
 from verl_grto.reward.geometry import box_iou
 
@@ -75,11 +74,13 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return int((a & b).sum()) / union if union else 0.0
 
 
-async def _generate_all(server: Any, prompts: list[tuple[list[int], Image.Image]], max_new_tokens: int) -> list[Any]:
+async def _generate_all(
+    server: Any, prompts: list[tuple[list[int], list[Image.Image]]], max_new_tokens: int
+) -> list[Any]:
     params = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": max_new_tokens, "logprobs": False}
     return [
-        await server.generate(prompt_ids=ids, sampling_params=dict(params), request_id=str(k), image_data=[image])
-        for k, (ids, image) in enumerate(prompts)
+        await server.generate(prompt_ids=ids, sampling_params=dict(params), request_id=str(k), image_data=images)
+        for k, (ids, images) in enumerate(prompts)
     ]
 
 
@@ -103,9 +104,8 @@ def probe_policy(
     torch.set_num_threads(threads)
     prompts = []
     for row in rows:
-        image = Image.open(io.BytesIO(row.image_png)).convert("RGB")
-        ids = encode_prompt(server.processor, row.instruction, [image])["input_ids"][0].tolist()
-        prompts.append((ids, image))
+        record = row.to_record()  # the parquet row verl reads
+        prompts.append(render_prompt(build_messages(record["prompt"], row_images(record)), server.processor))
     outputs = asyncio.run(_generate_all(server, prompts, max_new_tokens))
 
     ious, parsed, lengths, truncated, failures, texts = [], [], [], [], Counter(), []

@@ -22,8 +22,14 @@ from verl_grto.policy.load import load_policy
 class GreedyPolicy:
     """A vision-language policy loaded once; :meth:`answer` generates greedily for a batch of rows."""
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> None:
         self.model, self.tokenizer, self.processor = load_policy(str(path), trust_remote_code, dtype)
         if self.processor is None:
             raise ValueError(f"{path} is a text-only model; the policy must be a vision-language model")
@@ -44,8 +50,14 @@ class GreedyPolicy:
             ids, vision = render_prompt(build_messages(row["prompt"], row_images(row)), self.processor)
             prompts.append(ids)
             images.append(vision)
-        batch = model_inputs(prompts, images, self.processor, image_token_id=self._image_token_id,
-                             video_token_id=self._video_token_id, pad_token_id=self._pad_id)
+        batch = model_inputs(
+            prompts,
+            images,
+            self.processor,
+            image_token_id=self._image_token_id,
+            video_token_id=self._video_token_id,
+            pad_token_id=self._pad_id,
+        )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
@@ -54,8 +66,7 @@ class GreedyPolicy:
         if not rows:
             return []
         batch = self.inputs(rows)
-        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=self._pad_id)
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self._pad_id)
         texts = []
         for tokens in out[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i for i, t in enumerate(tokens) if t in self._eos_ids), len(tokens))

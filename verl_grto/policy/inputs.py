@@ -71,7 +71,9 @@ def build_messages(prompt: Sequence[dict[str, Any]], images: Sequence[Image.Imag
         for segment in (s for s in _PLACEHOLDERS.split(content) if s):
             if segment == IMAGE_PLACEHOLDER:
                 if offset >= len(images):
-                    raise ValueError(f"the prompt has more {IMAGE_PLACEHOLDER} placeholders than its {len(images)} image(s)")
+                    raise ValueError(
+                        f"the prompt has more {IMAGE_PLACEHOLDER} placeholders than its {len(images)} image(s)"
+                    )
                 parts.append({"type": "image", "image": images[offset]})
                 offset += 1
             elif _PLACEHOLDERS.fullmatch(segment):
@@ -87,7 +89,9 @@ def render_prompt(messages: list[dict[str, Any]], processor: Any) -> tuple[list[
     from qwen_vl_utils import process_vision_info
 
     patch_size = getattr(getattr(processor, "image_processor", None), "patch_size", 14)
-    has_image = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"]) for m in messages)
+    has_image = any(
+        isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"]) for m in messages
+    )
     images = process_vision_info(messages, image_patch_size=patch_size)[0] if has_image else None
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()

@@ -61,7 +61,9 @@ class HFRolloutServer:
         self.global_steps: int | None = None
         self._lock = threading.Lock()
         self._generator = torch.Generator().manual_seed(seed)
-        self._param_names = set(dict(self.model.named_parameters()).keys()) | set(dict(self.model.named_buffers()).keys())
+        self._param_names = set(dict(self.model.named_parameters()).keys()) | set(
+            dict(self.model.named_buffers()).keys()
+        )
         cfg = self.model.config
         self._image_token_id = getattr(cfg, "image_token_id", None)
         self._video_token_id = getattr(cfg, "video_token_id", None)
@@ -89,7 +91,9 @@ class HFRolloutServer:
             video_token_id=self._video_token_id,
         )
 
-    def _generate_sync(self, prompt_ids: list[int], sampling_params: dict[str, Any], image_data: list[Any] | None) -> TokenOutput:
+    def _generate_sync(
+        self, prompt_ids: list[int], sampling_params: dict[str, Any], image_data: list[Any] | None
+    ) -> TokenOutput:
         max_new = sampling_params.pop("max_tokens", None) or sampling_params.pop("max_new_tokens", None)
         if max_new is None:
             max_new = min(self.response_length, self.prompt_length + self.response_length - len(prompt_ids))
@@ -189,7 +193,9 @@ class HFReplica(RolloutReplica):
 
     async def launch_servers(self) -> None:
         name = server_actor_name(self.replica_rank)
-        model_path = self.model_config.local_path if hasattr(self.model_config, "local_path") else self.model_config.path
+        model_path = (
+            self.model_config.local_path if hasattr(self.model_config, "local_path") else self.model_config.path
+        )
         server_cls = ray.remote(HFRolloutServer)
         handle = server_cls.options(
             name=name,
@@ -218,7 +224,11 @@ class HFServerAdapter(BaseRollout):
     def __init__(self, config: Any, model_config: Any, device_mesh: Any, replica_rank: int = -1):
         super().__init__(config, model_config, device_mesh)
         rank = int(os.environ.get("RANK", 0))
-        world = self.config.tensor_model_parallel_size * self.config.data_parallel_size * self.config.pipeline_model_parallel_size
+        world = (
+            self.config.tensor_model_parallel_size
+            * self.config.data_parallel_size
+            * self.config.pipeline_model_parallel_size
+        )
         self.replica_rank = rank // world if replica_rank == -1 else replica_rank
         self._is_sender = rank % world == 0
         self._server: Any = None

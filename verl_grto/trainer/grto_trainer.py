@@ -87,7 +87,9 @@ class GRTOTrainer(PPOTrainerSync):
         files = [files] if isinstance(files, str) else list(files)
         self.image_store = SampleImageStore(files)
         self._tool_ready = True
-        logger.info("tool initialised: %d trainable parameters; %d training images indexed", sizes[0], len(self.image_store))
+        logger.info(
+            "tool initialised: %d trainable parameters; %d training images indexed", sizes[0], len(self.image_store)
+        )
 
     def _step_folder(self) -> str:
         return os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
@@ -164,7 +166,9 @@ class GRTOTrainer(PPOTrainerSync):
                 row[-1] = scores[i]
             new_scores.append(row)
         rm_scores = torch.nested.as_nested_tensor(new_scores, layout=torch.jagged)
-        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict({"rm_scores": rm_scores}))
+        tq.kv_batch_put(
+            keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict({"rm_scores": rm_scores})
+        )
 
         self._view, self._parse_ok = view, [p.ok for p in parsed]
         if self.grto.log_images_every and self.global_steps % self.grto.log_images_every == 0:
@@ -201,13 +205,16 @@ class GRTOTrainer(PPOTrainerSync):
         fields = ["advantages"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         seq_adv = np.array([float(a[0]) if a.numel() else 0.0 for a in data["advantages"].unbind()])
-        weights = tool_loss_weights(
-            self.grto.weighting,
-            n=len(view),
-            advantages=seq_adv,
-            group_ids=view.uids,
-            parse_ok=self._parse_ok,
-        ) * self.grto.tool_loss_coef
+        weights = (
+            tool_loss_weights(
+                self.grto.weighting,
+                n=len(view),
+                advantages=seq_adv,
+                group_ids=view.uids,
+                parse_ok=self._parse_ok,
+            )
+            * self.grto.tool_loss_coef
+        )
         shard_weights = [[float(weights[i]) for i in rows] for rows in self._shard_rows]
         per_epoch = []
         for _ in range(self.grto.tool_epochs):

@@ -204,7 +204,11 @@ class ConversionReport:
             excl = self.excluded.get(split, {})
             lines.append(
                 f"  {split}: written {self.written.get(split, 0)}, skipped {skipped.get(split, 0)}"
-                + (f", excluded {sum(excl.values())} ({'; '.join(f'{k}: {v}' for k, v in excl.items())})" if excl else "")
+                + (
+                    f", excluded {sum(excl.values())} ({'; '.join(f'{k}: {v}' for k, v in excl.items())})"
+                    if excl
+                    else ""
+                )
             )
         for s in self.skipped[:max_rows]:
             lines.append(f"  skipped [{s.split}] {s.file} :: {s.row}: {s.reason}")

@@ -55,13 +55,17 @@ class CODRelease:
 
 
 RELEASES: dict[str, CODRelease] = {
-    "cod10k": CODRelease("COD10K-v3", {"train": ("Train/Image", "Train/GT_Object"), "test": ("Test/Image", "Test/GT_Object")}),
+    "cod10k": CODRelease(
+        "COD10K-v3", {"train": ("Train/Image", "Train/GT_Object"), "test": ("Test/Image", "Test/GT_Object")}
+    ),
     "camo": CODRelease("CAMO-V.1.0-CVIU2019", {"train": ("Images/Train", "GT"), "test": ("Images/Test", "GT")}),
     "nc4k": CODRelease("NC4K", {"test": ("Imgs", "GT")}),
 }
 
 
-def _samples(name: str, split: str, image_path: Path, mask_dir: Path, include_noncam: bool, variants: bool) -> Iterator[Sample]:
+def _samples(
+    name: str, split: str, image_path: Path, mask_dir: Path, include_noncam: bool, variants: bool
+) -> Iterator[Sample]:
     stem = image_path.stem
     if name == "cod10k" and "-NonCAM-" in stem and not include_noncam:
         raise Excluded("non-camouflaged image (COD10K-NonCAM)")
@@ -90,7 +94,9 @@ def _split_tasks(
     if sum(m == mask_rel for _, m in release.splits.values()) == 1:
         # this split's own mask folder (CAMO shares one between splits): a mask without image is a broken release
         stems = {p.stem for p in images}
-        tasks += [Task(m, m.stem, lambda m=m: _orphan_mask(m)) for m in sorted(mask_dir.glob("*.png")) if m.stem not in stems]
+        tasks += [
+            Task(m, m.stem, lambda m=m: _orphan_mask(m)) for m in sorted(mask_dir.glob("*.png")) if m.stem not in stems
+        ]
     return tasks
 
 
@@ -119,14 +125,24 @@ def convert_cod(
         raise ValueError(f"unknown COD release {name!r}; one of {sorted(RELEASES)}")
     release = RELEASES[name]
     root = _release_root(Path(src), release)
-    present = {s: (root / i, root / m) for s, (i, m) in release.splits.items() if (root / i).is_dir() and (root / m).is_dir()}
+    present = {
+        s: (root / i, root / m) for s, (i, m) in release.splits.items() if (root / i).is_dir() and (root / m).is_dir()
+    }
     wanted = list(splits) if splits else list(present)
     missing = [s for s in wanted if s not in present]
     if not present or missing:
         layout = ", ".join(f"{s}: {i} + {m}" for s, (i, m) in release.splits.items())
-        raise FileNotFoundError(f"{name}: split(s) {missing or list(release.splits)} not found under {root}; expected {layout}")
+        raise FileNotFoundError(
+            f"{name}: split(s) {missing or list(release.splits)} not found under {root}; expected {layout}"
+        )
     tasks: dict[str, list[Task]] = {}
     for split in wanted:
-        tasks[split] = _split_tasks(name, split, release, *present[split], include_noncam,
-                                    (split == "train") if prompt_variants is None else prompt_variants)
+        tasks[split] = _split_tasks(
+            name,
+            split,
+            release,
+            *present[split],
+            include_noncam,
+            (split == "train") if prompt_variants is None else prompt_variants,
+        )
     return run_conversion(name, name, tasks, Path(out), progress=progress)

@@ -63,7 +63,9 @@ def _questions(qa_path: Path) -> list[str]:
     return questions
 
 
-def _samples(image_path: Path, dirs: dict[str, Path], split: str, keep_empty: bool, all_queries: bool | None) -> Iterator[Sample]:
+def _samples(
+    image_path: Path, dirs: dict[str, Path], split: str, keep_empty: bool, all_queries: bool | None
+) -> Iterator[Sample]:
     stem = image_path.stem
     qa_path = dirs["QAs"] / f"{stem}.json"
     if not qa_path.is_file():
@@ -116,7 +118,9 @@ def convert_earthreason(
         tasks[split] = [
             Task(p, p.stem, lambda p=p, d=dirs, s=split, k=keep: _samples(p, d, s, k, all_queries)) for p in images
         ] + [
-            Task(qa, qa.stem, lambda qa=qa: _no_image(qa)) for qa in sorted(dirs["QAs"].glob("*.json")) if qa.stem not in stems
+            Task(qa, qa.stem, lambda qa=qa: _no_image(qa))
+            for qa in sorted(dirs["QAs"].glob("*.json"))
+            if qa.stem not in stems
         ]
     return run_conversion(NAME, NAME, tasks, Path(out), progress=progress)
 

@@ -103,7 +103,9 @@ def rasterize_shapes(shapes: Any, height: int, width: int) -> tuple[np.ndarray, 
     return target, painted == IGNORE, boxes
 
 
-def _samples(json_path: Path, split: str, out_split: str, want_sentence: bool | None, all_queries: bool | None) -> Iterator[Sample]:
+def _samples(
+    json_path: Path, split: str, out_split: str, want_sentence: bool | None, all_queries: bool | None
+) -> Iterator[Sample]:
     anno = _read_json(json_path)
     if not isinstance(anno, dict):
         raise RowError("malformed annotation: top level is not an object")
@@ -133,11 +135,16 @@ def _samples(json_path: Path, split: str, out_split: str, want_sentence: bool | 
         )
 
 
-def _tasks(split_dir: Path, split: str, out_split: str, want_sentence: bool | None, all_queries: bool | None) -> list[Task]:
+def _tasks(
+    split_dir: Path, split: str, out_split: str, want_sentence: bool | None, all_queries: bool | None
+) -> list[Task]:
     tasks = []
     for json_path in sorted(split_dir.glob("*.json")):
-        tasks.append(Task(json_path, json_path.stem,
-                          lambda p=json_path: _samples(p, split, out_split, want_sentence, all_queries)))
+        tasks.append(
+            Task(
+                json_path, json_path.stem, lambda p=json_path: _samples(p, split, out_split, want_sentence, all_queries)
+            )
+        )
     for jpg in sorted(split_dir.glob("*.jpg")):
         if not jpg.with_suffix(".json").exists():
             tasks.append(Task(jpg, jpg.stem, lambda p=jpg: _no_annotation(p)))
@@ -177,7 +184,5 @@ def convert_reasonseg(
         )
     suffix = "" if queries == "all" else f"_{queries}"
     assert root is not None
-    tasks = {
-        f"{s}{suffix}": _tasks(root / s, s, f"{s}{suffix}", QUERY_FILTERS[queries], all_queries) for s in wanted
-    }
+    tasks = {f"{s}{suffix}": _tasks(root / s, s, f"{s}{suffix}", QUERY_FILTERS[queries], all_queries) for s in wanted}
     return run_conversion(NAME, NAME, tasks, Path(out), progress=progress)

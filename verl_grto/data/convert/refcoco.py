@@ -148,8 +148,12 @@ def _samples(ref: dict, ctx: _Context) -> Iterator[Sample]:
     mask = _ann_mask(ctx.anns[ann_id], height, width)
     if not mask.any():
         raise RowError(f"empty mask for ann {ann_id}")
-    extra = {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id,
-             "object_boxes": _object_boxes(ctx.per_image.get(image_id, []))}
+    extra = {
+        "ref_id": ref_id,
+        "ann_id": ann_id,
+        "image_id": image_id,
+        "object_boxes": _object_boxes(ctx.per_image.get(image_id, [])),
+    }
     for sent_id, text in sentences:
         yield Sample(
             sample_id=safe_id(ctx.dataset, ctx.split_by, ref.get("split"), f"r{ref_id}", f"s{sent_id}"),
@@ -192,8 +196,12 @@ def convert_refer(
     src = Path(src)
     refs_path = src / dataset / f"refs({split_by}).p"
     refs = _load_refs(refs_path)
-    ctx = _Context(dataset, split_by, Path(image_dir) if image_dir else src / IMAGE_DIR,
-                   _load_instances(src / dataset / "instances.json"))
+    ctx = _Context(
+        dataset,
+        split_by,
+        Path(image_dir) if image_dir else src / IMAGE_DIR,
+        _load_instances(src / dataset / "instances.json"),
+    )
     if not ctx.image_dir.is_dir():
         raise FileNotFoundError(f"COCO train2014 image folder {ctx.image_dir} not found (pass image_dir=)")
     by_split: dict[str, list[tuple[int, int, int, dict]]] = defaultdict(list)
@@ -210,8 +218,11 @@ def convert_refer(
     tasks: dict[str, list[Task]] = {}
     for split in wanted + (["unknown"] if "unknown" in by_split and not splits else []):
         tasks[split] = [
-            Task(refs_path, f"ref #{pos} (ref_id {ref.get('ref_id')})",
-                 (lambda r=ref: _samples(r, ctx)) if split != "unknown" else (lambda: _bad_split()))
+            Task(
+                refs_path,
+                f"ref #{pos} (ref_id {ref.get('ref_id')})",
+                (lambda r=ref: _samples(r, ctx)) if split != "unknown" else (lambda: _bad_split()),
+            )
             for _, _, pos, ref in sorted(by_split[split], key=lambda t: t[:3])
         ]
     return run_conversion(f"{dataset}({split_by})", dataset, tasks, Path(out), progress=progress)

@@ -123,6 +123,7 @@ def test_tool_update_weights_skip_unparseable_and_train(setup):
     trainer._tool_update(batch, metrics)
     assert metrics["grto/tool/skipped"] == 0.0
     assert metrics["grto/tool/weight_mean"] == pytest.approx(0.75)  # 2 of 8 rollouts weigh 0
+    assert 0.0 <= metrics["grto/tool/iou_before"] <= 1.0 and 0.0 <= metrics["grto/tool/iou_after"] <= 1.0
     after = trainer.actor_rollout_wg.worker.tool_engine.params
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 

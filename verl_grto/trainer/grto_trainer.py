@@ -29,6 +29,7 @@ from verl_grto.algorithm.tool_weights import tool_loss_weights
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import GroundTruth
+from verl_grto.eval.metrics import intersection_union, sample_iou
 from verl_grto.reward.answer import parse_answer
 from verl_grto.reward.mask_reward import score_mask_answer
 from verl_grto.tool.engine import ToolBatch
@@ -134,6 +135,24 @@ class GRTOTrainer(PPOTrainerSync):
             )
         return batches
 
+    def _predict_masks(self, n: int) -> list[np.ndarray | None]:
+        """The tool's masks for the current step's rollouts, in rollout order (embeddings cached)."""
+        shard_masks = self.actor_rollout_wg.tool_predict(self._tool_batches)
+        masks: list[np.ndarray | None] = [None] * n
+        for rows, out in zip(self._shard_rows, shard_masks, strict=True):
+            for i, m in zip(rows, out.masks, strict=True):
+                masks[i] = m
+        return masks
+
+    def _mean_parsed_iou(self, masks: list[np.ndarray | None]) -> float:
+        """Mean mask IoU against the ground truth over the parseable rollouts (the ones the tool trains on)."""
+        ious = [
+            sample_iou(*intersection_union(m, gt))
+            for m, gt, ok in zip(masks, self._gt_masks, self._parse_ok, strict=True)
+            if ok
+        ]
+        return float(np.mean(ious)) if ious else float("nan")
+
     def _tool_rewards(self, batch: Any, metrics: dict) -> None:
         data = tq.kv_batch_get(
             keys=batch.keys,
@@ -147,11 +166,8 @@ class GRTOTrainer(PPOTrainerSync):
 
         self.actor_rollout_wg.tool_begin_step()
         self._tool_batches = self._shards(view, gt_masks, prompts)
-        shard_masks = self.actor_rollout_wg.tool_predict(self._tool_batches)
-        masks: list[np.ndarray | None] = [None] * len(view)
-        for rows, out in zip(self._shard_rows, shard_masks, strict=True):
-            for i, m in zip(rows, out.masks, strict=True):
-                masks[i] = m
+        masks = self._predict_masks(len(view))
+        self._masks_before, self._gt_masks = masks, gt_masks
 
         breakdowns = [
             score_mask_answer(p, m if p.ok else None, gt, gm, self.grto.reward)
@@ -219,10 +235,11 @@ class GRTOTrainer(PPOTrainerSync):
         per_epoch = []
         for _ in range(self.grto.tool_epochs):
             per_epoch.append(self.actor_rollout_wg.tool_update(self._tool_batches, shard_weights)[0])
-        first, last = per_epoch[0], per_epoch[-1]
+        last = per_epoch[-1]
         for key in ("loss", "bce", "dice", "grad_norm", "skipped", "num_empty"):
             metrics[f"grto/tool/{key}"] = last[key]
-        metrics["grto/tool/iou_before"] = first["iou_before"]
+        metrics["grto/tool/iou_before"] = self._mean_parsed_iou(self._masks_before)
+        metrics["grto/tool/iou_after"] = self._mean_parsed_iou(self._predict_masks(len(view)))
         metrics["grto/tool/weight_mean"] = float(weights.mean())
         if last["skipped"]:
             logger.warning("tool step skipped at global step %d (non-finite loss or no signal)", self.global_steps)

@@ -20,7 +20,16 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     from verl_grto.assets.build import build_assets
 
     paths = build_assets(Path(args.out), seed=args.seed)
-    print(json.dumps({"policy": str(paths.policy), "tool": str(paths.tool)}, indent=2))
+    built = {"policy": str(paths.policy), "tool": str(paths.tool)}
+    if args.warm_start:
+        from verl_grto.assets.warmstart import build_warm_policy
+
+        built["policy_warm"] = str(build_warm_policy(Path(args.out), seed=args.seed))
+    if args.pretrain_tool:
+        from verl_grto.assets.tool_pretrain import build_pretrained_tool
+
+        built["tool_pretrained"] = str(build_pretrained_tool(paths.tool, seed=args.seed))
+    print(json.dumps(built, indent=2))
     return 0
 
 
@@ -281,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     assets = sub.add_parser("assets", help="build the tiny Qwen2.5-VL policy and tiny SAM2 tool locally")
     assets.add_argument("--out", required=True, help="output folder (gets tiny_qwen25vl/ and tiny_sam2/)")
     assets.add_argument("--seed", type=int, default=0)
+    assets.add_argument("--warm-start", action="store_true", help="also the supervised warm-started policy (minutes)")
+    assets.add_argument(
+        "--pretrain-tool", action="store_true", help="also the tool pre-trained on plain scenes (minutes)"
+    )
     assets.set_defaults(func=_cmd_assets)
 
     data = sub.add_parser("data", help="datasets in verl's RL parquet format")

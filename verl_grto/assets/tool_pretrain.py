@@ -147,15 +147,20 @@ PRETRAIN_VERSION = 1
 PRETRAIN_STEPS = 1500
 
 
+def build_pretrained_tool(base_tool: Path, seed: int = 0, steps: int = PRETRAIN_STEPS) -> Path:
+    """``<base_tool's folder>/tiny_sam2_pretrained``, pre-trained from ``base_tool``; built once (atomic, locked)."""
+    from verl_grto.atomic import build_dir_once
+
+    stamp = {"builder": "tiny_sam2_pretrained", "version": PRETRAIN_VERSION, "seed": seed, "steps": steps}
+    return build_dir_once(
+        Path(base_tool).parent / "tiny_sam2_pretrained",
+        stamp,
+        lambda tmp: pretrain_tool(base_tool, tmp, seed=seed, steps=steps),
+    )
+
+
 def ensure_pretrained_tool(root: Path | None = None, seed: int = 0, steps: int = PRETRAIN_STEPS) -> Path:
     """The pre-trained tiny tool next to the base assets (``.../seed<seed>/tiny_sam2_pretrained``), built once."""
     from verl_grto.assets.build import ensure_assets
-    from verl_grto.atomic import build_dir_once
 
-    base = ensure_assets(root, seed=seed)
-    stamp = {"builder": "tiny_sam2_pretrained", "version": PRETRAIN_VERSION, "seed": seed, "steps": steps}
-    return build_dir_once(
-        base.tool.parent / "tiny_sam2_pretrained",
-        stamp,
-        lambda tmp: pretrain_tool(base.tool, tmp, seed=seed, steps=steps),
-    )
+    return build_pretrained_tool(ensure_assets(root, seed=seed).tool, seed=seed, steps=steps)

@@ -30,7 +30,7 @@ def test_two_grpo_steps_learn_signal(first_run):
         )
         assert m["actor/kl_loss"] >= 0 and "actor/kl_loss" in m  # reference model + KL loss are on
         # rollout (hf server) and actor agree on log-probs: the weight sync works
-        assert m["training/rollout_probs_diff_max"] < 1e-2
+        assert m["training/rollout_probs_diff_max"] < 1e-4  # fp32 on both sides: ~2e-6 measured
 
 
 def test_checkpoint_written(first_run):

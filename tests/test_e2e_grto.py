@@ -29,7 +29,8 @@ def test_policy_and_tool_train_together(grto_run):
     metrics = read_metrics(root / "m1.jsonl")
     assert sorted(metrics) == list(range(1, STEPS + 1))
     for step, m in metrics.items():
-        assert m["grto/unparseable_fraction"] < 0.75, f"step {step}: the warm-started policy should mostly parse"
+        # sampling at temperature 1 from the warm-started policy: 0.38-0.56 unparseable was measured
+        assert m["grto/unparseable_fraction"] < 0.9, f"step {step}: too few parseable rollouts to train the tool"
         assert m["grto/tool/skipped"] == 0.0, f"step {step}: tool step skipped"
         assert np.isfinite(m["grto/tool/loss"]) and m["grto/tool/grad_norm"] > 0
         assert m["actor/grad_norm"] > 0

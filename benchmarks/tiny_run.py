@@ -6,6 +6,8 @@ Runs ``python -m verl.trainer.main_ppo --config-path recipes --config-name RECIP
 and samples the summed RSS of its whole process tree (driver, Ray, workers, rollout servers) every
 0.25 s. Start-up ends when verl's trainer logs "Training from scratch" / "Resuming from"; the steps
 phase runs from there to the exit. The tiny assets and data are built first (outside the timing).
+RSS is summed over processes, so memory they share (Ray's object store) is counted more than once:
+an upper bound.
 A measurement, not a test: this machine is shared and noisy.
 """
 
@@ -35,12 +37,24 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+def prebuild(recipe: str) -> None:
+    """Resolve the recipe once here, so its resolvers build the tiny assets and data before the timing."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import verl_grto  # noqa: F401  (registers the resolvers)
+
+    with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
+        OmegaConf.resolve(compose(config_name=recipe))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--recipe", default="grpo_tiny_cpu")
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args()
 
+    prebuild(args.recipe)
     runs = tempfile.mkdtemp(prefix="tiny_run_")
     env = {**os.environ, "VERL_GRTO_RUNS": runs}
     cmd = [

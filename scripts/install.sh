@@ -19,5 +19,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -c "$constraints" -e ".[dev]"
 # Meta's SAM2 code (parity tests, official checkpoint conversion). Its wheel metadata would pull
 # a CUDA toolchain build; the Python code is all we need.
-SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q -c "$constraints" --no-deps --no-build-isolation "sam2==1.1.0" iopath
+# iopath (what sam2's Hiera imports) is installed with its own dependencies (portalocker).
+.venv/bin/python -m pip install -q -c "$constraints" iopath
+SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q -c "$constraints" --no-deps --no-build-isolation "sam2==1.1.0"
 .venv/bin/verl-grto doctor

@@ -28,6 +28,16 @@ def test_doctor_reports_what_is_missing():
     assert "rollout: hf" in gaps and any(g.startswith("plugin:") for g in gaps)
 
 
+def test_doctor_flags_an_installed_but_broken_extra(monkeypatch):
+    monkeypatch.setitem(doctor.EXTRAS, "fake", ("json", ["json", "verl_grto._no_such_module"]))
+    monkeypatch.setitem(doctor.EXTRAS, "absent", ("_no_such_package_xyz", ["_no_such_package_xyz"]))
+    state = doctor.inspect_extras()
+    assert state["fake"].startswith("broken:") and "_no_such_module" in state["fake"]
+    assert state["absent"] == "not installed"
+    found = {"plugin_loaded": True, **{k: list(v) for k, v in doctor.EXPECTED.items()}, "extras": state}
+    assert doctor.missing(found) == [f"extra fake: {state['fake']}"]
+
+
 def test_doctor_fails_when_verl_skips_the_plugin():
     env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none"}
     proc = subprocess.run([sys.executable, "-m", "verl_grto.cli", "doctor"], capture_output=True, text=True, env=env)

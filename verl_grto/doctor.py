@@ -74,6 +74,7 @@ def inspect_verl() -> dict[str, Any]:
         found["trainer"] = sorted(TRAINER_REGISTRY)
     except ImportError as exc:
         found.setdefault("errors", []).append(f"verl V1 trainer registry: {exc!r}")
+    found["extras"] = inspect_extras()
     if not found["plugin_loaded"]:
         try:
             importlib.import_module("verl_grto.registration")
@@ -82,11 +83,43 @@ def inspect_verl() -> dict[str, Any]:
     return found
 
 
+#: Optional extras: the package that marks the extra installed, and the modules its code paths
+#: import. An extra that is absent is fine; one that is installed but does not import (a
+#: dependency missing after a ``--no-deps`` install, as iopath's portalocker once was) is an error.
+EXTRAS: dict[str, tuple[str, list[str]]] = {
+    "sam2": ("sam2", ["sam2.build_sam", "sam2.modeling.backbones.hieradet"]),
+}
+
+
+def inspect_extras() -> dict[str, str]:
+    """``{extra: "ok" | "not installed" | "broken: <error>"}`` for every optional extra."""
+    import importlib
+    import importlib.util
+
+    status: dict[str, str] = {}
+    for extra, (package, modules) in EXTRAS.items():
+        if importlib.util.find_spec(package) is None:
+            status[extra] = "not installed"
+            continue
+        try:
+            for module in modules:
+                importlib.import_module(module)
+            status[extra] = "ok"
+        except Exception as exc:
+            status[extra] = f"broken: {exc!r}"
+    return status
+
+
 def missing(found: dict[str, Any]) -> list[str]:
     """Every expected registration absent from ``found``, as 'kind: name'."""
     out = [] if found.get("plugin_loaded") else ["plugin: verl did not import verl_grto.registration"]
     for kind, names in EXPECTED.items():
         out.extend(f"{kind}: {name}" for name in names if name not in found.get(kind, []))
+    out.extend(
+        f"extra {extra}: {state}"
+        for extra, state in found.get("extras", {}).items()
+        if state.startswith("broken")
+    )
     return out
 
 
@@ -115,6 +148,8 @@ def run_doctor() -> int:
     )
     for kind in kinds:
         print(f"  {kind:16s} {', '.join(found.get(kind, [])) or '-'}")
+    for extra, state in found.get("extras", {}).items():
+        print(f"  extra {extra:10s} {state}")
     for err in found.get("errors", []):
         print(f"  error: {err}")
     gaps = missing(found)

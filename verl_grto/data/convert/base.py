@@ -13,7 +13,11 @@ per source row: an annotation file, a ref, an image) whose ``build`` yields :cla
   :class:`AnnotationFileError` naming the file: no row of it can be trusted;
 * all splits are staged in a hidden folder of the output directory and moved to
   ``<out>/<split>.parquet`` only when every split is complete, so an exception (or Ctrl-C) leaves
-  no parquet behind, neither truncated nor from a half-finished set of splits.
+  no parquet behind, neither truncated nor from a half-finished set of splits;
+* rows are built lazily, one task at a time, and streamed into
+  :class:`verl_grto.data.parquet.AtomicParquetWriter`, which writes a row group every 1024 rows or
+  16 MiB: memory holds one task's samples and one row group, never a split (RefCOCO train's rows
+  carry about 19 GB of image bytes).
 
 Images travel as their source bytes when those decode as they are (JPEG or PNG, RGB, no EXIF
 rotation): re-encoding a JPEG as PNG makes it 5-10x larger for nothing. Anything else (grey,
@@ -280,6 +284,7 @@ def run_conversion(
 ) -> ConversionReport:
     """Convert every split's tasks and publish ``<out>/<split>.parquet`` plus the report, or nothing.
 
+    Each split's rows are generated as the parquet writer consumes them (see the module docstring).
     A split whose every row is skipped or excluded writes no parquet (verl cannot read an empty
     one); the report says so. Exceptions other than RowError / Excluded propagate after the staged
     files are removed.

@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/step_overhead.py [--steps 4]
 
-Runs ``grto_tiny_cpu`` twice through verl's main_ppo: as GRTO (trainer mode ``grto``: tool masks,
-mask rewards, tool update) and as plain GRPO on the same data and policy (trainer mode ``sync``,
-estimator ``grpo``, the agent loop's box reward, no tool). Phases are verl's ``timing_s/*`` plus the
+Runs ``grto_tiny_cpu`` three times through verl's main_ppo: as GRTO with the tool colocated in the
+actor's processes (trainer mode ``grto``: tool masks, mask rewards, tool update), as GRTO with the
+tool in a pool of its own (``grto.placement=separate``: its update overlaps the actor's), and as
+plain GRPO on the same data and policy (trainer mode ``sync``, estimator ``grpo``, the agent loop's
+box reward, no tool). Phases are verl's ``timing_s/*`` plus the
 plugin's ``tool_predict`` and ``update_tool``; step 1 (warm-up) is excluded from the means. The
 tiny assets are built first, outside the timing. A measurement on a shared, noisy machine.
 """
@@ -21,7 +23,11 @@ import numpy as np
 from verl_grto.assets.build import default_home
 from verl_grto.trainer.launch import read_metrics, run_main_ppo
 
-PLAIN_GRPO = ["trainer.v1.trainer_mode=sync", "algorithm.adv_estimator=grpo"]
+ARMS = {
+    "grpo": ["trainer.v1.trainer_mode=sync", "algorithm.adv_estimator=grpo"],
+    "grto": [],
+    "grto_separate": ["grto.placement=separate", "ray_kwargs.ray_init.num_gpus=2"],
+}
 
 
 def phase_means(metrics: dict[int, dict[str, float]]) -> dict[str, float]:
@@ -37,16 +43,17 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="step_overhead_"))
     common = [f"trainer.total_training_steps={args.steps}", "trainer.save_freq=-1"]
     results = {}
-    for name, extra in (("grpo", PLAIN_GRPO), ("grto", [])):
+    for name, extra in ARMS.items():
         run_main_ppo("grto_tiny_cpu", default_home(), tmp / name, tmp / f"{name}.jsonl", common + extra)
         results[name] = phase_means(read_metrics(tmp / f"{name}.jsonl"))
-    phases = sorted(set(results["grpo"]) | set(results["grto"]))
+    phases = sorted(set().union(*results.values()))
     print(f"mean seconds per step over steps 2..{args.steps} (grto_tiny_cpu)")
-    print(f"{'phase':22s} {'GRPO':>8s} {'GRTO':>8s}")
+    print(f"{'phase':22s}" + "".join(f"{name:>15s}" for name in ARMS))
     for p in phases:
-        print(f"{p:22s} {results['grpo'].get(p, 0.0):8.2f} {results['grto'].get(p, 0.0):8.2f}")
-    ratio = results["grto"]["step"] / results["grpo"]["step"]
-    print(f"step time ratio GRTO/GRPO: {ratio:.2f}")
+        print(f"{p:22s}" + "".join(f"{results[name].get(p, 0.0):15.2f}" for name in ARMS))
+    separate = results["grto_separate"]["step"] / results["grpo"]["step"]
+    print(f"step time ratio GRTO (tool in its own pool)/GRPO: {separate:.2f}")
+    print(f"step time ratio GRTO/GRPO: {results['grto']['step'] / results['grpo']['step']:.2f}")
     return 0
 
 

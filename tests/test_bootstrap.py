@@ -355,3 +355,18 @@ def test_hf_generate_fn_samples_g_answers_with_logprobs(data, tiny_assets, tmp_p
     buffer = build_buffer(rows, generate, 2, tmp_path, reference_policy=str(tiny_assets.policy), progress=False)
     assert len(buffer) == 4 and all(r.parse_ok or r.parse_reason for r in buffer.records)
     assert [r.response_ids for r in buffer.records[2:]] == [list(r.token_ids) for r in out[1]]
+
+
+def test_ranks_train_on_disjoint_equal_shares_of_the_images(data, base_tool):
+    """Two data-parallel ranks: disjoint image sets of equal size (6 images -> 3 each), so every rank
+    runs the same number of updates (the engine's all-reduce needs them in step)."""
+    reports = [
+        train_tool_on_buffer(
+            fresh_engine(base_tool), data["buffer"], data["store"], epochs=1, batch_size=2, shard=(rank, 2), progress=False
+        )
+        for rank in range(2)
+    ]
+    assert [r.distinct_images for r in reports] == [3, 3]
+    assert [r.batches for r in reports] == [2, 2]
+    with pytest.raises(ValueError, match="rank"):
+        train_tool_on_buffer(fresh_engine(base_tool), data["buffer"], data["store"], 1, 2, shard=(2, 2))

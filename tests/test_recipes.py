@@ -23,7 +23,7 @@ from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 from verl.utils.config import validate_config
 
-from verl_grto.trainer.config import GRTOConfig
+from verl_grto.trainer.config import BTOConfig, GRTOConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.endswith("_base"))
@@ -57,8 +57,10 @@ def _validate(cfg: DictConfig) -> None:
     get_adv_estimator_fn(cfg.algorithm.adv_estimator)
     mode = cfg.trainer.v1.trainer_mode
     assert mode in TRAINER_REGISTRY, f"trainer mode {mode!r} not registered: {sorted(TRAINER_REGISTRY)}"
-    if mode == "grto" or "grto" in cfg:
+    if mode in ("grto", "bgrto") or "grto" in cfg:
         GRTOConfig.from_config(cfg.grto)
+    if mode == "bgrto" or "bto" in cfg:
+        BTOConfig.from_config(cfg.bto)
 
 
 def test_the_gpu_recipes_are_found() -> None:
@@ -135,3 +137,17 @@ def test_a_missing_path_variable_fails_resolution(monkeypatch: pytest.MonkeyPatc
     cfg = _compose("grto_qwen25vl_7b_sam21_large")
     with pytest.raises(Exception, match="POLICY_PATH"):
         OmegaConf.resolve(cfg)
+
+
+def test_bgrto_main_job_is_b_grto_on_camouflage() -> None:
+    cfg = _compose("bgrto_tiny_cpu")
+    assert cfg.trainer.v1.trainer_mode == "bgrto" and cfg.algorithm.adv_estimator == "grto"
+    assert "camouflage" in str(_raw(cfg, "data.train_files")) and cfg.trainer.val_before_train
+    assert BTOConfig.from_config(cfg.bto).epochs >= 1 and GRTOConfig.from_config(cfg.grto).trains_tool
+
+
+def test_tool_placement_is_checked() -> None:
+    cfg = _compose("grto_tiny_cpu", ["grto.placement=separate"])
+    assert GRTOConfig.from_config(cfg.grto).placement == "separate"
+    with pytest.raises(ValueError, match="placement"):
+        GRTOConfig.from_config(_compose("grto_tiny_cpu", ["grto.placement=elsewhere"]).grto)

@@ -22,7 +22,7 @@ EXPECTED: dict[str, list[str]] = {
     "engine": ["language_model/fsdp2@cpu"],
     "resolver": ["grto_asset", "grto_synthetic"],
     "adv_estimator": ["grto"],
-    "trainer": ["grto"],
+    "trainer": ["grto", "bgrto"],
     "reward": ["verl_grto.reward.box_reward.compute_score"],
 }
 
@@ -116,9 +116,7 @@ def missing(found: dict[str, Any]) -> list[str]:
     for kind, names in EXPECTED.items():
         out.extend(f"{kind}: {name}" for name in names if name not in found.get(kind, []))
     out.extend(
-        f"extra {extra}: {state}"
-        for extra, state in found.get("extras", {}).items()
-        if state.startswith("broken")
+        f"extra {extra}: {state}" for extra, state in found.get("extras", {}).items() if state.startswith("broken")
     )
     return out
 

@@ -71,9 +71,11 @@ def _register_algorithm() -> None:
 
 
 def _register_trainers() -> None:
+    import verl_grto.trainer.bgrto_trainer  # noqa: F401  (@register_trainer("bgrto"))
     import verl_grto.trainer.grto_trainer  # noqa: F401  (@register_trainer("grto"))
 
     _note("trainer", "grto")
+    _note("trainer", "bgrto")
 
 
 def register_all() -> dict[str, list[str]]:

@@ -666,6 +666,7 @@ def train_tool_on_buffer(
     seed: int = 0,
     max_cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> BTOReport:
     """Train the tool off-policy on the buffer for ``epochs`` epochs; one update per ``batch_size`` images.
 
@@ -680,7 +681,9 @@ def train_tool_on_buffer(
     losses so far, seed; torch's RNG is in the tool's ``rng.pt``) is published every
     ``checkpoint_every`` batches and at each epoch end, older ones removed. ``resume`` continues from
     the newest one (the settings and buffer must be the same; ``epochs`` may grow); ``resume=False``
-    deletes them and starts over. ``heldout`` rollouts (e.g. the reference policy's answers on
+    deletes them and starts over. ``shard=(rank, world)`` trains this data-parallel rank on every
+    ``world``-th image (the images are first cut to a multiple of ``world``, so every rank runs the
+    same number of updates and the engine's gradient all-reduce stays in step). ``heldout`` rollouts (e.g. the reference policy's answers on
     validation rows, from ``heldout_store`` or ``image_store``) are scored before and after (gIoU).
     """
     if epochs < 0 or batch_size < 1 or checkpoint_every < 1:
@@ -690,9 +693,21 @@ def train_tool_on_buffer(
     start = time.perf_counter()
     records = buffer.records
     weights = rollout_weights(records, weighting, target_logprob_fn, importance_clip)
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
     groups = _groups(records, weights)
+    groups = groups[: len(groups) // world * world][rank::world]
+    if not groups:
+        raise ValueError(f"the buffer has no usable rollouts for rank {rank} of {world} (all unparseable?)")
     n_batches = -(-len(groups) // batch_size)
-    settings = {"batch_size": batch_size, "weighting": weighting, "importance_clip": importance_clip, "seed": seed}
+    settings = {
+        "batch_size": batch_size,
+        "weighting": weighting,
+        "importance_clip": importance_clip,
+        "seed": seed,
+        "shard": list(shard),
+    }
     state: dict[str, Any] = {
         **settings,
         "buffer": buffer.fingerprint(),

@@ -47,6 +47,21 @@ class ToolSettings:
 
 
 @dataclass
+class BTORequest:
+    """Stage 2 of BTO for the worker group (:meth:`ToolWorkerMixin.tool_bto`); paths must be readable by
+    every rank (one filesystem, as verl's checkpoint folder is)."""
+
+    buffer_dir: str
+    image_files: list[str]  # the parquet files the buffer's sample ids come from
+    checkpoint_dir: str
+    epochs: int
+    batch_size: int
+    checkpoint_every: int = 50
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
 class ToolMasks:
     """One rank's predictions: boolean masks (original image size), predicted IoU, prompt issues."""
 
@@ -97,6 +112,31 @@ class ToolWorkerMixin:
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def tool_update(self, batch: ToolBatch, weights: list[float]) -> dict[str, float]:
         return self.tool_engine.update(batch, weights)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def tool_bto(self, request: BTORequest) -> dict[str, Any]:
+        """Train the tool off-policy on a rollout buffer (BTO stage 2), resuming inside the stage.
+
+        Runs on every rank on its share of the buffer's images; the engine's all-reduce keeps the
+        ranks' weights identical. Returns the rank's :class:`BTOReport` as a dict.
+        """
+        from verl_grto.algorithm.bootstrap import RolloutBuffer, train_tool_on_buffer
+        from verl_grto.data.image_store import SampleImageStore
+
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        report = train_tool_on_buffer(
+            self.tool_engine,
+            RolloutBuffer.load(request.buffer_dir),
+            SampleImageStore(request.image_files),
+            epochs=request.epochs,
+            batch_size=request.batch_size,
+            checkpoint_dir=os.path.join(request.checkpoint_dir, f"rank{_rank()}"),
+            checkpoint_every=request.checkpoint_every,
+            seed=request.seed,
+            progress=request.progress and _rank() == 0,
+            shard=(_rank(), world),
+        )
+        return asdict(report)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def tool_save(self, directory: str) -> None:

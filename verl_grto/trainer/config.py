@@ -11,13 +11,18 @@ from verl_grto.algorithm.tool_weights import WEIGHTINGS
 from verl_grto.reward.mask_reward import MaskRewardConfig
 from verl_grto.tool.worker import ToolSettings
 
+PLACEMENTS = ("colocated", "separate")
+
 
 @dataclass
 class GRTOConfig:
     """GRTO: the tool gives the rewards, and is trained on the same rollouts.
 
     ``tool_loss_coef`` is lambda of the joint objective; 0 freezes the tool (plain GRPO with tool
-    rewards). ``weighting`` picks w_i (verl_grto/algorithm/tool_weights.py).
+    rewards). ``weighting`` picks w_i (verl_grto/algorithm/tool_weights.py). ``placement``:
+    ``colocated`` hosts the tool in the actor's processes (shares their devices); ``separate`` gives
+    it a resource pool of its own (``tool_workers_per_node`` devices on each of the trainer's
+    nodes), where its update overlaps the actor's.
     """
 
     tool: ToolSettings
@@ -26,6 +31,8 @@ class GRTOConfig:
     weighting: str = "uniform"
     importance_clip: float = 2.0
     tool_epochs: int = 1
+    placement: str = "colocated"
+    tool_workers_per_node: int = 1
     log_images_every: int = 0
     num_logged_images: int = 4
 
@@ -34,6 +41,10 @@ class GRTOConfig:
             raise ValueError(f"grto.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.tool_loss_coef < 0:
             raise ValueError(f"grto.tool_loss_coef must be >= 0, got {self.tool_loss_coef}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"grto.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.tool_workers_per_node < 1:
+            raise ValueError(f"grto.tool_workers_per_node must be >= 1, got {self.tool_workers_per_node}")
 
     @property
     def trains_tool(self) -> bool:
@@ -49,3 +60,41 @@ class GRTOConfig:
             raise ValueError("grto.tool.path is required (a transformers SAM2 directory)")
         reward = raw.pop("reward", {}) or {}
         return cls(tool=ToolSettings(**tool), reward=MaskRewardConfig(**reward), **raw)
+
+
+@dataclass
+class BTOConfig:
+    """The ``bto:`` section of a ``bgrto`` recipe: BTO before GRTO (docs/method.md, B-GRTO).
+
+    ``group_size`` answers per training prompt (None: ``actor_rollout_ref.rollout.n``) from the
+    initial policy, which *is* the reference policy mu at step 0; ``max_prompts`` caps the prompts
+    (None: the whole training set, once); ``epochs`` over the buffer with ``batch_size`` images per
+    tool update. Weights are uniform: at BTO time pi_theta = mu, so importance weights are all 1
+    (reusing a buffer of another policy with importance weights is
+    :func:`verl_grto.algorithm.bootstrap.train_tool_on_buffer`'s ``weighting="importance"``).
+    ``validate_after`` runs a validation between BTO and GRTO (the bootstrap's own effect).
+    """
+
+    group_size: int | None = None
+    max_prompts: int | None = None
+    epochs: int = 4
+    batch_size: int = 8
+    checkpoint_every: int = 50
+    seed: int = 0
+    validate_after: bool = True
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"bto.group_size must be >= 1 or null, got {self.group_size}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"bto.max_prompts must be >= 1 or null, got {self.max_prompts}")
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError(
+                "bto.epochs, bto.batch_size and bto.checkpoint_every must be >= 1: "
+                f"{self.epochs}, {self.batch_size}, {self.checkpoint_every}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict[str, Any] | None) -> BTOConfig:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+        return cls(**raw)

@@ -10,8 +10,11 @@ The tool lives in the actor's worker processes (:class:`ActorRolloutRefToolWorke
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
+import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -29,10 +32,12 @@ from verl_grto.algorithm.tool_weights import tool_loss_weights
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import GroundTruth
-from verl_grto.eval.metrics import intersection_union, sample_iou
-from verl_grto.reward.answer import parse_answer
+from verl_grto.eval.baselines import fill_boxes
+from verl_grto.eval.metrics import IoUAccumulator, intersection_union, sample_iou
+from verl_grto.reward.answer import ParsedAnswer, parse_answer
 from verl_grto.reward.mask_reward import score_mask_answer
 from verl_grto.tool.engine import ToolBatch
+from verl_grto.tool.pool import TOOL_ROLE, create_tool_worker_group, register_tool_pool, tool_update_async
 from verl_grto.tool.worker import ActorRolloutRefToolWorker
 from verl_grto.trainer.config import GRTOConfig
 from verl_grto.trainer.overlays import default_tb_dir, log_overlays
@@ -41,10 +46,20 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
 _ACTOR_ROLES = {Role.Actor, Role.ActorRollout, Role.ActorRolloutRef}
+#: What the tool phases read of a batch from TransferQueue.
+VIEW_FIELDS = ["responses", "uid", "extra_info", "reward_model"]
+SUMMARY_NAME = "grto_summary.json"
 
 
 def _as_list(value: Any) -> list[Any]:
     return list(value.tolist() if hasattr(value, "tolist") else value)
+
+
+def _parse_view(view: RolloutView) -> tuple[list[ParsedAnswer], list[np.ndarray], list[list[Any]]]:
+    """Parsed answers, ground-truth masks and tool prompts (empty for an unparseable answer)."""
+    parsed = [parse_answer(t, gt.image_size) for t, gt in zip(view.texts, view.ground_truths, strict=True)]
+    gt_masks = [decode_rle(gt.mask_rle) for gt in view.ground_truths]
+    return parsed, gt_masks, [list(p.objects) if p.ok else [] for p in parsed]
 
 
 class RolloutView:
@@ -72,10 +87,29 @@ class GRTOTrainer(PPOTrainerSync):
         self._view: RolloutView | None = None
         self._tool_batches: list[ToolBatch] | None = None
         self._parse_ok: list[bool] = []
+        self._shard_rows: list[list[int]] = []
+        self.val_history: list[dict[str, float]] = []  # every validation, with its step
+        self.step_seconds: list[float] = []
+        self.stage_seconds: dict[str, float] = {}
+
+    def _build_replay_buffer(self) -> Any:
+        # verl consults ``self.trainer_mode`` for sync-versus-async behaviour (replay-buffer class,
+        # one-prompt dataloader fetches, in-flight prompt checkpointing); the grto modes extend
+        # PPOTrainerSync and are synchronous. verl's registry has already picked this class by the
+        # configured name; from here on the trainer behaves as verl's ``sync`` mode.
+        self.trainer_mode = "sync"
+        return super()._build_replay_buffer()
 
     # ---- set-up: the actor workers host the tool -------------------------------------------
+    @property
+    def separate_tool(self) -> bool:
+        return self.grto.placement == "separate"
+
     def _init_resource_pool_mgr(self) -> None:
         super()._init_resource_pool_mgr()
+        if self.separate_tool:  # the tool's own pool, created with the others (one GPU check for all)
+            register_tool_pool(self.resource_pool_manager, self.grto.tool_workers_per_node, self.config.trainer.nnodes)
+            return
         for role in list(self.role_worker_mapping):
             if role in _ACTOR_ROLES:
                 self.role_worker_mapping[role] = ray.remote(ActorRolloutRefToolWorker)
@@ -83,14 +117,26 @@ class GRTOTrainer(PPOTrainerSync):
     def _init_tool(self) -> None:
         if self._tool_ready:
             return
-        sizes = self.actor_rollout_wg.init_tool(self.grto.tool)
-        files = self.config.data.train_files
-        files = [files] if isinstance(files, str) else list(files)
-        self.image_store = SampleImageStore(files)
+        if self.separate_tool:
+            self.tool_wg = create_tool_worker_group(
+                resource_pool=self.resource_pool_manager.get_resource_pool(TOOL_ROLE)
+            )
+        else:
+            self.tool_wg = self.actor_rollout_wg
+        sizes = self.tool_wg.init_tool(self.grto.tool)
+        self.image_store = SampleImageStore(self._data_files("train_files") + self._data_files("val_files"))
         self._tool_ready = True
         logger.info(
-            "tool initialised: %d trainable parameters; %d training images indexed", sizes[0], len(self.image_store)
+            "tool initialised (%s, %d ranks): %d trainable parameters; %d images indexed",
+            self.grto.placement,
+            self.tool_wg.world_size,
+            sizes[0],
+            len(self.image_store),
         )
+
+    def _data_files(self, key: str) -> list[str]:
+        files = self.config.data.get(key) or []
+        return [files] if isinstance(files, str) else list(files)
 
     def _step_folder(self) -> str:
         return os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
@@ -100,26 +146,28 @@ class GRTOTrainer(PPOTrainerSync):
         super()._load_checkpoint()
         if self.global_steps > 0:
             tool_dir = os.path.join(self._step_folder(), "tool")
-            step = self.actor_rollout_wg.tool_load(tool_dir)[0]
+            step = self.tool_wg.tool_load(tool_dir)[0]
             logger.info("Resumed the tool from %s (tool step %d)", tool_dir, step)
 
     def _save_checkpoint(self) -> None:
         # the tool first: verl writes latest_checkpointed_iteration.txt last, so a checkpoint
         # that resume can see always holds both the policy and the tool
-        self.actor_rollout_wg.tool_save(os.path.join(self._step_folder(), "tool"))
+        self.tool_wg.tool_save(os.path.join(self._step_folder(), "tool"))
         super()._save_checkpoint()
 
     # ---- phase 1: tool masks -> mask rewards (before advantages) ----------------------------
-    def _shards(self, view: RolloutView, gt_masks: list[np.ndarray] | None, prompts: list[Any]) -> list[ToolBatch]:
-        """Split rollouts over the tool's data-parallel ranks, keeping each image's rollouts together."""
-        world = self.actor_rollout_wg.world_size
+    def _shards(
+        self, view: RolloutView, gt_masks: list[np.ndarray] | None, prompts: list[Any]
+    ) -> tuple[list[ToolBatch], list[list[int]]]:
+        """Split rollouts over the tool's data-parallel ranks, keeping each image's rollouts together;
+        returns one batch per rank and the rollout indices each holds."""
+        world = self.tool_wg.world_size
         by_image: dict[str, list[int]] = defaultdict(list)
         for i, sid in enumerate(view.sample_ids):
             by_image[sid].append(i)
         shard_rows: list[list[int]] = [[] for _ in range(world)]
         for k, rows in enumerate(by_image.values()):
             shard_rows[k % world].extend(rows)
-        self._shard_rows = shard_rows
         batches = []
         for rows in shard_rows:
             sids = list(dict.fromkeys(view.sample_ids[i] for i in rows))
@@ -133,13 +181,13 @@ class GRTOTrainer(PPOTrainerSync):
                     gt_masks=[gt_masks[i] for i in rows] if gt_masks is not None else None,
                 )
             )
-        return batches
+        return batches, shard_rows
 
-    def _predict_masks(self, n: int) -> list[np.ndarray | None]:
-        """The tool's masks for the current step's rollouts, in rollout order (embeddings cached)."""
-        shard_masks = self.actor_rollout_wg.tool_predict(self._tool_batches)
+    def _predict_masks(self, batches: list[ToolBatch], shard_rows: list[list[int]], n: int) -> list[np.ndarray | None]:
+        """The tool's masks for ``n`` rollouts sharded as ``_shards`` made them, in rollout order."""
+        shard_masks = self.tool_wg.tool_predict(batches)
         masks: list[np.ndarray | None] = [None] * n
-        for rows, out in zip(self._shard_rows, shard_masks, strict=True):
+        for rows, out in zip(shard_rows, shard_masks, strict=True):
             for i, m in zip(rows, out.masks, strict=True):
                 masks[i] = m
         return masks
@@ -157,16 +205,14 @@ class GRTOTrainer(PPOTrainerSync):
         data = tq.kv_batch_get(
             keys=batch.keys,
             partition_id=batch.partition_id,
-            select_fields=["responses", "uid", "extra_info", "reward_model", "rm_scores"],
+            select_fields=[*VIEW_FIELDS, "rm_scores"],
         )
         view = RolloutView(data, self.tokenizer)
-        parsed = [parse_answer(t, gt.image_size) for t, gt in zip(view.texts, view.ground_truths, strict=True)]
-        gt_masks = [decode_rle(gt.mask_rle) for gt in view.ground_truths]
-        prompts = [list(p.objects) if p.ok else [] for p in parsed]
+        parsed, gt_masks, prompts = _parse_view(view)
 
-        self.actor_rollout_wg.tool_begin_step()
-        self._tool_batches = self._shards(view, gt_masks, prompts)
-        masks = self._predict_masks(len(view))
+        self.tool_wg.tool_begin_step()
+        self._tool_batches, self._shard_rows = self._shards(view, gt_masks, prompts)
+        masks = self._predict_masks(self._tool_batches, self._shard_rows, len(view))
         self._masks_before, self._gt_masks = masks, gt_masks
 
         breakdowns = [
@@ -214,40 +260,169 @@ class GRTOTrainer(PPOTrainerSync):
             self._tool_rewards(batch, metrics)
         return super()._compute_advantage(batch, metrics)
 
-    # ---- phase 2: tool update on the same rollouts (after the actor update) -----------------
-    def _tool_update(self, batch: Any, metrics: dict) -> None:
-        assert self._view is not None and self._tool_batches is not None
+    # ---- phase 2: tool update on the same rollouts (after, or beside, the actor update) ------
+    def _tool_weights(self, batch: Any) -> np.ndarray:
+        """w_i * lambda per rollout, from the advantages already in TransferQueue."""
+        assert self._view is not None
         view = self._view
-        fields = ["advantages"]
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["advantages"])
         seq_adv = np.array([float(a[0]) if a.numel() else 0.0 for a in data["advantages"].unbind()])
-        weights = (
-            tool_loss_weights(
-                self.grto.weighting,
-                n=len(view),
-                advantages=seq_adv,
-                group_ids=view.uids,
-                parse_ok=self._parse_ok,
-            )
-            * self.grto.tool_loss_coef
+        weights = tool_loss_weights(
+            self.grto.weighting, n=len(view), advantages=seq_adv, group_ids=view.uids, parse_ok=self._parse_ok
         )
+        return weights * self.grto.tool_loss_coef
+
+    def _start_tool_update(self, batch: Any) -> tuple[np.ndarray, list[Any]]:
+        """Queue the tool's update epochs on its workers without waiting (own pool: they run while
+        the actor updates); on the colocated group they run here, one after the other."""
+        assert self._tool_batches is not None
+        weights = self._tool_weights(batch)
         shard_weights = [[float(weights[i]) for i in rows] for rows in self._shard_rows]
-        per_epoch = []
-        for _ in range(self.grto.tool_epochs):
-            per_epoch.append(self.actor_rollout_wg.tool_update(self._tool_batches, shard_weights)[0])
-        last = per_epoch[-1]
+        if self.separate_tool:
+            return weights, [
+                tool_update_async(self.tool_wg, self._tool_batches, shard_weights) for _ in range(self.grto.tool_epochs)
+            ]
+        return weights, [
+            self.tool_wg.tool_update(self._tool_batches, shard_weights) for _ in range(self.grto.tool_epochs)
+        ]
+
+    def _finish_tool_update(self, weights: np.ndarray, pending: list[Any], metrics: dict) -> None:
+        per_epoch = [ray.get(p) if self.separate_tool else p for p in pending]
+        last = per_epoch[-1][0]
         for key in ("loss", "bce", "dice", "grad_norm", "skipped", "num_empty"):
             metrics[f"grto/tool/{key}"] = last[key]
+        assert self._tool_batches is not None
         metrics["grto/tool/iou_before"] = self._mean_parsed_iou(self._masks_before)
-        metrics["grto/tool/iou_after"] = self._mean_parsed_iou(self._predict_masks(len(view)))
+        metrics["grto/tool/iou_after"] = self._mean_parsed_iou(
+            self._predict_masks(self._tool_batches, self._shard_rows, len(self._masks_before))
+        )
         metrics["grto/tool/weight_mean"] = float(weights.mean())
         if last["skipped"]:
             logger.warning("tool step skipped at global step %d (non-finite loss or no signal)", self.global_steps)
 
     def _update_actor(self, batch: Any, metrics: dict) -> Any:
-        batch = super()._update_actor(batch, metrics)
-        if self.grto.trains_tool:
+        if not self.grto.trains_tool:
+            batch = super()._update_actor(batch, metrics)
+        elif self.separate_tool:
+            with marked_timer("update_tool_submit", self.timing_raw, color="purple"):
+                weights, pending = self._start_tool_update(batch)
+            batch = super()._update_actor(batch, metrics)
+            with marked_timer("update_tool", self.timing_raw, color="purple"):  # the wait beyond the actor's
+                self._finish_tool_update(weights, pending, metrics)
+        else:
+            batch = super()._update_actor(batch, metrics)
             with marked_timer("update_tool", self.timing_raw, color="purple"):
-                self._tool_update(batch, metrics)
+                self._finish_tool_update(*self._start_tool_update(batch), metrics)
         self._view, self._tool_batches = None, None
         return batch
+
+    # ---- generation outside the training step (validation, BTO's buffer) ---------------------
+    def generate_batch(self, batch_dict: dict[str, Any], *, validate: bool, n: int | None = None) -> Any:
+        """Answers for one dataloader batch through verl's agent loop and rollout servers.
+
+        The same submission verl's ``_validate`` makes (prompts registered in TransferQueue, then
+        sampled back through the replay buffer), greedy ``val_kwargs`` when ``validate`` and the
+        training sampler otherwise, with ``n`` answers per prompt (None: the config's). Returns the
+        batch's ``KVBatchMeta``; the caller reads its fields and clears it from TransferQueue.
+        """
+        partition = "val" if validate else "train"
+        size = len(batch_dict["raw_prompt"])
+        batch_dict["uid"] = np.array([str(uuid.uuid4()) for _ in range(size)], dtype=object)
+        if n is not None:
+            batch_dict["__rollout_n__"] = np.array([n] * size, dtype=object)
+        batch = tu.get_tensordict(batch_dict)
+        tu.assign_non_tensor_data(batch, "global_steps", self.global_steps)
+        if validate:
+            tu.assign_non_tensor_data(batch, "validate", True)
+        tags = [{"is_prompt": True, "status": "pending", "global_steps": self.global_steps} for _ in range(size)]
+        tq.kv_batch_put(keys=list(batch["uid"]), partition_id=partition, tags=tags)
+        self.agent_loop_manager.generate_sequences(batch)
+        meta, _ = self.replay_buffer.sample(global_steps=self.global_steps, partition_id=partition, batch_size=size)
+        return meta
+
+    # ---- validation through the tool ---------------------------------------------------------
+    def _validate(self) -> dict[str, float]:
+        """Validation as the task scores it: greedy answers -> the tool's masks -> gIoU and cIoU.
+
+        Replaces verl's reward-based validation in the grto modes (verl's would score the agent
+        loop's box reward, not the masks). Beside the tool's score: the trivial baseline of a mask
+        that fills the answer's boxes, and the parse rate. Unparseable answers are missing masks
+        (the empty-mask rule of docs/benchmarks.md).
+        """
+        self._init_tool()
+        start = time.perf_counter()
+        tool_acc, fill_acc = IoUAccumulator(), IoUAccumulator()
+        parsed_ok: list[bool] = []
+        for batch_dict in self.val_dataloader:
+            meta = self.generate_batch(batch_dict, validate=True)
+            data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=VIEW_FIELDS)
+            tq.kv_clear(keys=meta.keys, partition_id=meta.partition_id)
+            view = RolloutView(data, self.tokenizer)
+            parsed, gt_masks, prompts = _parse_view(view)
+            self.tool_wg.tool_begin_step()
+            batches, rows = self._shards(view, None, prompts)
+            masks = self._predict_masks(batches, rows, len(view))
+            for p, mask, gt in zip(parsed, masks, gt_masks, strict=True):
+                boxes = [o.box for o in p.objects if o.box is not None]
+                tool_acc.add(mask if p.ok else None, gt)
+                fill_acc.add(fill_boxes(boxes, *gt.shape) if p.ok else None, gt)
+                parsed_ok.append(p.ok)
+        self.tool_wg.tool_begin_step()  # drop the validation images' features
+        tool, fill = tool_acc.results(), fill_acc.results()
+        metrics = {
+            "val-grto/gIoU": tool["gIoU"],
+            "val-grto/cIoU": tool["cIoU"],
+            "val-grto/box_fill_gIoU": fill["gIoU"],
+            "val-grto/parse_rate": float(np.mean(parsed_ok)),
+            "val-grto/n": float(tool["n"]),
+        }
+        self.val_history.append({"step": float(self.global_steps), **metrics})
+        self.stage_seconds["validation"] = self.stage_seconds.get("validation", 0.0) + time.perf_counter() - start
+        return metrics
+
+    # ---- summary ------------------------------------------------------------------------------
+    def _compute_metrics(self, batch: Any, metrics: dict, timing_raw: dict, global_steps: int, epoch: int) -> None:
+        if "step" in timing_raw:
+            self.step_seconds.append(float(timing_raw["step"]))
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
+
+    def summary(self) -> dict[str, Any]:
+        """Validation before and after, and where the time went (written beside the checkpoints)."""
+        steps = self.step_seconds
+        return {
+            "trainer_mode": self.config.trainer.v1.trainer_mode,
+            "validations": self.val_history,
+            "val_first": self.val_history[0] if self.val_history else None,
+            "val_last": self.val_history[-1] if self.val_history else None,
+            "steps": len(steps),
+            "seconds": {**self.stage_seconds, "grto_steps": float(sum(steps))},
+            "mean_step_s": float(np.mean(steps)) if steps else None,
+            "steps_per_epoch": int(self.steps_per_epoch),
+        }
+
+    def fit(self, agent_loop_manager: Any) -> None:
+        super().fit(agent_loop_manager)
+        summary = self.summary()
+        path = os.path.join(self.config.trainer.default_local_dir, SUMMARY_NAME)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(format_summary(summary), flush=True)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The run's summary as a few human-readable lines."""
+    lines = [f"==== verl-grto {summary['trainer_mode']} summary ===="]
+    for name in ("val_first", "val_last"):
+        v = summary.get(name)
+        if v:
+            lines.append(
+                f"validation at step {int(v['step'])}: gIoU {v['val-grto/gIoU']:.3f}  cIoU {v['val-grto/cIoU']:.3f}"
+                f"  (box-fill baseline gIoU {v['val-grto/box_fill_gIoU']:.3f}, parse rate"
+                f" {v['val-grto/parse_rate']:.2f}, n={int(v['val-grto/n'])})"
+            )
+    lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
+    for key in ("bto_fraction_of_grto_epoch",):
+        if summary.get(key) is not None:
+            lines.append(f"BTO wall time / one GRTO epoch: {summary[key]:.2f}")
+    return "\n".join(lines)

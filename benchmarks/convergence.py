@@ -1,0 +1,237 @@
+"""The paper's claim, measured: does B-GRTO converge faster and end better than GRPO?
+
+    .venv/bin/python benchmarks/convergence.py            # 3 seeds (about an hour on 2 cores)
+    .venv/bin/python benchmarks/convergence.py --quick    # 1 seed, fewer steps (minutes)
+
+Every arm is a real ``python -m verl.trainer.main_ppo`` run of ``recipes/bgrto_tiny_cpu`` (synthetic
+camouflage scenes; the tool was pre-trained on plain scenes), with the same data, initial policy,
+initial tool, step budget and validation set; only the trainer mode / tool-loss weight differ:
+
+* ``grpo``: GRPO with the frozen tool (trainer mode ``grto``, ``grto.tool_loss_coef=0``);
+* ``grto``: policy and tool trained together (trainer mode ``grto``);
+* ``bgrto``: BTO, then GRTO (trainer mode ``bgrto``);
+* ``bto_only``: the bootstrapped tool with the reference policy and nothing trained after BTO. This
+  is exactly the ``bgrto`` run's validation between BTO and its first GRTO step, so it is read from
+  that run (a flat line) rather than run again.
+
+Validation (greedy answers -> tool masks -> gIoU / cIoU, with the box-fill baseline) every
+``--test-freq`` steps. Seeds vary RL sampling, data order and BTO's image order
+(``actor_rollout_ref.rollout.seed``, ``data.seed``, ``bto.seed``); the initial models are the seed-0
+tiny assets in every arm. Steps to threshold: the first validated step whose gIoU reaches the
+threshold (default: the ``grpo`` arm's final gIoU, mean over seeds); BTO's time is reported beside
+it, as a fraction of one GRTO epoch. Each final tool is also scored back on the *plain* domain with
+ground-truth boxes (did tuning make it forget the source domain?).
+
+Writes ``--out`` (JSON: every run's validation curve, summaries, settings) and a PNG plot beside it;
+the last line printed is ``steps-to-threshold ratio B-GRTO/GRPO: X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from verl_grto.assets.build import default_home
+from verl_grto.trainer.launch import read_metrics, run_main_ppo
+
+RECIPE = "bgrto_tiny_cpu"
+ARMS: dict[str, list[str]] = {
+    "grpo": ["trainer.v1.trainer_mode=grto", "grto.tool_loss_coef=0"],
+    "grto": ["trainer.v1.trainer_mode=grto"],
+    "bgrto": [],
+}
+GIOU = "val-grto/gIoU"
+
+
+def arm_overrides(arm: str, seed: int, steps: int, test_freq: int, quick: bool) -> list[str]:
+    common = [
+        f"trainer.total_training_steps={steps}",
+        f"trainer.test_freq={test_freq}",
+        f"trainer.save_freq={steps}",  # the final tool, scored back on the plain domain
+        "trainer.val_before_train=true",
+        f"actor_rollout_ref.rollout.seed={seed}",
+        f"data.seed={seed}",
+        f"bto.seed={seed}",
+    ]
+    if quick:
+        common += ["bto.max_prompts=64", "bto.epochs=3"]
+    return common + ARMS[arm]
+
+
+def curve(summary: dict[str, Any]) -> list[tuple[int, float]]:
+    """(step, validation gIoU) from the run's summary; for ``bgrto`` the step-0 point is the one
+    after BTO (where GRTO starts), the one before BTO is kept as ``before_bto``."""
+    points: dict[int, float] = {}
+    for v in summary["validations"]:
+        points[int(v["step"])] = float(v[GIOU])  # a later step-0 validation (after BTO) wins
+    return sorted(points.items())
+
+
+def steps_to(points: list[tuple[int, float]], threshold: float) -> int | None:
+    return next((s for s, v in points if v >= threshold - 1e-12), None)
+
+
+def domain_scores(tool_dir: Path, scenes: int = 64) -> dict[str, float]:
+    """The tool's mean mask IoU from exact ground-truth boxes on held-out plain and camouflage scenes
+    (the tool alone, no policy), with the box-fill baseline."""
+    from transformers import Sam2Model
+
+    from verl_grto.assets.tool_pretrain import evaluate_tool
+
+    model = Sam2Model.from_pretrained(tool_dir)
+    out = {}
+    for domain in ("plain", "camouflage"):
+        iou, fill = evaluate_tool(model, domain, seed=1, scenes=scenes)
+        out[f"{domain}_gt_box_iou"], out[f"{domain}_box_fill_iou"] = iou, fill
+    return out
+
+
+def run_arm(arm: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    name = f"{arm}_s{seed}"
+    start = time.perf_counter()
+    run_main_ppo(
+        RECIPE,
+        default_home(),
+        tmp / name,
+        tmp / f"{name}.jsonl",
+        arm_overrides(arm, seed, args.steps, args.test_freq, args.quick),
+        timeout=3600,
+    )
+    wall = time.perf_counter() - start
+    read_metrics(tmp / f"{name}.jsonl")  # fails loudly if verl logged nothing
+    summary = json.loads((tmp / name / RECIPE / "grto_summary.json").read_text())
+    final_tool = tmp / name / RECIPE / f"global_step_{args.steps}" / "tool"
+    return {
+        "arm": arm,
+        "seed": seed,
+        "wall_s": wall,
+        "curve": curve(summary),
+        "before_bto": float(summary["validations"][0][GIOU]),
+        "tool_gt_box": domain_scores(final_tool),
+        "summary": summary,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 seed, 4 steps, a smaller BTO buffer")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--test-freq", type=int, default=2)
+    ap.add_argument("--threshold", type=float, default=None, help="gIoU (default: GRPO's final gIoU)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.steps = args.steps or (4 if args.quick else 10)
+    out = args.out or Path("benchmarks/results") / ("convergence_quick.json" if args.quick else "convergence.json")
+    tmp = Path(tempfile.mkdtemp(prefix="convergence_"))
+
+    runs = []
+    for seed in args.seeds:
+        for arm in ARMS:
+            print(f"[convergence] {arm} seed {seed} ...", flush=True)
+            runs.append(run_arm(arm, seed, args, tmp))
+            print(f"[convergence] {arm} seed {seed}: {runs[-1]['curve']} ({runs[-1]['wall_s']:.0f} s)", flush=True)
+    for r in [r for r in runs if r["arm"] == "bgrto"]:
+        bto_point = next(v for s, v in r["curve"] if s == 0)
+        runs.append({"arm": "bto_only", "seed": r["seed"], "curve": [(s, bto_point) for s, _ in r["curve"]]})
+
+    arms = ["grpo", "grto", "bgrto", "bto_only"]
+    finals = {a: [r["curve"][-1][1] for r in runs if r["arm"] == a] for a in arms}
+    threshold = args.threshold if args.threshold is not None else float(np.mean(finals["grpo"]))
+    table = {}
+    for a in arms:
+        reached = [steps_to(r["curve"], threshold) for r in runs if r["arm"] == a]
+        table[a] = {
+            "final_gIoU_mean": float(np.mean(finals[a])),
+            "final_gIoU_std": float(np.std(finals[a])),
+            "initial_gIoU_mean": float(np.mean([r["curve"][0][1] for r in runs if r["arm"] == a])),
+            "steps_to_threshold": reached,
+        }
+    baseline = [r["summary"]["val_last"]["val-grto/box_fill_gIoU"] for r in runs if r["arm"] == "grpo"]
+    from verl_grto.assets.build import ensure_assets
+    from verl_grto.assets.tool_pretrain import ensure_pretrained_tool
+
+    ensure_assets(None, seed=0)
+    initial_tool = domain_scores(ensure_pretrained_tool(None, seed=0))
+    for a in ("grpo", "grto", "bgrto"):
+        scores = [r["tool_gt_box"] for r in runs if r["arm"] == a]
+        table[a]["final_tool_gt_box"] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    bto_fraction = [r["summary"].get("bto_fraction_of_grto_epoch") for r in runs if r["arm"] == "bgrto"]
+
+    def mean_steps(a: str) -> float | None:
+        got = table[a]["steps_to_threshold"]
+        return float(np.mean(got)) if got and all(s is not None for s in got) else None
+
+    g, b = mean_steps("grpo"), mean_steps("bgrto")
+    ratio = (b / g) if (g and b is not None) else (0.0 if (b == 0 and g) else None)
+    result = {
+        "recipe": RECIPE,
+        "settings": {"seeds": args.seeds, "steps": args.steps, "test_freq": args.test_freq, "quick": args.quick},
+        "threshold_gIoU": threshold,
+        "box_fill_baseline_gIoU_grpo_final": float(np.mean(baseline)),
+        "bto_fraction_of_grto_epoch": bto_fraction,
+        "initial_tool_gt_box": initial_tool,
+        "arms": table,
+        "runs": runs,
+        "steps_to_threshold_ratio_bgrto_over_grpo": ratio,
+        "command": "python benchmarks/convergence.py" + (" --quick" if args.quick else ""),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(runs, arms, threshold, out.with_suffix(".png"))
+
+    print(f"threshold gIoU {threshold:.3f} (GRPO's final, mean over seeds {args.seeds})")
+    print(f"box-fill baseline gIoU (GRPO final policy's boxes filled): {np.mean(baseline):.3f}")
+    for a in arms:
+        t = table[a]
+        print(
+            f"{a:9s} gIoU {t['initial_gIoU_mean']:.3f} -> {t['final_gIoU_mean']:.3f} +- {t['final_gIoU_std']:.3f}"
+            f"  steps to threshold {t['steps_to_threshold']}"
+        )
+    print(f"BTO wall time / one GRTO epoch: {bto_fraction}")
+    print(
+        "tool alone, exact GT boxes (mask IoU plain / camouflage; box fill {:.3f} / {:.3f}):".format(
+            initial_tool["plain_box_fill_iou"], initial_tool["camouflage_box_fill_iou"]
+        )
+    )
+    print(f"  initial   {initial_tool['plain_gt_box_iou']:.3f} / {initial_tool['camouflage_gt_box_iou']:.3f}")
+    for a in ("grpo", "grto", "bgrto"):
+        t = table[a]["final_tool_gt_box"]
+        print(f"  {a:9s} {t['plain_gt_box_iou']:.3f} / {t['camouflage_gt_box_iou']:.3f}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"steps-to-threshold ratio B-GRTO/GRPO: {'n/a' if ratio is None else f'{ratio:.2f}'}")
+    return 0
+
+
+def plot(runs: list[dict[str, Any]], arms: list[str], threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for color, a in zip(("tab:gray", "tab:blue", "tab:red", "tab:green"), arms, strict=True):
+        curves = [r["curve"] for r in runs if r["arm"] == a]
+        steps = [s for s, _ in curves[0]]
+        values = np.array([[v for _, v in c] for c in curves])
+        ax.plot(steps, values.mean(0), label=a, color=color, linestyle="--" if a == "bto_only" else "-")
+        if len(curves) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15)
+    ax.axhline(threshold, color="black", linewidth=0.8, linestyle=":", label="threshold")
+    ax.set_xlabel("GRTO step (0 = before training; bgrto: after BTO)")
+    ax.set_ylabel("validation gIoU (camouflage)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

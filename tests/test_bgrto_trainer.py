@@ -1,0 +1,57 @@
+"""The ``bgrto`` trainer mode's pieces that run without Ray (the whole mode: tests/test_e2e_bgrto.py)."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from verl_grto.trainer.bgrto_trainer import dataset_rows
+from verl_grto.trainer.config import BTOConfig
+from verl_grto.trainer.grto_trainer import format_summary
+
+
+def test_bto_config_defaults_and_errors():
+    cfg = BTOConfig.from_config({"epochs": 2, "max_prompts": 16})
+    assert (cfg.epochs, cfg.max_prompts, cfg.group_size, cfg.batch_size) == (2, 16, None, 8)
+    assert BTOConfig.from_config(None) == BTOConfig()
+    for bad in ({"epochs": 0}, {"group_size": 0}, {"max_prompts": 0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match="bto\\."):
+            BTOConfig.from_config(bad)
+    with pytest.raises(TypeError):
+        BTOConfig.from_config({"epoch": 3})  # a typo is an error, not a silent default
+
+
+class _Dataset:
+    """What :func:`dataset_rows` reads of verl's RLHFDataset: its (filtered) ``datasets`` table."""
+
+    def __init__(self, table: datasets.Dataset) -> None:
+        self.dataframe = table
+
+
+def test_dataset_rows_follow_verls_dataset_order_after_filtering():
+    table = datasets.Dataset.from_list(
+        [
+            {"extra_info": {"sample_id": f"s{i}"}, "reward_model": {"ground_truth": f"g{i}"}, "images": [b"x" * 10]}
+            for i in range(5)
+        ]
+    )
+    filtered = table.select([4, 1, 3])  # verl's sub-sampling / long-prompt filter keep a subset, in its order
+    rows = dataset_rows(_Dataset(filtered))
+    assert [r["extra_info"]["sample_id"] for r in rows] == ["s4", "s1", "s3"]
+    assert [r["dataset_index"] for r in rows] == [0, 1, 2]
+    assert rows[0]["reward_model"] == {"ground_truth": "g4"} and "images" not in rows[0]
+
+
+def test_summary_names_scores_baseline_and_times():
+    val = {"val-grto/gIoU": 0.2, "val-grto/cIoU": 0.3, "val-grto/box_fill_gIoU": 0.25, "val-grto/parse_rate": 1.0}
+    summary = {
+        "trainer_mode": "bgrto",
+        "val_first": {"step": 0.0, **val, "val-grto/n": 32.0},
+        "val_last": {"step": 8.0, **val, "val-grto/gIoU": 0.4, "val-grto/n": 32.0},
+        "seconds": {"bto_buffer": 10.0, "bto_tool": 5.0, "grto_steps": 80.0},
+        "bto_fraction_of_grto_epoch": 0.12,
+    }
+    text = format_summary(summary)
+    assert "step 0: gIoU 0.200" in text and "step 8: gIoU 0.400" in text
+    assert "box-fill baseline gIoU 0.250" in text and "bto_buffer 10.0" in text
+    assert "BTO wall time / one GRTO epoch: 0.12" in text

@@ -362,7 +362,13 @@ def test_ranks_train_on_disjoint_equal_shares_of_the_images(data, base_tool):
     runs the same number of updates (the engine's all-reduce needs them in step)."""
     reports = [
         train_tool_on_buffer(
-            fresh_engine(base_tool), data["buffer"], data["store"], epochs=1, batch_size=2, shard=(rank, 2), progress=False
+            fresh_engine(base_tool),
+            data["buffer"],
+            data["store"],
+            epochs=1,
+            batch_size=2,
+            shard=(rank, 2),
+            progress=False,
         )
         for rank in range(2)
     ]

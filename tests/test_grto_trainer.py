@@ -84,6 +84,7 @@ def setup(tiny_assets, tmp_path, monkeypatch):
     trainer.global_steps = 1
     trainer.actor_rollout_wg = LocalWorkerGroup()
     trainer.actor_rollout_wg.init_tool(trainer.grto.tool)
+    trainer.tool_wg = trainer.actor_rollout_wg  # colocated placement
 
     class Store:
         def images(self, sids):

@@ -8,23 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from tool_helpers import Scene, shape_scene, tiny_tool
+from tool_helpers import Scene, make_batch, shape_scene, tiny_tool
 
 from verl_grto.tool.engine import ToolBatch, ToolEngine, ToolEngineConfig
 from verl_grto.tool.losses import LossConfig, segmentation_losses
 from verl_grto.tool.prompts import ObjectPrompt
-
-
-def make_batch(scenes: list[Scene], rng: np.random.Generator, group: int = 2, prefix: str = "s") -> ToolBatch:
-    """`group` rollouts per scene, each prompting a random object with a jittered box."""
-    index, prompts, masks = [], [], []
-    for i, scene in enumerate(scenes):
-        for _ in range(group):
-            obj = int(rng.integers(len(scene.masks)))
-            index.append(i)
-            prompts.append([scene.prompt(obj, rng, jitter=2.0)])
-            masks.append(scene.masks[obj])
-    return ToolBatch([f"{prefix}{i}" for i in range(len(scenes))], [s.image for s in scenes], index, prompts, masks)
 
 
 @pytest.fixture(scope="module")

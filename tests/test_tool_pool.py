@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from tool_helpers import Scene, shape_scene
+from tool_helpers import make_batch, shape_scene
 from verl.single_controller.ray import RayWorkerGroup
 
 from verl_grto.assets.build import build_tiny_sam2
@@ -25,17 +25,6 @@ from verl_grto.tool.worker import ToolSettings
 #: The Ray tests start worker processes that each import verl, torch and transformers (~20 s each on
 #: the shared 2-core test machine): marked like the repo's other slow, multi-process tests.
 slow = pytest.mark.e2e
-
-
-def make_batch(scenes: list[Scene], rng: np.random.Generator, prefix: str, group: int = 2) -> ToolBatch:
-    index, prompts, masks = [], [], []
-    for i, scene in enumerate(scenes):
-        for _ in range(group):
-            obj = int(rng.integers(len(scene.masks)))
-            index.append(i)
-            prompts.append([scene.prompt(obj, rng, jitter=2.0)])
-            masks.append(scene.masks[obj])
-    return ToolBatch([f"{prefix}{i}" for i in range(len(scenes))], [s.image for s in scenes], index, prompts, masks)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +124,7 @@ def test_two_tool_workers_train_in_sync_and_checkpoint(tool_group, settings, tmp
     rng = np.random.default_rng(0)
     scenes = [shape_scene(rng, 96, 128) for _ in range(3)]
     # rank 0 gets two images, rank 1 one: different shards, so only the all-reduce keeps them equal
-    batches = [make_batch(scenes[:2], rng, "a"), make_batch(scenes[2:], rng, "b")]
+    batches = [make_batch(scenes[:2], rng, prefix="a"), make_batch(scenes[2:], rng, prefix="b")]
 
     wg.tool_begin_step()
     masks = wg.tool_predict(batches)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from verl_grto.tool.configs import tiny_sam2_config
+from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.model import SegmentationTool
 from verl_grto.tool.prompts import ObjectPrompt
 
@@ -59,3 +60,15 @@ def shape_scene(rng: np.random.Generator, height: int = 128, width: int = 128, m
     for i in range(len(masks) - 1):
         masks[i] = masks[i] & ~np.logical_or.reduce(masks[i + 1 :])
     return Scene(image, [m for m in masks if m.any()])  # the last object is always visible
+
+
+def make_batch(scenes: list[Scene], rng: np.random.Generator, group: int = 2, prefix: str = "s") -> ToolBatch:
+    """`group` rollouts per scene, each prompting a random object with a jittered box."""
+    index, prompts, masks = [], [], []
+    for i, scene in enumerate(scenes):
+        for _ in range(group):
+            obj = int(rng.integers(len(scene.masks)))
+            index.append(i)
+            prompts.append([scene.prompt(obj, rng, jitter=2.0)])
+            masks.append(scene.masks[obj])
+    return ToolBatch([f"{prefix}{i}" for i in range(len(scenes))], [s.image for s in scenes], index, prompts, masks)

@@ -300,6 +300,10 @@ class GRTOTrainer(PPOTrainerSync):
         if last["skipped"]:
             logger.warning("tool step skipped at global step %d (non-finite loss or no signal)", self.global_steps)
 
+    def _tool_update(self, batch: Any, metrics: dict) -> None:
+        """The tool's update epochs on the step's rollouts, waited for (the colocated path)."""
+        self._finish_tool_update(*self._start_tool_update(batch), metrics)
+
     def _update_actor(self, batch: Any, metrics: dict) -> Any:
         if not self.grto.trains_tool:
             batch = super()._update_actor(batch, metrics)
@@ -312,7 +316,7 @@ class GRTOTrainer(PPOTrainerSync):
         else:
             batch = super()._update_actor(batch, metrics)
             with marked_timer("update_tool", self.timing_raw, color="purple"):
-                self._finish_tool_update(*self._start_tool_update(batch), metrics)
+                self._tool_update(batch, metrics)
         self._view, self._tool_batches = None, None
         return batch
 

@@ -1,11 +1,13 @@
 """The paper's claim, measured: does B-GRTO converge faster and end better than GRPO?
 
-    .venv/bin/python benchmarks/convergence.py            # 3 seeds (about an hour on 2 cores)
+    .venv/bin/python benchmarks/convergence.py            # 3 seeds, 6 steps (about an hour on 2 cores)
     .venv/bin/python benchmarks/convergence.py --quick    # 1 seed, fewer steps (minutes)
 
 Every arm is a real ``python -m verl.trainer.main_ppo`` run of ``recipes/bgrto_tiny_cpu`` (synthetic
 camouflage scenes; the tool was pre-trained on plain scenes), with the same data, initial policy,
-initial tool, step budget and validation set; only the trainer mode / tool-loss weight differ:
+initial tool, step budget and validation set (32 scenes); only the trainer mode / tool-loss weight
+differ. BTO here samples 64 prompts x G=4 and trains 4 epochs (the main job: 128 prompts; --quick:
+32 prompts, 3 epochs):
 
 * ``grpo``: GRPO with the frozen tool (trainer mode ``grto``, ``grto.tool_loss_coef=0``);
 * ``grto``: policy and tool trained together (trainer mode ``grto``);
@@ -60,8 +62,7 @@ def arm_overrides(arm: str, seed: int, steps: int, test_freq: int, quick: bool) 
         f"data.seed={seed}",
         f"bto.seed={seed}",
     ]
-    if quick:
-        common += ["bto.max_prompts=64", "bto.epochs=3"]
+    common += ["bto.max_prompts=32", "bto.epochs=3"] if quick else ["bto.max_prompts=64", "bto.epochs=4"]
     return common + ARMS[arm]
 
 
@@ -121,7 +122,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict[st
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 seed, 4 steps, a smaller BTO buffer")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 4 steps, a smaller BTO buffer (32 prompts)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--test-freq", type=int, default=2)
@@ -129,7 +130,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.steps = args.steps or (4 if args.quick else 10)
+    args.steps = args.steps or (4 if args.quick else 6)
     out = args.out or Path("benchmarks/results") / ("convergence_quick.json" if args.quick else "convergence.json")
     tmp = Path(tempfile.mkdtemp(prefix="convergence_"))
 

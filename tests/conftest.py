@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -24,5 +26,9 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> AssetPaths:
 @pytest.fixture(scope="session")
 def e2e_home(tmp_path_factory: pytest.TempPathFactory):
     """One VERL_GRTO_HOME for every end-to-end run of the session: the tiny assets (and the warm-started
-    policy, the pre-trained tool) are built once, in a private cache, never in ~/.cache."""
-    return tmp_path_factory.mktemp("grto_home")
+    policy, the pre-trained tool) are built once, in a private cache, never in ~/.cache.
+
+    ``VERL_GRTO_E2E_HOME`` names an existing home to reuse instead (re-running one e2e test locally
+    without rebuilding the assets); CI leaves it unset."""
+    reuse = os.environ.get("VERL_GRTO_E2E_HOME")
+    return Path(reuse) if reuse else tmp_path_factory.mktemp("grto_home")

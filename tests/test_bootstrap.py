@@ -376,3 +376,19 @@ def test_ranks_train_on_disjoint_equal_shares_of_the_images(data, base_tool):
     assert [r.batches for r in reports] == [2, 2]
     with pytest.raises(ValueError, match="rank"):
         train_tool_on_buffer(fresh_engine(base_tool), data["buffer"], data["store"], 1, 2, shard=(2, 2))
+
+
+def test_min_box_iou_trains_only_on_prompts_that_point_at_the_object(data):
+    from verl_grto.reward.geometry import box_iou
+
+    records = data["buffer"].records
+
+    def best(r: BufferRecord) -> float:
+        gt = GroundTruth.from_json(r.ground_truth).boxes
+        return max(box_iou(o.box, g) for o in r.objects() for g in gt)
+
+    threshold = float(np.median([best(r) for r in records if r.parse_ok]))
+    weights = rollout_weights(records, min_box_iou=threshold)
+    assert weights.tolist() == [1.0 if r.parse_ok and best(r) >= threshold else 0.0 for r in records]
+    assert 0 < (weights > 0).sum() < sum(r.parse_ok for r in records)  # the threshold splits the buffer
+    assert rollout_weights(records).tolist() == [float(r.parse_ok) for r in records]  # off by default

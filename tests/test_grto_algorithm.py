@@ -113,3 +113,12 @@ def test_surrogate_gradients_split_into_grpo_and_weighted_tool_loss():
     # lambda = 0 is GRPO exactly, and the policy loss never reaches phi
     assert grto_surrogate(pg_loss, per_rollout, weights, 0.0) is pg_loss
     assert torch.autograd.grad(pg_loss, phi, allow_unused=True)[0] is None
+
+
+def test_prompts_that_miss_the_object_can_be_left_out_of_the_tool_loss():
+    from verl_grto.algorithm.tool_weights import prompt_points_at_object
+
+    gt = [(10.0, 10.0, 50.0, 50.0)]
+    boxes = [[(10.0, 10.0, 50.0, 50.0)], [(60.0, 60.0, 90.0, 90.0)], [], [(12.0, 12.0, 40.0, 40.0), (0, 0, 5, 5)]]
+    assert prompt_points_at_object(boxes, gt, 0.3).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert prompt_points_at_object(boxes, gt, 0.0).tolist() == [1.0, 1.0, 1.0, 1.0]  # off: everything counts

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from verl_grto.algorithm.tool_weights import tool_loss_weights
+from verl_grto.algorithm.tool_weights import prompt_points_at_object, tool_loss_weights
 from verl_grto.atomic import atomic_file, build_dir_once, read_stamp
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.parquet import write_rows_atomic
@@ -493,12 +493,37 @@ def rollout_weights(
     target_logprob_fn: TargetLogprobFn | None = None,
     importance_clip: float = 2.0,
     chunk_size: int = 64,
+    min_box_iou: float = 0.0,
 ) -> np.ndarray:
     """w_i of every record for the stage: 0 for unparseable answers; ``importance``: min(exp(mean_t log pi/mu), clip).
 
     The target policy is fixed during BTO (no policy update), so the weights are computed once;
     ``target_logprob_fn`` is called on the parseable records only, ``chunk_size`` at a time.
+    ``min_box_iou`` > 0 also zeroes the records whose boxes miss every ground-truth box
+    (:func:`~verl_grto.algorithm.tool_weights.prompt_points_at_object`).
     """
+    weights = _base_weights(records, weighting, target_logprob_fn, importance_clip, chunk_size)
+    if min_box_iou > 0:
+        weights = weights * np.array(
+            [
+                prompt_points_at_object(
+                    [[o.box for o in r.objects() if o.box is not None]],
+                    GroundTruth.from_json(r.ground_truth).boxes,
+                    min_box_iou,
+                )[0]
+                for r in records
+            ]
+        )
+    return weights
+
+
+def _base_weights(
+    records: Sequence[BufferRecord],
+    weighting: str,
+    target_logprob_fn: TargetLogprobFn | None,
+    importance_clip: float,
+    chunk_size: int,
+) -> np.ndarray:
     parse_ok = [r.parse_ok for r in records]
     if weighting == "uniform":
         if target_logprob_fn is not None:
@@ -667,6 +692,7 @@ def train_tool_on_buffer(
     max_cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
+    min_box_iou: float = 0.0,
 ) -> BTOReport:
     """Train the tool off-policy on the buffer for ``epochs`` epochs; one update per ``batch_size`` images.
 
@@ -683,7 +709,8 @@ def train_tool_on_buffer(
     the newest one (the settings and buffer must be the same; ``epochs`` may grow); ``resume=False``
     deletes them and starts over. ``shard=(rank, world)`` trains this data-parallel rank on every
     ``world``-th image (the images are first cut to a multiple of ``world``, so every rank runs the
-    same number of updates and the engine's gradient all-reduce stays in step). ``heldout`` rollouts (e.g. the reference policy's answers on
+    same number of updates and the engine's gradient all-reduce stays in step). ``min_box_iou`` > 0
+    trains only on rollouts whose box points at the object (:func:`rollout_weights`). ``heldout`` rollouts (e.g. the reference policy's answers on
     validation rows, from ``heldout_store`` or ``image_store``) are scored before and after (gIoU).
     """
     if epochs < 0 or batch_size < 1 or checkpoint_every < 1:
@@ -692,7 +719,7 @@ def train_tool_on_buffer(
         )
     start = time.perf_counter()
     records = buffer.records
-    weights = rollout_weights(records, weighting, target_logprob_fn, importance_clip)
+    weights = rollout_weights(records, weighting, target_logprob_fn, importance_clip, min_box_iou=min_box_iou)
     rank, world = shard
     if not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
@@ -707,6 +734,7 @@ def train_tool_on_buffer(
         "importance_clip": importance_clip,
         "seed": seed,
         "shard": list(shard),
+        "min_box_iou": min_box_iou,
     }
     state: dict[str, Any] = {
         **settings,

@@ -12,6 +12,8 @@ from typing import Literal
 
 import numpy as np
 
+from verl_grto.reward.geometry import Box, box_iou
+
 Weighting = Literal["uniform", "importance", "advantage"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "importance", "advantage")
 
@@ -86,3 +88,22 @@ def tool_loss_weights(
     if parse_ok is not None:
         w = np.where(np.asarray(parse_ok, dtype=bool), w, 0.0)
     return w
+
+
+def prompt_points_at_object(
+    prompt_boxes: Sequence[Sequence[Box]], gt_boxes: Sequence[Box], min_box_iou: float
+) -> np.ndarray:
+    """1 where a rollout's best box overlaps a ground-truth box with IoU >= ``min_box_iou``, else 0.
+
+    Why: a mask loss on a prompt that misses the object asks the tool to segment something its
+    prompt does not point at; from a policy that does not localise yet, most rollouts are such, and
+    training on them teaches the tool to predict background (measured: benchmarks/bto_weighting.py).
+    ``min_box_iou`` 0 keeps every rollout. Rollouts without a box count as missing it (when > 0).
+    """
+    out = np.ones(len(prompt_boxes))
+    if min_box_iou <= 0:
+        return out
+    for i, boxes in enumerate(prompt_boxes):
+        best = max((box_iou(b, g) for b in boxes for g in gt_boxes), default=0.0)
+        out[i] = 1.0 if best >= min_box_iou else 0.0
+    return out

@@ -58,6 +58,7 @@ class BTORequest:
     batch_size: int
     checkpoint_every: int = 50
     seed: int = 0
+    min_box_iou: float = 0.0
     progress: bool = True
 
 
@@ -135,6 +136,7 @@ class ToolWorkerMixin:
             seed=request.seed,
             progress=request.progress and _rank() == 0,
             shard=(_rank(), world),
+            min_box_iou=request.min_box_iou,
         )
         return asdict(report)
 

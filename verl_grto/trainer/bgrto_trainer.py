@@ -144,6 +144,7 @@ class BGRTOTrainer(GRTOTrainer):
             batch_size=self.bto.batch_size,
             checkpoint_every=self.bto.checkpoint_every,
             seed=self.bto.seed,
+            min_box_iou=self.bto.min_box_iou,
         )
         tool_report = self.tool_wg.tool_bto(request)[0]
         tool_s = time.perf_counter() - start

@@ -72,6 +72,8 @@ class BTOConfig:
     tool update. Weights are uniform: at BTO time pi_theta = mu, so importance weights are all 1
     (reusing a buffer of another policy with importance weights is
     :func:`verl_grto.algorithm.bootstrap.train_tool_on_buffer`'s ``weighting="importance"``).
+    ``min_box_iou`` > 0 trains only on rollouts whose box overlaps the ground truth at least that
+    much (a policy that does not localise yet otherwise teaches the tool to predict background).
     ``validate_after`` runs a validation between BTO and GRTO (the bootstrap's own effect).
     """
 
@@ -81,6 +83,7 @@ class BTOConfig:
     batch_size: int = 8
     checkpoint_every: int = 50
     seed: int = 0
+    min_box_iou: float = 0.0
     validate_after: bool = True
 
     def __post_init__(self) -> None:
@@ -88,6 +91,8 @@ class BTOConfig:
             raise ValueError(f"bto.group_size must be >= 1 or null, got {self.group_size}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"bto.max_prompts must be >= 1 or null, got {self.max_prompts}")
+        if not 0.0 <= self.min_box_iou <= 1.0:
+            raise ValueError(f"bto.min_box_iou must be in [0, 1], got {self.min_box_iou}")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError(
                 "bto.epochs, bto.batch_size and bto.checkpoint_every must be >= 1: "

@@ -11,10 +11,15 @@ differ. BTO here samples 64 prompts x G=4 and trains 4 epochs (the main job: 128
 
 * ``grpo``: GRPO with the frozen tool (trainer mode ``grto``, ``grto.tool_loss_coef=0``);
 * ``grto``: policy and tool trained together (trainer mode ``grto``);
-* ``bgrto``: BTO, then GRTO (trainer mode ``bgrto``);
-* ``bto_only``: the bootstrapped tool with the reference policy and nothing trained after BTO. This
-  is exactly the ``bgrto`` run's validation between BTO and its first GRTO step, so it is read from
-  that run (a flat line) rather than run again.
+* ``bgrto``: BTO, then GRTO (trainer mode ``bgrto``), BTO on the rollouts whose box points at the
+  object (``bto.min_box_iou=0.1``, the recipe's default); ``bgrto_uniform``: BTO on every parseable
+  rollout (``bto.min_box_iou=0``);
+* ``bto_only`` / ``bto_only_uniform``: the bootstrapped tool with the reference policy and nothing
+  trained after BTO. This is exactly the B-GRTO run's validation between BTO and its first GRTO
+  step, so it is read from that run (a flat line) rather than run again.
+
+``--arms`` runs a subset; ``--merge FILE`` adds the runs of an earlier result file (same settings)
+before the tables are computed, so arms can be run at different times.
 
 Validation (greedy answers -> tool masks -> gIoU / cIoU, with the box-fill baseline) every
 ``--test-freq`` steps. Seeds vary RL sampling, data order and BTO's image order
@@ -47,8 +52,11 @@ RECIPE = "bgrto_tiny_cpu"
 ARMS: dict[str, list[str]] = {
     "grpo": ["trainer.v1.trainer_mode=grto", "grto.tool_loss_coef=0"],
     "grto": ["trainer.v1.trainer_mode=grto"],
-    "bgrto": [],
+    "bgrto_uniform": ["bto.min_box_iou=0.0"],
+    "bgrto": ["bto.min_box_iou=0.1"],  # the recipe's default
 }
+#: The B-GRTO arms and the BTO-only line read from each (its validation between BTO and GRTO).
+BTO_ONLY = {"bgrto_uniform": "bto_only_uniform", "bgrto": "bto_only"}
 GIOU = "val-grto/gIoU"
 
 
@@ -128,6 +136,8 @@ def main() -> int:
     ap.add_argument("--test-freq", type=int, default=2)
     ap.add_argument("--threshold", type=float, default=None, help="gIoU (default: GRPO's final gIoU)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--arms", nargs="*", choices=list(ARMS), default=list(ARMS), help="none: only --merge")
+    ap.add_argument("--merge", type=Path, default=None, help="a result file whose runs are added to this one's")
     args = ap.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.steps = args.steps or (4 if args.quick else 6)
@@ -135,66 +145,80 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="convergence_"))
 
     runs = []
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text())
+        runs = [r for r in earlier["runs"] if not r["arm"].startswith("bto_only")]
     for seed in args.seeds:
-        for arm in ARMS:
+        for arm in args.arms:
             print(f"[convergence] {arm} seed {seed} ...", flush=True)
             runs.append(run_arm(arm, seed, args, tmp))
             print(f"[convergence] {arm} seed {seed}: {runs[-1]['curve']} ({runs[-1]['wall_s']:.0f} s)", flush=True)
-    for r in [r for r in runs if r["arm"] == "bgrto"]:
+    for r in [r for r in runs if r["arm"] in BTO_ONLY]:
         bto_point = next(v for s, v in r["curve"] if s == 0)
-        runs.append({"arm": "bto_only", "seed": r["seed"], "curve": [(s, bto_point) for s, _ in r["curve"]]})
+        line = [(s, bto_point) for s, _ in r["curve"]]
+        runs.append({"arm": BTO_ONLY[r["arm"]], "seed": r["seed"], "curve": line})
 
-    arms = ["grpo", "grto", "bgrto", "bto_only"]
+    order = [*ARMS, *BTO_ONLY.values()]
+    arms = [a for a in order if any(r["arm"] == a for r in runs)]
     finals = {a: [r["curve"][-1][1] for r in runs if r["arm"] == a] for a in arms}
+    if args.threshold is None and "grpo" not in finals:
+        raise SystemExit("without the grpo arm (run or merged) give --threshold")
     threshold = args.threshold if args.threshold is not None else float(np.mean(finals["grpo"]))
     table = {}
     for a in arms:
         reached = [steps_to(r["curve"], threshold) for r in runs if r["arm"] == a]
         table[a] = {
+            "seeds": [r["seed"] for r in runs if r["arm"] == a],
             "final_gIoU_mean": float(np.mean(finals[a])),
             "final_gIoU_std": float(np.std(finals[a])),
             "initial_gIoU_mean": float(np.mean([r["curve"][0][1] for r in runs if r["arm"] == a])),
             "steps_to_threshold": reached,
         }
-    baseline = [r["summary"]["val_last"]["val-grto/box_fill_gIoU"] for r in runs if r["arm"] == "grpo"]
+    baseline = [r["summary"]["val_last"]["val-grto/box_fill_gIoU"] for r in runs if "summary" in r]
     from verl_grto.assets.build import ensure_assets
     from verl_grto.assets.tool_pretrain import ensure_pretrained_tool
 
     ensure_assets(None, seed=0)
     initial_tool = domain_scores(ensure_pretrained_tool(None, seed=0))
-    for a in ("grpo", "grto", "bgrto"):
+    trained = [a for a in arms if a in ARMS]
+    for a in trained:
         scores = [r["tool_gt_box"] for r in runs if r["arm"] == a]
         table[a]["final_tool_gt_box"] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
-    bto_fraction = [r["summary"].get("bto_fraction_of_grto_epoch") for r in runs if r["arm"] == "bgrto"]
+    bto_fraction = [r["summary"].get("bto_fraction_of_grto_epoch") for r in runs if r["arm"] in BTO_ONLY]
 
     def mean_steps(a: str) -> float | None:
-        got = table[a]["steps_to_threshold"]
+        got = table.get(a, {}).get("steps_to_threshold")
         return float(np.mean(got)) if got and all(s is not None for s in got) else None
 
     g, b = mean_steps("grpo"), mean_steps("bgrto")
     ratio = (b / g) if (g and b is not None) else (0.0 if (b == 0 and g) else None)
     result = {
         "recipe": RECIPE,
-        "settings": {"seeds": args.seeds, "steps": args.steps, "test_freq": args.test_freq, "quick": args.quick},
+        "settings": {
+            "seeds": sorted({r["seed"] for r in runs}),
+            "steps": args.steps,
+            "test_freq": args.test_freq,
+            "quick": args.quick,
+        },
         "threshold_gIoU": threshold,
-        "box_fill_baseline_gIoU_grpo_final": float(np.mean(baseline)),
+        "box_fill_baseline_gIoU_final_mean": float(np.mean(baseline)),
         "bto_fraction_of_grto_epoch": bto_fraction,
         "initial_tool_gt_box": initial_tool,
         "arms": table,
         "runs": runs,
         "steps_to_threshold_ratio_bgrto_over_grpo": ratio,
-        "command": "python benchmarks/convergence.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/convergence.py", *sys.argv[1:]]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(runs, arms, threshold, out.with_suffix(".png"))
 
     print(f"threshold gIoU {threshold:.3f} (GRPO's final, mean over seeds {args.seeds})")
-    print(f"box-fill baseline gIoU (GRPO final policy's boxes filled): {np.mean(baseline):.3f}")
+    print(f"box-fill baseline gIoU (each run's final policy's boxes filled, mean): {np.mean(baseline):.3f}")
     for a in arms:
         t = table[a]
         print(
-            f"{a:9s} gIoU {t['initial_gIoU_mean']:.3f} -> {t['final_gIoU_mean']:.3f} +- {t['final_gIoU_std']:.3f}"
+            f"{a:17s} gIoU {t['initial_gIoU_mean']:.3f} -> {t['final_gIoU_mean']:.3f} +- {t['final_gIoU_std']:.3f}"
             f"  steps to threshold {t['steps_to_threshold']}"
         )
     print(f"BTO wall time / one GRTO epoch: {bto_fraction}")
@@ -204,9 +228,9 @@ def main() -> int:
         )
     )
     print(f"  initial   {initial_tool['plain_gt_box_iou']:.3f} / {initial_tool['camouflage_gt_box_iou']:.3f}")
-    for a in ("grpo", "grto", "bgrto"):
+    for a in trained:
         t = table[a]["final_tool_gt_box"]
-        print(f"  {a:9s} {t['plain_gt_box_iou']:.3f} / {t['camouflage_gt_box_iou']:.3f}")
+        print(f"  {a:15s} {t['plain_gt_box_iou']:.3f} / {t['camouflage_gt_box_iou']:.3f}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     print(f"steps-to-threshold ratio B-GRTO/GRPO: {'n/a' if ratio is None else f'{ratio:.2f}'}")
     return 0
@@ -219,11 +243,14 @@ def plot(runs: list[dict[str, Any]], arms: list[str], threshold: float, path: Pa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for color, a in zip(("tab:gray", "tab:blue", "tab:red", "tab:green"), arms, strict=True):
+    colors = {"grpo": "tab:gray", "grto": "tab:blue", "bgrto": "tab:red", "bgrto_uniform": "tab:orange"}
+    colors |= {"bto_only": "tab:red", "bto_only_uniform": "tab:orange"}
+    for a in arms:
+        color = colors.get(a, "tab:purple")
         curves = [r["curve"] for r in runs if r["arm"] == a]
         steps = [s for s, _ in curves[0]]
         values = np.array([[v for _, v in c] for c in curves])
-        ax.plot(steps, values.mean(0), label=a, color=color, linestyle="--" if a == "bto_only" else "-")
+        ax.plot(steps, values.mean(0), label=a, color=color, linestyle="--" if a.startswith("bto_only") else "-")
         if len(curves) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15)
     ax.axhline(threshold, color="black", linewidth=0.8, linestyle=":", label="threshold")

@@ -726,7 +726,10 @@ def train_tool_on_buffer(
     groups = _groups(records, weights)
     groups = groups[: len(groups) // world * world][rank::world]
     if not groups:
-        raise ValueError(f"the buffer has no usable rollouts for rank {rank} of {world} (all unparseable?)")
+        raise ValueError(
+            f"the buffer has no usable rollouts for rank {rank} of {world}: every answer is unparseable"
+            f" or, with min_box_iou={min_box_iou}, its box misses the object"
+        )
     n_batches = -(-len(groups) // batch_size)
     settings = {
         "batch_size": batch_size,

@@ -34,7 +34,7 @@ from verl_grto.algorithm.bootstrap import Rollout, build_buffer
 from verl_grto.atomic import atomic_file
 from verl_grto.tool.worker import BTORequest
 from verl_grto.trainer.config import BTOConfig
-from verl_grto.trainer.grto_trainer import GRTOTrainer
+from verl_grto.trainer.grto_trainer import GRTOTrainer, as_list
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -99,10 +99,7 @@ class BGRTOTrainer(GRTOTrainer):
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         logprobs = [lp.float().tolist() for lp in data["rollout_log_probs"].unbind()]
         by_sample: dict[str, list[Rollout]] = {}
-        extras = data["extra_info"]
-        for extra, text, lp, ids in zip(
-            extras.tolist() if hasattr(extras, "tolist") else extras, texts, logprobs, tokens, strict=True
-        ):
+        for extra, text, lp, ids in zip(as_list(data["extra_info"]), texts, logprobs, tokens, strict=True):
             by_sample.setdefault(str(extra["sample_id"]), []).append(Rollout(text, lp, ids))
         out = []
         for row in rows:

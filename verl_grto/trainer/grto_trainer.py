@@ -51,7 +51,8 @@ VIEW_FIELDS = ["responses", "uid", "extra_info", "reward_model"]
 SUMMARY_NAME = "grto_summary.json"
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A TransferQueue field (numpy object array, tensor or list) as a Python list."""
     return list(value.tolist() if hasattr(value, "tolist") else value)
 
 
@@ -69,10 +70,10 @@ class RolloutView:
         responses = data["responses"]
         self.response_tokens = [t.tolist() for t in responses.unbind()]
         self.texts = tokenizer.batch_decode(self.response_tokens, skip_special_tokens=True)
-        self.uids = [str(u) for u in _as_list(data["uid"])]
-        extra = _as_list(data["extra_info"])
+        self.uids = [str(u) for u in as_list(data["uid"])]
+        extra = as_list(data["extra_info"])
         self.sample_ids = [str(e["sample_id"]) for e in extra]
-        self.ground_truths = [GroundTruth.from_json(rm["ground_truth"]) for rm in _as_list(data["reward_model"])]
+        self.ground_truths = [GroundTruth.from_json(rm["ground_truth"]) for rm in as_list(data["reward_model"])]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -426,7 +427,6 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f" {v['val-grto/parse_rate']:.2f}, n={int(v['val-grto/n'])})"
             )
     lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
-    for key in ("bto_fraction_of_grto_epoch",):
-        if summary.get(key) is not None:
-            lines.append(f"BTO wall time / one GRTO epoch: {summary[key]:.2f}")
+    if summary.get("bto_fraction_of_grto_epoch") is not None:
+        lines.append(f"BTO wall time / one GRTO epoch: {summary['bto_fraction_of_grto_epoch']:.2f}")
     return "\n".join(lines)

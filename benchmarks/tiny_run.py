@@ -12,8 +12,9 @@ and samples the summed RSS of its whole process tree (driver, Ray, workers, roll
 0.25 s. Start-up ends when verl's trainer logs "Training from scratch" / "Resuming from"; the steps
 phase runs from there to the exit. Without ``--fresh`` the tiny assets and data are built first
 (outside the timing).
-RSS is summed over processes, so memory they share (Ray's object store) is counted more than once:
-an upper bound.
+Memory, two ways: RSS summed over processes counts memory they share (Ray's object store, shared
+libraries) once per process, an upper bound; PSS (proportional set size, from /proc/PID/smaps_rollup)
+splits each shared page among the processes mapping it, so its sum is what the run holds in RAM.
 A measurement, not a test: this machine is shared and noisy.
 """
 
@@ -35,12 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 START_MARKERS = ("Training from scratch", "Resuming from")
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """Summed RSS and summed PSS (bytes) of ``proc`` and all its descendants."""
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):  # a process may exit between listing and reading
-            total += p.memory_info().rss
-    return total
+            info = p.memory_full_info()
+            rss += info.rss
+            pss += info.pss
+    return rss, pss
 
 
 def prebuild(recipe: str) -> None:
@@ -76,13 +80,15 @@ def main() -> int:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     peak = {"startup": 0, "steps": 0}
+    peak_pss = {"startup": 0, "steps": 0}
     phase = {"name": "startup", "t": None}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            rss = tree_rss(ps)
+            rss, pss = tree_memory(ps)
             peak[phase["name"]] = max(peak[phase["name"]], rss)
+            peak_pss[phase["name"]] = max(peak_pss[phase["name"]], pss)
             time.sleep(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -108,12 +114,14 @@ def main() -> int:
     gib = 1024**3
     n_steps = args.steps or (2 if not args.fresh else "the recipe's")
     print(f"recipe {args.recipe}, {n_steps} steps, {os.cpu_count()} CPUs, fresh home: {args.fresh}")
-    print(f"start-up : {startup:7.1f} s   peak RSS {peak['startup'] / gib:5.2f} GiB")
-    print(f"steps    : {steps:7.1f} s   peak RSS {peak['steps'] / gib:5.2f} GiB   (incl. validation and shutdown)")
-    print(f"total    : {t_end - t0:7.1f} s   peak RSS {max(peak.values()) / gib:5.2f} GiB")
+    for name, seconds in (("start-up", startup), ("steps", steps), ("total", t_end - t0)):
+        rss, pss = (max(p.values()) if name == "total" else p[name] for p in (peak, peak_pss))
+        note = "   (incl. validation and shutdown)" if name == "steps" else ""
+        print(f"{name:9}: {seconds:7.1f} s   peak summed PSS {pss / gib:5.2f} GiB   RSS {rss / gib:5.2f} GiB{note}")
     print("".join(summary), end="")
     if args.fresh:
         print(f"ratio total / 15-minute target: {(t_end - t0) / 900:.2f}")
+        print(f"ratio peak PSS / 8 GB target: {max(peak_pss.values()) / 8e9:.2f}")
     print(f"ratio steps/start-up: {steps / startup:.2f}")
     return 0
 

@@ -120,5 +120,9 @@ def test_prompts_that_miss_the_object_can_be_left_out_of_the_tool_loss():
 
     gt = [(10.0, 10.0, 50.0, 50.0)]
     boxes = [[(10.0, 10.0, 50.0, 50.0)], [(60.0, 60.0, 90.0, 90.0)], [], [(12.0, 12.0, 40.0, 40.0), (0, 0, 5, 5)]]
-    assert prompt_points_at_object(boxes, gt, 0.3).tolist() == [1.0, 0.0, 0.0, 1.0]
-    assert prompt_points_at_object(boxes, gt, 0.0).tolist() == [1.0, 1.0, 1.0, 1.0]  # off: everything counts
+    assert prompt_points_at_object(boxes, [gt] * 4, 0.3).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert prompt_points_at_object(boxes, [gt] * 4, 0.0).tolist() == [1.0, 1.0, 1.0, 1.0]  # off: everything counts
+    # each rollout is matched against its own ground truth: the second's box hits its own object
+    assert prompt_points_at_object(boxes[:2], [gt, [(60.0, 60.0, 90.0, 90.0)]], 0.3).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="2 rollouts' boxes but 1 ground truths"):
+        prompt_points_at_object(boxes[:2], [gt], 0.3)

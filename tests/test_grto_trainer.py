@@ -129,6 +129,21 @@ def test_tool_update_weights_skip_unparseable_and_train(setup):
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_min_box_iou_leaves_prompts_that_miss_out_of_the_tool_loss_only(setup):
+    trainer, tq, batch = setup
+    rewards = {}
+    for min_box_iou in (0.0, 0.5):
+        trainer.grto = GRTOConfig(tool=ToolSettings(path=trainer.grto.tool.path, lr=1e-3), min_box_iou=min_box_iou)
+        trainer._tool_rewards(batch, {})
+        rewards[min_box_iou] = [float(s[-1]) for s in tq.fields["rm_scores"].unbind()]
+        tq.fields["advantages"] = tq.fields["rm_scores"]
+        weights = trainer._tool_weights(batch)
+        # per image: two GT-box answers, one unparseable, one 5x5 box in the corner that misses
+        expected = [1.0, 1.0, 0.0, 1.0 if min_box_iou == 0 else 0.0] * 2
+        assert weights.tolist() == expected
+    assert rewards[0.0] == rewards[0.5]  # the policy's rewards do not depend on the filter
+
+
 def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
     trainer, tq, batch = setup
     metrics: dict = {}

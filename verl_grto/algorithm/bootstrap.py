@@ -504,15 +504,10 @@ def rollout_weights(
     """
     weights = _base_weights(records, weighting, target_logprob_fn, importance_clip, chunk_size)
     if min_box_iou > 0:
-        weights = weights * np.array(
-            [
-                prompt_points_at_object(
-                    [[o.box for o in r.objects() if o.box is not None]],
-                    GroundTruth.from_json(r.ground_truth).boxes,
-                    min_box_iou,
-                )[0]
-                for r in records
-            ]
+        weights = weights * prompt_points_at_object(
+            [[o.box for o in r.objects() if o.box is not None] for r in records],
+            [GroundTruth.from_json(r.ground_truth).boxes for r in records],
+            min_box_iou,
         )
     return weights
 

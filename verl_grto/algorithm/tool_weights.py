@@ -91,19 +91,22 @@ def tool_loss_weights(
 
 
 def prompt_points_at_object(
-    prompt_boxes: Sequence[Sequence[Box]], gt_boxes: Sequence[Box], min_box_iou: float
+    prompt_boxes: Sequence[Sequence[Box]], gt_boxes: Sequence[Sequence[Box]], min_box_iou: float
 ) -> np.ndarray:
-    """1 where a rollout's best box overlaps a ground-truth box with IoU >= ``min_box_iou``, else 0.
+    """1 where rollout i's best box overlaps one of its ground-truth boxes ``gt_boxes[i]`` with IoU >=
+    ``min_box_iou``, else 0.
 
     Why: a mask loss on a prompt that misses the object asks the tool to segment something its
     prompt does not point at; from a policy that does not localise yet, most rollouts are such, and
     training on them teaches the tool to predict background (measured: benchmarks/bto_weighting.py).
     ``min_box_iou`` 0 keeps every rollout. Rollouts without a box count as missing it (when > 0).
     """
+    if len(prompt_boxes) != len(gt_boxes):
+        raise ValueError(f"{len(prompt_boxes)} rollouts' boxes but {len(gt_boxes)} ground truths")
     out = np.ones(len(prompt_boxes))
     if min_box_iou <= 0:
         return out
-    for i, boxes in enumerate(prompt_boxes):
-        best = max((box_iou(b, g) for b in boxes for g in gt_boxes), default=0.0)
+    for i, (boxes, truths) in enumerate(zip(prompt_boxes, gt_boxes, strict=True)):
+        best = max((box_iou(b, g) for b in boxes for g in truths), default=0.0)
         out[i] = 1.0 if best >= min_box_iou else 0.0
     return out

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Generator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -37,6 +38,23 @@ from verl_grto.policy.load import load_policy
 logger = logging.getLogger(__name__)
 
 ROLLOUT_NAME = "hf"
+#: Requests per ``generate`` call when the rollout config names no ``max_num_seqs``.
+_DEFAULT_MAX_NUM_SEQS = 256
+
+
+@dataclass
+class _Request:
+    """One queued ``generate`` call and the future its caller awaits."""
+
+    prompt_ids: list[int]
+    sampling_params: dict[str, Any]
+    image_data: list[Any] | None
+    future: asyncio.Future
+
+    def batch_key(self, server: HFRolloutServer) -> tuple:
+        """Requests with equal keys can share one ``generate`` call."""
+        params = tuple(sorted((k, repr(v)) for k, v in self.sampling_params.items()))
+        return (params, server._max_new_tokens(self), self.image_data is not None)
 
 
 def server_actor_name(replica_rank: int) -> str:
@@ -48,9 +66,15 @@ def server_actor_name(replica_rank: int) -> str:
 class HFRolloutServer:
     """Ray actor: token-in/token-out generation with an HF model, weights updatable in place.
 
-    Requests arrive concurrently from verl's agent loops; one lock serialises the
-    model (CPU cores are the bottleneck anyway) and generation runs in a worker
-    thread so the actor's event loop keeps answering control calls.
+    Requests arrive concurrently from verl's agent loops (every sample of a batch at once). They are
+    batched, as vLLM batches its running sequences: while one ``generate`` call runs, the requests
+    that arrive queue up, and the next call takes up to ``max_num_seqs`` of those with the same
+    sampling parameters, left-padded into one batch (one forward per token for the whole batch
+    instead of one per request: the BTO buffer, validation and every rollout phase are
+    generation-bound on CPU). One lock serialises the model (CPU cores are the bottleneck anyway)
+    and generation runs in a worker thread so the actor's event loop keeps answering control calls.
+    A request that makes its batch fail (e.g. image tokens that do not match its images) is
+    retried alone, so only it fails.
     """
 
     def __init__(self, model_path: str, rollout_config: dict[str, Any], trust_remote_code: bool = False, seed: int = 0):
@@ -58,6 +82,10 @@ class HFRolloutServer:
         self.model, self.tokenizer, self.processor = load_policy(model_path, trust_remote_code)
         self.response_length = int(rollout_config["response_length"])
         self.prompt_length = int(rollout_config["prompt_length"])
+        self.max_num_seqs = max(1, int(rollout_config.get("max_num_seqs") or _DEFAULT_MAX_NUM_SEQS))
+        self._queue: list[_Request] = []
+        self._draining = False
+        self.batches_run = 0  # generate calls made (requests / batches_run = mean batch size)
         self.global_steps: int | None = None
         self._lock = threading.Lock()
         self._generator = torch.Generator().manual_seed(seed)
@@ -67,6 +95,10 @@ class HFRolloutServer:
         cfg = self.model.config
         self._image_token_id = getattr(cfg, "image_token_id", None)
         self._video_token_id = getattr(cfg, "video_token_id", None)
+        eos = self.model.generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        pad = self.tokenizer.pad_token_id
+        self._pad_token_id = int(pad if pad is not None else min(self._eos_ids, default=0))
 
     # ---- generation -------------------------------------------------------------------------
     async def generate(
@@ -80,58 +112,112 @@ class HFRolloutServer:
     ) -> TokenOutput:
         if video_data:
             raise NotImplementedError("the hf rollout serves text and images; video inputs are not supported")
-        return await asyncio.to_thread(self._generate_sync, list(prompt_ids), dict(sampling_params), image_data)
+        request = _Request(
+            list(prompt_ids), dict(sampling_params), image_data, asyncio.get_running_loop().create_future()
+        )
+        self._queue.append(request)
+        if not self._draining:
+            self._draining = True
+            asyncio.ensure_future(self._drain())
+        return await request.future
 
-    def _model_inputs(self, prompt_ids: list[int], image_data: list[Any] | None) -> dict[str, torch.Tensor]:
+    async def _drain(self) -> None:
+        """Run queued requests batch by batch until the queue is empty."""
+        try:
+            while self._queue:
+                batch = self._take_batch()
+                outputs = await asyncio.to_thread(self._run, batch)
+                for request, output in zip(batch, outputs, strict=True):
+                    if isinstance(output, BaseException):
+                        request.future.set_exception(output)
+                    else:
+                        request.future.set_result(output)
+        finally:
+            self._draining = False
+
+    def _run(self, batch: list[_Request]) -> list[TokenOutput | BaseException]:
+        """Generate a batch; if it fails, each request alone, so an error reaches only the request causing it."""
+        try:
+            return list(self._generate_batch(batch))
+        except Exception as e:  # noqa: BLE001  (returned to the caller that awaits it)
+            if len(batch) == 1:
+                return [e]
+            return [self._run([request])[0] for request in batch]
+
+    def _take_batch(self) -> list[_Request]:
+        """The oldest request and up to ``max_num_seqs - 1`` more that can share its ``generate`` call."""
+        key = self._queue[0].batch_key(self)
+        batch = [r for r in self._queue if r.batch_key(self) == key][: self.max_num_seqs]
+        taken = {id(r) for r in batch}
+        self._queue = [r for r in self._queue if id(r) not in taken]
+        return batch
+
+    def _model_inputs(self, prompts: list[list[int]], images: list[list[Any]] | None) -> dict[str, torch.Tensor]:
         return model_inputs(
-            [prompt_ids],
-            [list(image_data)] if image_data else None,
+            prompts,
+            images,
             self.processor,
             image_token_id=self._image_token_id,
             video_token_id=self._video_token_id,
+            pad_token_id=self._pad_token_id,
         )
 
-    def _generate_sync(
-        self, prompt_ids: list[int], sampling_params: dict[str, Any], image_data: list[Any] | None
-    ) -> TokenOutput:
-        max_new = sampling_params.pop("max_tokens", None) or sampling_params.pop("max_new_tokens", None)
+    def _max_new_tokens(self, request: _Request) -> int:
+        params = request.sampling_params
+        max_new = params.get("max_tokens") or params.get("max_new_tokens")
         if max_new is None:
-            max_new = min(self.response_length, self.prompt_length + self.response_length - len(prompt_ids))
-        max_new = max(1, int(max_new))
-        temperature = float(sampling_params.get("temperature", 1.0))
-        top_p = float(sampling_params.get("top_p", 1.0))
-        top_k = int(sampling_params.get("top_k", -1))
+            max_new = min(self.response_length, self.prompt_length + self.response_length - len(request.prompt_ids))
+        return max(1, int(max_new))
+
+    def _generate_batch(self, batch: list[_Request]) -> list[TokenOutput]:
+        """One left-padded ``generate`` call for requests that share sampling parameters and length limit."""
+        params = batch[0].sampling_params
+        max_new = self._max_new_tokens(batch[0])
+        temperature = float(params.get("temperature", 1.0))
+        top_p = float(params.get("top_p", 1.0))
+        top_k = int(params.get("top_k", -1))
         do_sample = temperature > 0
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": max_new,
             "do_sample": do_sample,
             "return_dict_in_generate": True,
             "output_logits": True,
-            "repetition_penalty": float(sampling_params.get("repetition_penalty", 1.0)),
+            "pad_token_id": self._pad_token_id,
+            "repetition_penalty": float(params.get("repetition_penalty", 1.0)),
         }
         if do_sample:
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0)
-        inputs = self._model_inputs(prompt_ids, image_data)
+        with_images = batch[0].image_data is not None
+        inputs = self._model_inputs(
+            [r.prompt_ids for r in batch], [list(r.image_data) for r in batch] if with_images else None
+        )
+        width = inputs["input_ids"].shape[1]
         # transformers' sampling draws from the global RNG; fork it so the server's
         # stream is its own (reproducible per seed, unaffected by other threads).
         with self._lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._generator.get_state())
             out = self.model.generate(**inputs, **gen_kwargs)
             self._generator.set_state(torch.get_rng_state())
-        tokens = out.sequences[0, len(prompt_ids) :]
-        logits = torch.stack(out.logits, dim=1)[0].float()  # raw logits, (T, V)
+            self.batches_run += 1
+        logits = torch.stack(out.logits, dim=1).float()  # raw logits, (B, T, V)
         if do_sample and temperature != 1.0:
             logits = logits / temperature
-        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        finished = len(tokens) > 0 and int(tokens[-1]) in eos_ids
-        return TokenOutput(
-            token_ids=tokens.tolist(),
-            log_probs=log_probs.tolist() if sampling_params.get("logprobs", True) else None,
-            stop_reason="completed" if finished or len(tokens) < max_new else "length",
-            extra_fields={"global_steps": self.global_steps},
-        )
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, out.sequences[:, width:, None])[..., 0]
+        outputs = []
+        for row in range(len(batch)):
+            tokens = out.sequences[row, width:].tolist()
+            end = next((k + 1 for k, t in enumerate(tokens) if t in self._eos_ids), None)
+            finished = end is not None
+            tokens = tokens[:end]  # rows that finished early are padded after their end-of-sequence token
+            outputs.append(
+                TokenOutput(
+                    token_ids=tokens,
+                    log_probs=log_probs[row, : len(tokens)].tolist() if params.get("logprobs", True) else None,
+                    stop_reason="completed" if finished or len(tokens) < max_new else "length",
+                    extra_fields={"global_steps": self.global_steps},
+                )
+            )
+        return outputs
 
     # ---- weights ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: dict[str, torch.Tensor], global_steps: int | None = None) -> int:
@@ -204,7 +290,11 @@ class HFReplica(RolloutReplica):
             runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}},
         ).remote(
             model_path,
-            {"response_length": self.config.response_length, "prompt_length": self.config.prompt_length},
+            {
+                "response_length": self.config.response_length,
+                "prompt_length": self.config.prompt_length,
+                "max_num_seqs": getattr(self.config, "max_num_seqs", None),
+            },
             bool(getattr(self.model_config, "trust_remote_code", False)),
             int(getattr(self.config, "seed", 0) or 0) + self.replica_rank,
         )

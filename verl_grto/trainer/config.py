@@ -22,7 +22,10 @@ class GRTOConfig:
     rewards). ``weighting`` picks w_i (verl_grto/algorithm/tool_weights.py). ``placement``:
     ``colocated`` hosts the tool in the actor's processes (shares their devices); ``separate`` gives
     it a resource pool of its own (``tool_workers_per_node`` devices on each of the trainer's
-    nodes), where its update overlaps the actor's.
+    nodes), where its update overlaps the actor's. ``min_box_iou`` > 0 trains the tool only on the
+    rollouts whose box overlaps the ground truth at least that much (as ``bto.min_box_iou``: a mask
+    loss on a prompt that misses the object teaches the tool to predict background); the policy's
+    rewards and advantages are unchanged.
     """
 
     tool: ToolSettings
@@ -33,6 +36,7 @@ class GRTOConfig:
     tool_epochs: int = 1
     placement: str = "colocated"
     tool_workers_per_node: int = 1
+    min_box_iou: float = 0.0
     log_images_every: int = 0
     num_logged_images: int = 4
 
@@ -45,6 +49,8 @@ class GRTOConfig:
             raise ValueError(f"grto.placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.tool_workers_per_node < 1:
             raise ValueError(f"grto.tool_workers_per_node must be >= 1, got {self.tool_workers_per_node}")
+        if not 0.0 <= self.min_box_iou <= 1.0:
+            raise ValueError(f"grto.min_box_iou must be in [0, 1], got {self.min_box_iou}")
 
     @property
     def trains_tool(self) -> bool:

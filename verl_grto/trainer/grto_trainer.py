@@ -28,7 +28,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils import tensordict_utils as tu
 from verl.utils.debug import marked_timer
 
-from verl_grto.algorithm.tool_weights import tool_loss_weights
+from verl_grto.algorithm.tool_weights import prompt_points_at_object, tool_loss_weights
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import GroundTruth
@@ -234,6 +234,11 @@ class GRTOTrainer(PPOTrainerSync):
         )
 
         self._view, self._parse_ok = view, [p.ok for p in parsed]
+        self._points_at_object = prompt_points_at_object(
+            [[o.box for o in p.objects if o.box is not None] for p in parsed],
+            [gt.boxes for gt in view.ground_truths],
+            self.grto.min_box_iou,
+        )
         if self.grto.log_images_every and self.global_steps % self.grto.log_images_every == 0:
             rows = [view.sample_ids.index(s) for s in dict.fromkeys(view.sample_ids)][: self.grto.num_logged_images]
             tb_dir = default_tb_dir(self.config.trainer.project_name, self.config.trainer.experiment_name)
@@ -263,7 +268,8 @@ class GRTOTrainer(PPOTrainerSync):
 
     # ---- phase 2: tool update on the same rollouts (after, or beside, the actor update) ------
     def _tool_weights(self, batch: Any) -> np.ndarray:
-        """w_i * lambda per rollout, from the advantages already in TransferQueue."""
+        """w_i * lambda per rollout, from the advantages already in TransferQueue; 0 for the rollouts
+        whose box misses the object when ``grto.min_box_iou`` > 0."""
         assert self._view is not None
         view = self._view
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["advantages"])
@@ -271,7 +277,7 @@ class GRTOTrainer(PPOTrainerSync):
         weights = tool_loss_weights(
             self.grto.weighting, n=len(view), advantages=seq_adv, group_ids=view.uids, parse_ok=self._parse_ok
         )
-        return weights * self.grto.tool_loss_coef
+        return weights * self._points_at_object * self.grto.tool_loss_coef
 
     def _start_tool_update(self, batch: Any) -> tuple[np.ndarray, list[Any]]:
         """Queue the tool's update epochs on its workers without waiting (own pool: they run while

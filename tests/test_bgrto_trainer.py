@@ -14,7 +14,7 @@ def test_bto_config_defaults_and_errors():
     cfg = BTOConfig.from_config({"epochs": 2, "max_prompts": 16})
     assert (cfg.epochs, cfg.max_prompts, cfg.group_size, cfg.batch_size) == (2, 16, None, 8)
     assert BTOConfig.from_config(None) == BTOConfig()
-    for bad in ({"epochs": 0}, {"group_size": 0}, {"max_prompts": 0}, {"batch_size": 0}):
+    for bad in ({"epochs": 0}, {"group_size": 0}, {"max_prompts": 0}, {"batch_size": 0}, {"prompts_per_generate": 0}):
         with pytest.raises(ValueError, match="bto\\."):
             BTOConfig.from_config(bad)
     with pytest.raises(TypeError):

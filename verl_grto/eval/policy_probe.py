@@ -78,10 +78,12 @@ async def _generate_all(
     server: Any, prompts: list[tuple[list[int], list[Image.Image]]], max_new_tokens: int
 ) -> list[Any]:
     params = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": max_new_tokens, "logprobs": False}
-    return [
-        await server.generate(prompt_ids=ids, sampling_params=dict(params), request_id=str(k), image_data=images)
-        for k, (ids, images) in enumerate(prompts)
-    ]
+    return await asyncio.gather(  # sent at once, as verl's agent loop does: the server batches them
+        *[
+            server.generate(prompt_ids=ids, sampling_params=dict(params), request_id=str(k), image_data=images)
+            for k, (ids, images) in enumerate(prompts)
+        ]
+    )
 
 
 def probe_policy(

@@ -128,7 +128,7 @@ class BGRTOTrainer(GRTOTrainer):
             reference_policy=str(self.config.actor_rollout_ref.model.path),
             seed=self.bto.seed,
             sampling={"temperature": float(rollout_cfg.temperature), "top_p": float(rollout_cfg.top_p)},
-            chunk_size=int(self.config.data.train_batch_size),
+            chunk_size=self.bto.prompts_per_generate or int(self.config.data.train_batch_size),
         )
         buffer_s = time.perf_counter() - start
 

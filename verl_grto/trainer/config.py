@@ -81,10 +81,14 @@ class BTOConfig:
     ``min_box_iou`` > 0 trains only on rollouts whose box overlaps the ground truth at least that
     much (a policy that does not localise yet otherwise teaches the tool to predict background).
     ``validate_after`` runs a validation between BTO and GRTO (the bootstrap's own effect).
+    ``prompts_per_generate`` prompts are sent to verl's rollout at once while the buffer is built
+    (None: ``data.train_batch_size``); the buffer is saved after each such chunk, so a crash loses
+    at most one. Larger chunks let the rollout servers batch more answers per forward pass.
     """
 
     group_size: int | None = None
     max_prompts: int | None = None
+    prompts_per_generate: int | None = None
     epochs: int = 4
     batch_size: int = 8
     checkpoint_every: int = 50
@@ -97,6 +101,8 @@ class BTOConfig:
             raise ValueError(f"bto.group_size must be >= 1 or null, got {self.group_size}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"bto.max_prompts must be >= 1 or null, got {self.max_prompts}")
+        if self.prompts_per_generate is not None and self.prompts_per_generate < 1:
+            raise ValueError(f"bto.prompts_per_generate must be >= 1 or null, got {self.prompts_per_generate}")
         if not 0.0 <= self.min_box_iou <= 1.0:
             raise ValueError(f"bto.min_box_iou must be in [0, 1], got {self.min_box_iou}")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:

@@ -114,3 +114,22 @@ def test_ensure_warm_policy_builds_once_beside_the_base(tmp_path: Path, monkeypa
     assert ensure_warm_policy(root=tmp_path, seed=0) == path
     assert calls == [0]
     assert (path / STAMP_NAME).stat().st_mtime_ns == stamp_time
+
+
+def test_train_policy_runs_its_phases_in_order_and_calls_back_after_every_step(tiny_assets: AssetPaths) -> None:
+    seen: list[tuple[int, bool]] = []
+
+    def callback(step: int, model: torch.nn.Module, processor: object) -> None:
+        seen.append((step, model.training))
+
+    phases = [warmstart.Phase("plain", (1, 1), 2), warmstart.Phase("camouflage", (1, 1), 1)]
+    model, _, losses = warmstart.train_policy(tiny_assets.policy, 0, phases, batch_size=2, lr=1e-3, callback=callback)
+    assert seen == [(1, False), (2, False), (3, False)]  # the callback sees the model in eval mode
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert not model.training
+    # the second phase trained on camouflage scenes: its loss is not the plain stream's third batch
+    _, _, plain_losses = warmstart.train_policy(
+        tiny_assets.policy, 0, [warmstart.Phase("plain", (1, 1), 3)], batch_size=2, lr=1e-3
+    )
+    assert plain_losses[:2] == pytest.approx(losses[:2], rel=1e-6)
+    assert plain_losses[2] != pytest.approx(losses[2], rel=1e-4)

@@ -36,6 +36,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,7 @@ def _lr_factor(step: int, total: int) -> float:
     return _MIN_LR_FRACTION + (1 - _MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save(model: torch.nn.Module, processor: Any, base_dir: Path, out_dir: Path) -> None:
+def save_policy(model: torch.nn.Module, processor: Any, base_dir: Path, out_dir: Path) -> None:
     """Write the trained weights, the processor (tokenizer included) and the base's own config files.
 
     The configs are copied, not re-serialised: loading with an explicit dtype adds ``"dtype"`` entries,
@@ -224,10 +225,33 @@ def _save(model: torch.nn.Module, processor: Any, base_dir: Path, out_dir: Path)
         shutil.copy2(base_dir / name, out_dir / name)
 
 
-def _train(
-    base_dir: Path, seed: int, phases: list[tuple[tuple[int, int], int]], batch_size: int, lr: float, domain: str
+@dataclass(frozen=True)
+class Phase:
+    """``steps`` optimiser steps on ``domain`` scenes of ``objects = (min, max)`` objects."""
+
+    domain: str
+    objects: tuple[int, int]
+    steps: int
+
+
+#: ``callback(step, model, processor)`` after optimiser step ``step`` (1-based, counted over all phases).
+StepCallback = Callable[[int, torch.nn.Module, Any], None]
+
+
+def train_policy(
+    base_dir: Path,
+    seed: int,
+    phases: Sequence[Phase],
+    batch_size: int,
+    lr: float,
+    callback: StepCallback | None = None,
 ) -> tuple[torch.nn.Module, Any, list[float]]:
-    """Run the phases ``[((min_objects, max_objects), steps), ...]``; returns model, processor, batch losses."""
+    """Supervised training of the policy in ``base_dir`` through ``phases``, one learning-rate schedule
+    over all of them; returns the model (in eval mode), its processor and the batch losses.
+
+    ``callback`` lets a caller look at the model mid-run (benchmarks/warmstart_localisation.py probes
+    it); the model is put back in train mode after it.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor  # slow to import
 
     torch.manual_seed(seed)
@@ -235,12 +259,12 @@ def _train(
     model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    total = sum(n for _, n in phases)
+    total = sum(phase.steps for phase in phases)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total))
     losses: list[float] = []
-    for objects, n_steps in phases:
-        stream = _TrainingStream(processor, seed, domain, objects)
-        for step in range(n_steps):
+    for phase in phases:
+        stream = _TrainingStream(processor, seed, phase.domain, phase.objects)
+        for step in range(phase.steps):
             batch = [stream.example(i) for i in range(step * batch_size, (step + 1) * batch_size)]
             loss = _answer_loss(model, *_collate(batch, processor, model.config))
             optimizer.zero_grad(set_to_none=True)
@@ -249,6 +273,10 @@ def _train(
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
+            if callback is not None:
+                model.eval()
+                callback(len(losses), model, processor)
+                model.train()
     return model.eval(), processor, losses
 
 
@@ -284,9 +312,9 @@ def warm_start_policy(
         raise ValueError("a warm start needs at least one step")
     try:
         start, cpu_start = time.perf_counter(), time.process_time()
-        phases = [((1, max_objects), steps), (REFERRING_OBJECTS, referring_steps)]
-        model, processor, losses = _train(base_dir, seed, phases, batch_size, lr, domain)
-        _save(model, processor, base_dir, out_dir)
+        phases = [Phase(domain, (1, max_objects), steps), Phase(domain, REFERRING_OBJECTS, referring_steps)]
+        model, processor, losses = train_policy(base_dir, seed, phases, batch_size, lr)
+        save_policy(model, processor, base_dir, out_dir)
         train_time, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
         start = time.perf_counter()

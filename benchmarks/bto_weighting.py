@@ -6,7 +6,7 @@ Offline BTO on the main job's data (single-object camouflage scenes): a buffer o
 answers per training prompt from the tiny warm-started policy (the ``hf`` rollout server, in
 process), the pre-trained tiny tool trained on it for ``--epochs`` epochs (mask decoder, lr 1e-3,
 8 images per update), each setting from the same initial tool and the same buffer. Held-out: the
-policy's greedy answers on the 32 validation scenes, scored as validation scores them (gIoU of the
+policy's greedy answers on the 64 validation scenes, scored as validation scores them (gIoU of the
 tool's masks, unparseable answers as missing masks), beside the baseline of the answers' boxes
 filled. Settings: ``uniform`` (every parseable rollout) and ``min_box_iou`` 0.1 / 0.3 (only rollouts
 whose box overlaps the object at least that much). The last line is the ratio of the final held-out
@@ -37,7 +37,7 @@ from verl_grto.tool.engine import ToolEngine, ToolEngineConfig
 from verl_grto.tool.model import SegmentationTool
 
 SETTINGS = {"uniform": 0.0, "min_box_iou=0.1": 0.1, "min_box_iou=0.3": 0.3}
-MAIN_JOB_DATA = ("camouflage", 256, 32, 0, 1, 1)  # recipes/bgrto_tiny_cpu.yaml
+MAIN_JOB_DATA = ("camouflage", 256, 64, 0, 1, 1)  # recipes/bgrto_tiny_cpu.yaml
 
 
 def box_fill_giou(records) -> float:

@@ -443,12 +443,16 @@ def hf_generate_fn(
     }
 
     async def sample(ids: list[int], images: list[Any], n: int, sid: str) -> list[Any]:
-        return [
-            await server.generate(
-                prompt_ids=ids, sampling_params=dict(params), request_id=f"{sid}/{k}", image_data=images
-            )
-            for k in range(n)
-        ]
+        # the row's n answers are sent at once: the server samples them in one batched call, from the
+        # row's own seed, so a row's answers do not depend on which rows came before it
+        return await asyncio.gather(
+            *[
+                server.generate(
+                    prompt_ids=ids, sampling_params=dict(params), request_id=f"{sid}/{k}", image_data=images
+                )
+                for k in range(n)
+            ]
+        )
 
     def generate(rows: Sequence[dict[str, Any]], n: int) -> list[list[Rollout]]:
         out = []

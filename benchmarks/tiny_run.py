@@ -8,8 +8,8 @@ warm start / pre-training and the data are built inside the timing (start-up), t
 step count and checkpoints, and the ratio to the main job's 15-minute target.
 
 Runs ``python -m verl.trainer.main_ppo --config-path recipes --config-name RECIPE`` in a subprocess
-and samples the summed RSS of its whole process tree (driver, Ray, workers, rollout servers) every
-0.25 s. Start-up ends when verl's trainer logs "Training from scratch" / "Resuming from"; the steps
+and samples the summed memory of its whole process tree (driver, Ray, workers, rollout servers) every
+second. Start-up ends when verl's trainer logs "Training from scratch" / "Resuming from"; the steps
 phase runs from there to the exit. Without ``--fresh`` the tiny assets and data are built first
 (outside the timing).
 Memory, two ways: RSS summed over processes counts memory they share (Ray's object store, shared
@@ -89,7 +89,7 @@ def main() -> int:
             rss, pss = tree_memory(ps)
             peak[phase["name"]] = max(peak[phase["name"]], rss)
             peak_pss[phase["name"]] = max(peak_pss[phase["name"]], pss)
-            time.sleep(0.25)
+            time.sleep(1.0)  # reading smaps_rollup of ~20 processes costs CPU: keep the probe light
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -104,20 +104,29 @@ def domain_scores(tool_dir: Path, scenes: int = 64) -> dict[str, float]:
 
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """One arm's main_ppo run in ``tmp``; a run already finished there (its summary and final tool
+    written, e.g. by an interrupted earlier call with the same ``--workdir``) is read, not run again."""
     name = f"{arm}_s{seed}"
-    start = time.perf_counter()
-    run_main_ppo(
-        RECIPE,
-        default_home(),
-        tmp / name,
-        tmp / f"{name}.jsonl",
-        arm_overrides(arm, seed, args.steps, args.test_freq, args.quick),
-        timeout=3600,
-    )
-    wall = time.perf_counter() - start
-    read_metrics(tmp / f"{name}.jsonl")  # fails loudly if verl logged nothing
-    summary = json.loads((tmp / name / RECIPE / "grto_summary.json").read_text())
+    summary_path = tmp / name / RECIPE / "grto_summary.json"
     final_tool = tmp / name / RECIPE / f"global_step_{args.steps}" / "tool"
+    wall_path = tmp / f"{name}.wall_s"
+    if summary_path.exists() and final_tool.exists():
+        print(f"[convergence] {name}: finished earlier in {tmp}, read", flush=True)
+        wall = float(wall_path.read_text()) if wall_path.exists() else None
+    else:
+        start = time.perf_counter()
+        run_main_ppo(
+            RECIPE,
+            default_home(),
+            tmp / name,
+            tmp / f"{name}.jsonl",
+            arm_overrides(arm, seed, args.steps, args.test_freq, args.quick),
+            timeout=3600,
+        )
+        wall = time.perf_counter() - start
+        wall_path.write_text(f"{wall:.1f}")
+    read_metrics(tmp / f"{name}.jsonl")  # fails loudly if verl logged nothing
+    summary = json.loads(summary_path.read_text())
     return {
         "arm": arm,
         "seed": seed,
@@ -139,11 +148,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--arms", nargs="*", choices=list(ARMS), default=list(ARMS), help="none: only --merge")
     ap.add_argument("--merge", type=Path, default=None, help="a result file whose runs are added to this one's")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the runs go (default: a new temporary folder); runs"
+        " already finished there are read instead of run again, so an interrupted benchmark resumes",
+    )
     args = ap.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.steps = args.steps or (4 if args.quick else 10)
     out = args.out or Path("benchmarks/results") / ("convergence_quick.json" if args.quick else "convergence.json")
-    tmp = Path(tempfile.mkdtemp(prefix="convergence_"))
+    tmp = args.workdir or Path(tempfile.mkdtemp(prefix="convergence_"))
+    tmp.mkdir(parents=True, exist_ok=True)
 
     runs = []
     if args.merge is not None:
@@ -153,7 +170,7 @@ def main() -> int:
         for arm in args.arms:
             print(f"[convergence] {arm} seed {seed} ...", flush=True)
             runs.append(run_arm(arm, seed, args, tmp))
-            print(f"[convergence] {arm} seed {seed}: {runs[-1]['curve']} ({runs[-1]['wall_s']:.0f} s)", flush=True)
+            print(f"[convergence] {arm} seed {seed}: {runs[-1]['curve']} ({runs[-1]['wall_s']} s)", flush=True)
     for r in [r for r in runs if r["arm"] in BTO_ONLY]:
         bto_point = next(v for s, v in r["curve"] if s == 0)
         line = [(s, bto_point) for s, _ in r["curve"]]

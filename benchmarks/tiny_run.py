@@ -114,8 +114,12 @@ def main() -> int:
     gib = 1024**3
     n_steps = args.steps or (2 if not args.fresh else "the recipe's")
     print(f"recipe {args.recipe}, {n_steps} steps, {os.cpu_count()} CPUs, fresh home: {args.fresh}")
-    for name, seconds in (("start-up", startup), ("steps", steps), ("total", t_end - t0)):
-        rss, pss = (max(p.values()) if name == "total" else p[name] for p in (peak, peak_pss))
+    for name, phase_name, seconds in (
+        ("start-up", "startup", startup),
+        ("steps", "steps", steps),
+        ("total", None, t_end - t0),
+    ):
+        rss, pss = (max(p.values()) if phase_name is None else p[phase_name] for p in (peak, peak_pss))
         note = "   (incl. validation and shutdown)" if name == "steps" else ""
         print(f"{name:9}: {seconds:7.1f} s   peak summed PSS {pss / gib:5.2f} GiB   RSS {rss / gib:5.2f} GiB{note}")
     print("".join(summary), end="")

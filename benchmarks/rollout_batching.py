@@ -20,7 +20,7 @@ import torch
 
 from verl_grto.assets.warmstart import ensure_warm_policy
 from verl_grto.data.synthetic import generate_split
-from verl_grto.policy.inputs import build_messages, render_prompt, row_images
+from verl_grto.policy.inputs import render_row
 from verl_grto.rollout.hf_server import HFRolloutServer
 
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True, "max_tokens": 48}
@@ -61,7 +61,7 @@ def main() -> int:
     prompts = []
     for row in rows:
         record = row.to_record()
-        prompts.append(render_prompt(build_messages(record["prompt"], row_images(record)), any_server.processor))
+        prompts.append(render_row(record, any_server.processor))
 
     rates = {}
     for name, server in servers.items():

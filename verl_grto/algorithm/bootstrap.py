@@ -430,7 +430,7 @@ def hf_generate_fn(
     every row, so a row's answers do not depend on the rows before it and a resumed
     :func:`build_buffer` reproduces an uninterrupted one.
     """
-    from verl_grto.policy.inputs import build_messages, render_prompt, row_images
+    from verl_grto.policy.inputs import render_row
     from verl_grto.rollout.hf_server import HFRolloutServer  # imports ray and verl: only when used
 
     server = HFRolloutServer(str(policy_dir), {"response_length": max_new_tokens, "prompt_length": 1 << 20}, seed=seed)
@@ -457,7 +457,7 @@ def hf_generate_fn(
     def generate(rows: Sequence[dict[str, Any]], n: int) -> list[list[Rollout]]:
         out = []
         for row in rows:
-            ids, images = render_prompt(build_messages(row["prompt"], row_images(row)), server.processor)
+            ids, images = render_row(row, server.processor)
             server._generator.manual_seed(_row_seed(seed, _sample_id(row)))  # the server's own sampling stream
             outputs = asyncio.run(sample(ids, images, n, _sample_id(row)))
             out.append(

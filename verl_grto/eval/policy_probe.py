@@ -29,7 +29,7 @@ from PIL import Image
 
 from verl_grto.data.synthetic import generate_split
 from verl_grto.eval.baselines import fill_boxes, random_object_box
-from verl_grto.policy.inputs import build_messages, render_prompt, row_images
+from verl_grto.policy.inputs import render_row
 from verl_grto.reward.box_reward import score_box_answer
 from verl_grto.reward.geometry import box_iou
 
@@ -107,7 +107,7 @@ def probe_policy(
     prompts = []
     for row in rows:
         record = row.to_record()  # the parquet row verl reads
-        prompts.append(render_prompt(build_messages(record["prompt"], row_images(record)), server.processor))
+        prompts.append(render_row(record, server.processor))
     outputs = asyncio.run(_generate_all(server, prompts, max_new_tokens))
 
     ious, parsed, lengths, truncated, failures, texts = [], [], [], [], Counter(), []

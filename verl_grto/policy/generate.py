@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from verl_grto.policy.inputs import build_messages, model_inputs, render_prompt, row_images
+from verl_grto.policy.inputs import model_inputs, render_row
 from verl_grto.policy.load import load_policy
 
 
@@ -47,7 +47,7 @@ class GreedyPolicy:
         """Model inputs for the rows' prompts (left-padded to one batch)."""
         prompts, images = [], []
         for row in rows:
-            ids, vision = render_prompt(build_messages(row["prompt"], row_images(row)), self.processor)
+            ids, vision = render_row(row, self.processor)
             prompts.append(ids)
             images.append(vision)
         batch = model_inputs(

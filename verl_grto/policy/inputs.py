@@ -98,6 +98,12 @@ def render_prompt(messages: list[dict[str, Any]], processor: Any) -> tuple[list[
     return ids, list(images or [])
 
 
+def render_row(row: dict[str, Any], processor: Any) -> tuple[list[int], list[Image.Image]]:
+    """A verl parquet row's prompt ids and the images as the policy sees them, rendered as verl's
+    agent loop renders them (:func:`build_messages` of its prompt and images, then :func:`render_prompt`)."""
+    return render_prompt(build_messages(row["prompt"], row_images(row)), processor)
+
+
 def model_inputs(
     prompts: Sequence[Sequence[int]],
     images: Sequence[Sequence[Any]] | None,

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -49,12 +49,13 @@ class _Request:
     prompt_ids: list[int]
     sampling_params: dict[str, Any]
     image_data: list[Any] | None
+    max_new_tokens: int
     future: asyncio.Future
+    batch_key: tuple = field(init=False)  # requests with equal keys can share one ``generate`` call
 
-    def batch_key(self, server: HFRolloutServer) -> tuple:
-        """Requests with equal keys can share one ``generate`` call."""
+    def __post_init__(self) -> None:
         params = tuple(sorted((k, repr(v)) for k, v in self.sampling_params.items()))
-        return (params, server._max_new_tokens(self), self.image_data is not None)
+        self.batch_key = (params, self.max_new_tokens, self.image_data is not None)
 
 
 def server_actor_name(replica_rank: int) -> str:
@@ -112,8 +113,13 @@ class HFRolloutServer:
     ) -> TokenOutput:
         if video_data:
             raise NotImplementedError("the hf rollout serves text and images; video inputs are not supported")
+        prompt_ids = list(prompt_ids)
         request = _Request(
-            list(prompt_ids), dict(sampling_params), image_data, asyncio.get_running_loop().create_future()
+            prompt_ids,
+            dict(sampling_params),
+            image_data,
+            self._max_new_tokens(prompt_ids, sampling_params),
+            asyncio.get_running_loop().create_future(),
         )
         self._queue.append(request)
         if not self._draining:
@@ -146,8 +152,8 @@ class HFRolloutServer:
 
     def _take_batch(self) -> list[_Request]:
         """The oldest request and up to ``max_num_seqs - 1`` more that can share its ``generate`` call."""
-        key = self._queue[0].batch_key(self)
-        batch = [r for r in self._queue if r.batch_key(self) == key][: self.max_num_seqs]
+        key = self._queue[0].batch_key
+        batch = [r for r in self._queue if r.batch_key == key][: self.max_num_seqs]
         taken = {id(r) for r in batch}
         self._queue = [r for r in self._queue if id(r) not in taken]
         return batch
@@ -162,17 +168,16 @@ class HFRolloutServer:
             pad_token_id=self._pad_token_id,
         )
 
-    def _max_new_tokens(self, request: _Request) -> int:
-        params = request.sampling_params
+    def _max_new_tokens(self, prompt_ids: list[int], params: dict[str, Any]) -> int:
         max_new = params.get("max_tokens") or params.get("max_new_tokens")
         if max_new is None:
-            max_new = min(self.response_length, self.prompt_length + self.response_length - len(request.prompt_ids))
+            max_new = min(self.response_length, self.prompt_length + self.response_length - len(prompt_ids))
         return max(1, int(max_new))
 
     def _generate_batch(self, batch: list[_Request]) -> list[TokenOutput]:
         """One left-padded ``generate`` call for requests that share sampling parameters and length limit."""
         params = batch[0].sampling_params
-        max_new = self._max_new_tokens(batch[0])
+        max_new = batch[0].max_new_tokens
         temperature = float(params.get("temperature", 1.0))
         top_p = float(params.get("top_p", 1.0))
         top_k = int(params.get("top_k", -1))

@@ -158,3 +158,12 @@ def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
     assert metrics["grto/tool/skipped"] == 1.0
     assert "tool step skipped" in caplog.text
     assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(engine.params, snapshot, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("min_box_iou", 1.5), ("min_box_iou", -0.1), ("placement", "elsewhere"), ("weighting", "random")],
+)
+def test_bad_grto_settings_are_refused_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"grto\\.{key}"):
+        GRTOConfig(tool=ToolSettings(path="unused"), **{key: value})

@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--recipe", default="grpo_tiny_cpu")
     ap.add_argument("--steps", type=int, default=None, help="default: 2, or the recipe's own with --fresh")
     ap.add_argument("--fresh", action="store_true", help="empty VERL_GRTO_HOME: asset building is timed")
+    ap.add_argument("--log", type=Path, default=None, help="write the run's whole console output here")
     args = ap.parse_args()
 
     runs = tempfile.mkdtemp(prefix="tiny_run_")
@@ -95,15 +96,22 @@ def main() -> int:
     sampler.start()
     tail: list[str] = []
     summary: list[str] = []
+    n_lines = 0
+    log = open(args.log, "w") if args.log else contextlib.nullcontext()  # noqa: SIM115
     for line in proc.stdout:
+        n_lines += 1
+        if args.log:
+            log.write(line)
         tail = (tail + [line])[-40:]
-        if any(m in line for m in ("summary ====", "validation at step", "time (s):", "BTO wall time")):
+        if any(m in line for m in ("summary ====", "time (s):", "BTO wall time")) or line.startswith("validation "):
             summary.append(line)
         if phase["t"] is None and any(m in line for m in START_MARKERS):
             phase["t"] = time.perf_counter()
             phase["name"] = "steps"
     rc = proc.wait()
     t_end = time.perf_counter()
+    if args.log:
+        log.close()
     stop.set()
     sampler.join()
     if rc != 0 or phase["t"] is None:
@@ -123,6 +131,7 @@ def main() -> int:
         note = "   (incl. validation and shutdown)" if name == "steps" else ""
         print(f"{name:9}: {seconds:7.1f} s   peak summed PSS {pss / gib:5.2f} GiB   RSS {rss / gib:5.2f} GiB{note}")
     print("".join(summary), end="")
+    print(f"console output: {n_lines} lines; the run's files: {runs}")
     if args.fresh:
         print(f"ratio total / 15-minute target: {(t_end - t0) / 900:.2f}")
         print(f"ratio peak PSS / 8 GB target: {max(peak_pss.values()) / 8e9:.2f}")

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Sam2Model
 
 from verl_grto.assets.build import AssetPaths, build_tiny_sam2, default_home, ensure_assets
-from verl_grto.assets.qwen25vl import build_tiny_qwen25vl
+from verl_grto.assets.qwen25vl import ROPE_THETA, build_tiny_qwen25vl
 from verl_grto.assets.tokenizer import SPECIAL_TOKENS, TAG_TOKENS, VISION_TOKENS, VOCAB_SIZE
 from verl_grto.atomic import STAMP_NAME
 from verl_grto.data.schema import build_instruction
@@ -47,7 +47,7 @@ def test_loads_through_auto_classes(loaded) -> None:
     assert tokenizer.padding_side == "left" and processor.tokenizer.padding_side == "left"
     text_cfg = model.config.text_config
     assert (text_cfg.hidden_size, text_cfg.num_hidden_layers, text_cfg.num_key_value_heads) == (128, 2, 2)
-    assert text_cfg.rope_parameters["rope_theta"] == 10.0
+    assert text_cfg.rope_parameters["rope_theta"] == ROPE_THETA
     assert text_cfg.rope_parameters["mrope_section"] == [2, 7, 7]
 
 

@@ -43,15 +43,27 @@ def test_dataset_rows_follow_verls_dataset_order_after_filtering():
 
 
 def test_summary_names_scores_baseline_and_times():
-    val = {"val-grto/gIoU": 0.2, "val-grto/cIoU": 0.3, "val-grto/box_fill_gIoU": 0.25, "val-grto/parse_rate": 1.0}
+    val = {
+        "val-grto/gIoU": 0.2,
+        "val-grto/cIoU": 0.3,
+        "val-grto/box_fill_gIoU": 0.25,
+        "val-grto/parse_rate": 1.0,
+        "val-grto/policy_box_iou": 0.55,
+        "val-grto/n": 32.0,
+    }
     summary = {
         "trainer_mode": "bgrto",
-        "val_first": {"step": 0.0, **val, "val-grto/n": 32.0},
-        "val_last": {"step": 8.0, **val, "val-grto/gIoU": 0.4, "val-grto/n": 32.0},
+        "validations": [
+            {"step": 0.0, "label": "before BTO", **val},
+            {"step": 0.0, "label": "after BTO", **val, "val-grto/gIoU": 0.3},
+            {"step": 8.0, "label": "after GRTO step 8", **val, "val-grto/gIoU": 0.4},
+        ],
         "seconds": {"bto_buffer": 10.0, "bto_tool": 5.0, "grto_steps": 80.0},
         "bto_fraction_of_grto_epoch": 0.12,
     }
     text = format_summary(summary)
-    assert "step 0: gIoU 0.200" in text and "step 8: gIoU 0.400" in text
-    assert "box-fill baseline gIoU 0.250" in text and "bto_buffer 10.0" in text
+    assert "validation before BTO: gIoU 0.200" in text and "validation after BTO: gIoU 0.300" in text
+    assert "validation after GRTO step 8: gIoU 0.400" in text
+    assert "filling the policy's boxes: gIoU 0.250" in text and "policy box IoU 0.550" in text
+    assert "bto_buffer 10.0" in text
     assert "BTO wall time / one GRTO epoch: 0.12" in text

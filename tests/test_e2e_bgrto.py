@@ -75,9 +75,11 @@ def test_bto_then_grto_with_validation_before_and_after(bgrto_run):
     summary = json.loads((run_dir / "grto_summary.json").read_text())
     steps = [int(v["step"]) for v in summary["validations"]]
     assert steps == [0, 0, 1], steps  # before BTO, after BTO, after the GRTO step
+    labels = [v["label"] for v in summary["validations"]]
+    assert labels == ["before BTO", "after BTO", "after GRTO step 1"], labels
     for v in summary["validations"]:
         assert 0.0 <= v["val-grto/gIoU"] <= 1.0 and v["val-grto/n"] == 8
-        assert "val-grto/box_fill_gIoU" in v
+        assert "val-grto/box_fill_gIoU" in v and 0.0 <= v["val-grto/policy_box_iou"] <= 1.0
     assert summary["bto"]["tool"]["epochs"] == EPOCHS and summary["bto_fraction_of_grto_epoch"] > 0
     assert "==== verl-grto bgrto summary ====" in out
 

@@ -29,6 +29,17 @@ def _cmd_assets(args: argparse.Namespace) -> int:
         from verl_grto.assets.tool_pretrain import build_pretrained_tool
 
         built["tool_pretrained"] = str(build_pretrained_tool(paths.tool, seed=args.seed))
+    if args.ship:
+        from verl_grto.assets.shipped import ship
+
+        if not (args.warm_start and args.pretrain_tool):
+            raise SystemExit("assets --ship: ships the trained assets; pass --warm-start and --pretrain-tool too")
+        reports = {
+            "warmstart_report": json.loads((Path(built["policy_warm"]) / "warmstart_report.json").read_text()),
+            "pretrain_report": json.loads((Path(built["tool_pretrained"]) / "pretrain_report.json").read_text()),
+        }
+        shipped = ship([Path(built["policy_warm"]), Path(built["tool_pretrained"])], args.seed, reports)
+        built["shipped"] = str(shipped)
     print(json.dumps(built, indent=2))
     return 0
 
@@ -293,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     assets.add_argument("--warm-start", action="store_true", help="also the supervised warm-started policy (minutes)")
     assets.add_argument(
         "--pretrain-tool", action="store_true", help="also the tool pre-trained on plain scenes (minutes)"
+    )
+    assets.add_argument(
+        "--ship",
+        action="store_true",
+        help="copy the trained assets into the package (verl_grto/assets/shipped/seed<SEED>/), with a manifest",
     )
     assets.set_defaults(func=_cmd_assets)
 

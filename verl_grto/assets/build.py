@@ -21,7 +21,7 @@ from verl_grto.tool.configs import tiny_sam2_config
 from verl_grto.tool.model import SegmentationTool
 
 #: Bump when the built files change (sizes, tokenizer corpus, configs), so cached builds are replaced.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 #: Default SAM2 input size of the tiny tool.
 TINY_SAM2_IMAGE_SIZE = 128
 HOME_ENV = "VERL_GRTO_HOME"
@@ -42,14 +42,15 @@ def build_tiny_sam2(out_dir: Path, seed: int = 0, image_size: int = TINY_SAM2_IM
     return Path(out_dir)
 
 
+def policy_stamp(seed: int) -> dict:
+    """The build stamp of the random tiny policy for ``seed`` (what trained assets built from it record)."""
+    return {"builder": "tiny_qwen25vl", "version": BUILDER_VERSION, "seed": seed}
+
+
 def build_assets(out: Path, seed: int = 0) -> AssetPaths:
     """Build ``out/tiny_qwen25vl`` and ``out/tiny_sam2`` unless already built with this seed and version."""
     out = Path(out)
-    policy = build_dir_once(
-        out / "tiny_qwen25vl",
-        {"builder": "tiny_qwen25vl", "version": BUILDER_VERSION, "seed": seed},
-        lambda tmp: build_tiny_qwen25vl(tmp, seed=seed),
-    )
+    policy = build_dir_once(out / "tiny_qwen25vl", policy_stamp(seed), lambda tmp: build_tiny_qwen25vl(tmp, seed=seed))
     tool = build_dir_once(
         out / "tiny_sam2",
         {

@@ -40,22 +40,28 @@ MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 224 * 224
+TEXT_HIDDEN = 128
+ROPE_THETA = 10.0
+TEXT_LAYERS = 2
 
 
-def tiny_qwen25vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    """The tiny model's config; every token id is read from ``tokenizer`` so the two always agree."""
+def tiny_qwen25vl_config(
+    tokenizer: PreTrainedTokenizerFast, hidden: int = TEXT_HIDDEN, layers: int = TEXT_LAYERS
+) -> Qwen2_5_VLConfig:
+    """The tiny model's config; every token id is read from ``tokenizer`` so the two always agree.
+
+    ``hidden`` / ``layers`` size the language model (heads of 32 dimensions, 2 KV heads)."""
     ids = tokenizer.convert_tokens_to_ids
-    hidden = 128
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 32,
         "num_key_value_heads": 2,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 7, 7]},
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": [2, 7, 7]},
         "bos_token_id": ids(PAD_TOKEN),
         "eos_token_id": ids(EOS_TOKEN),
         "pad_token_id": ids(PAD_TOKEN),

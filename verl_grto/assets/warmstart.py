@@ -44,17 +44,19 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from verl_grto.assets.build import build_assets, ensure_assets
+from verl_grto.assets.build import build_assets, ensure_assets, policy_stamp
+from verl_grto.assets.shipped import shipped_asset
 from verl_grto.atomic import build_dir_once, read_stamp
-from verl_grto.data.schema import build_instruction
+from verl_grto.data.schema import build_short_instruction
 from verl_grto.data.synthetic import Referring, Scene, make_sample
 from verl_grto.eval.policy_probe import DEFAULT_MAX_NEW_TOKENS, ProbeResult, probe_policy
 from verl_grto.policy.inputs import build_messages, model_inputs, render_prompt
 from verl_grto.reward.answer import ToolPrompt, format_answer
 
 #: Bump when the defaults or the training change, so cached warm policies are rebuilt.
-WARMSTART_VERSION = 2
+WARMSTART_VERSION = 3
 WARM_POLICY_DIR = "tiny_qwen25vl_warm"
 REPORT_NAME = "warmstart_report.json"
 #: The synthetic stream training scenes are drawn from (disjoint from RL's ``train``/``val`` and the probe's).
@@ -62,13 +64,13 @@ TRAIN_SPLIT = "warmstart-train"
 #: Object counts of the optional referring phase (the RL data's default range).
 REFERRING_OBJECTS = (2, 4)
 IMAGE_SIZE = 112
-DEFAULT_STEPS = 300
 DEFAULT_EVAL_N = 64
 _IGNORE = -100
 _CLIP_NORM = 1.0
 _COPIED_CONFIGS = ("config.json", "generation_config.json")
 _WARMUP_STEPS = 20
 _MIN_LR_FRACTION = 0.1
+_DECAY_FRACTION = 0.2
 _LOSS_LOG_EVERY = 10
 
 
@@ -96,28 +98,23 @@ class WarmStartReport:
     probe: ProbeResult | None  # held-out scenes like phase 1's
     probe_referring: ProbeResult | None = None  # held-out 2-4-object scenes, when evaluated
     base_dir: str = ""
+    phases: list[dict] | None = None  # the curriculum, in order
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
 
-def _inner_point(mask: np.ndarray) -> tuple[int, int]:
-    """The object's pixel nearest its centroid, as ``(x, y)``: inside the object even for occluded shapes."""
-    ys, xs = np.nonzero(mask)
-    cx, cy = xs.mean(), ys.mean()
-    k = int(np.argmin((xs - cx) ** 2 + (ys - cy) ** 2))
-    return int(xs[k]), int(ys[k])
-
-
 def answer_target(scene: Scene, ref: Referring) -> str:
-    """The answer the policy is taught: think names the referred object, then its box and one inner point.
+    """The answer the policy is taught: an empty think, then the referred object's box, nothing else:
+    ``<think></think><answer>{"bbox": [x1, y1, x2, y2]}</answer>`` (about 22 tokens).
 
-    Naming the resolved object (not repeating the expression) keeps the think short (the tiny recipe
-    allows 48 response tokens) and makes it the reasoning step for relational expressions.
+    Why this short: the same tiny model localised after ~1500 steps with this target and stayed at the
+    level of a constant box after 1500 steps with a 38-token target of think text, box and one point
+    (../shared/notes/learnability.md, third probe; benchmarks/learnability.py). The format is the one
+    the parser accepts everywhere; points stay optional for the policy to add under RL.
     """
     obj = scene.objects[ref.target]
-    prompt = ToolPrompt(box=obj.box, points=(_inner_point(obj.mask),), labels=(1,))
-    return format_answer([prompt], think=f"the {obj.color} {obj.shape}")
+    return format_answer([ToolPrompt(box=obj.box)], think="")
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,7 @@ class _TrainingStream:
             max_objects=self.max_objects,
             min_objects=self.min_objects,
         )
-        instruction = build_instruction(ref.text, width=scene.size, height=scene.size)
+        instruction = build_short_instruction(ref.text)
         prompt_ids, image = self._prompt(instruction, Image.fromarray(scene.image))
         tokenizer = self.processor.tokenizer
         target = tokenizer(answer_target(scene, ref) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
@@ -205,10 +202,16 @@ def _answer_loss(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.T
 
 
 def _lr_factor(step: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to :data:`_MIN_LR_FRACTION` of the peak."""
+    """Linear warm-up, then constant until the last :data:`_DECAY_FRACTION` of the steps, then cosine
+    decay to :data:`_MIN_LR_FRACTION` of the peak. Constant through the middle: the tiny policy's
+    localisation arrives late (a loss plateau, then a drop), and a schedule that has already decayed
+    by then slows it (the third probe of ../shared/notes/learnability.md used a constant rate)."""
     if step < _WARMUP_STEPS:
         return (step + 1) / _WARMUP_STEPS
-    progress = (step - _WARMUP_STEPS) / max(1, total - _WARMUP_STEPS)
+    decay_start = total - int(_DECAY_FRACTION * total)
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, total - decay_start)
     return _MIN_LR_FRACTION + (1 - _MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -234,6 +237,13 @@ class Phase:
     steps: int
 
 
+#: The default warm start's curriculum, single-object scenes: plain first, where the object is the only
+#: thing to look at and the policy learns to read positions (its box IoU jumps from a constant box's
+#: ~0.2 to ~0.55 between steps 1000 and 1500), then the RL domain, where it carries over within a few
+#: hundred steps (benchmarks/learnability.py). Trained on the shifted domain from the start, the same
+#: policy had not localised after 2000 steps.
+DEFAULT_PHASES = (Phase("plain", (1, 1), 2000), Phase("camouflage", (1, 1), 1000))
+
 #: ``callback(step, model, processor)`` after optimiser step ``step`` (1-based, counted over all phases).
 StepCallback = Callable[[int, torch.nn.Module, Any], None]
 
@@ -245,11 +255,12 @@ def train_policy(
     batch_size: int,
     lr: float,
     callback: StepCallback | None = None,
+    progress_bar: bool = True,
 ) -> tuple[torch.nn.Module, Any, list[float]]:
     """Supervised training of the policy in ``base_dir`` through ``phases``, one learning-rate schedule
     over all of them; returns the model (in eval mode), its processor and the batch losses.
 
-    ``callback`` lets a caller look at the model mid-run (benchmarks/warmstart_localisation.py probes
+    ``callback`` lets a caller look at the model mid-run (benchmarks/learnability.py probes
     it); the model is put back in train mode after it.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor  # slow to import
@@ -262,8 +273,10 @@ def train_policy(
     total = sum(phase.steps for phase in phases)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total))
     losses: list[float] = []
+    progress = tqdm(total=total, desc="warm start (policy)", unit="step", mininterval=5.0, disable=not progress_bar)
     for phase in phases:
         stream = _TrainingStream(processor, seed, phase.domain, phase.objects)
+        progress.set_postfix_str(f"{phase.domain}, {phase.objects[0]}-{phase.objects[1]} objects")
         for step in range(phase.steps):
             batch = [stream.example(i) for i in range(step * batch_size, (step + 1) * batch_size)]
             loss = _answer_loss(model, *_collate(batch, processor, model.config))
@@ -273,10 +286,12 @@ def train_policy(
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
+            progress.update()
             if callback is not None:
                 model.eval()
                 callback(len(losses), model, processor)
                 model.train()
+    progress.close()
     return model.eval(), processor, losses
 
 
@@ -284,35 +299,46 @@ def warm_start_policy(
     base_dir: Path,
     out_dir: Path,
     seed: int = 0,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     batch_size: int = 16,
     lr: float = 1e-3,
     domain: str = "plain",
     max_objects: int = 1,
     referring_steps: int = 0,
     num_threads: int | None = None,
+    phases: Sequence[Phase] | None = None,
     eval_n: int = DEFAULT_EVAL_N,
     eval_referring: bool = False,
     eval_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> WarmStartReport:
     """Train the policy in ``base_dir`` on synthetic scenes; save it and ``warmstart_report.json`` into ``out_dir``.
 
-    Phase 1: ``steps`` steps on scenes of 1..``max_objects`` objects. Phase 2 (``referring_steps`` > 0):
-    2-4-object referring scenes. Every example is a fresh scene. The learning rate warms up over
-    20 steps, then decays (cosine) to a tenth. ``num_threads`` sets torch's CPU threads for the call
-    (restored afterwards). ``eval_n`` held-out scenes (0: no evaluation) are answered greedily through
-    the rollout's own code path (:func:`verl_grto.eval.policy_probe.probe_policy`) with
-    ``eval_max_new_tokens``; ``eval_referring`` adds as many 2-4-object scenes.
+    ``phases`` (default :data:`DEFAULT_PHASES`, unless ``steps`` is given): the curriculum. With ``steps``:
+    ``steps`` steps on ``domain`` scenes of 1..``max_objects`` objects, then ``referring_steps`` on 2-4-object
+    referring scenes. Every example is a fresh scene. The learning rate warms up over 20 steps, stays
+    constant, then decays (cosine) to a tenth over the last fifth. ``num_threads`` sets torch's CPU
+    threads for the call (restored afterwards). ``eval_n`` held-out scenes (0: no evaluation) of the
+    last phase's domain are answered greedily through the rollout's own code path
+    (:func:`verl_grto.eval.policy_probe.probe_policy`) with ``eval_max_new_tokens``; ``eval_referring``
+    adds as many 2-4-object scenes.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if phases is None:
+        if steps is None:
+            phases = DEFAULT_PHASES
+        else:
+            phases = [Phase(domain, (1, max_objects), steps), Phase(domain, REFERRING_OBJECTS, referring_steps)]
+    phases = [p for p in phases if p.steps > 0]
+    if not phases:
+        raise ValueError("a warm start needs at least one step")
+    single = [p for p in phases if p.objects[0] == 1]
+    domain = (single or phases)[-1].domain
+    max_objects = max((p.objects[1] for p in single), default=1)
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    if steps + referring_steps < 1:
-        raise ValueError("a warm start needs at least one step")
     try:
         start, cpu_start = time.perf_counter(), time.process_time()
-        phases = [Phase(domain, (1, max_objects), steps), Phase(domain, REFERRING_OBJECTS, referring_steps)]
         model, processor, losses = train_policy(base_dir, seed, phases, batch_size, lr)
         save_policy(model, processor, base_dir, out_dir)
         train_time, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -337,8 +363,8 @@ def warm_start_policy(
         report = WarmStartReport(
             seed=seed,
             steps=len(losses),
-            single_object_steps=steps,
-            referring_steps=referring_steps,
+            single_object_steps=sum(p.steps for p in single),
+            referring_steps=sum(p.steps for p in phases if p.objects[0] > 1),
             batch_size=batch_size,
             lr=lr,
             domain=domain,
@@ -355,11 +381,17 @@ def warm_start_policy(
             probe=probe,
             probe_referring=probe_referring,
             base_dir=str(base_dir),
+            phases=[asdict(p) for p in phases],
         )
         (out_dir / REPORT_NAME).write_text(report.to_json())
         return report
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def warm_policy_stamp(seed: int) -> dict:
+    """What a finished default warm start for ``seed`` is stamped with (version, seed, its base's stamp)."""
+    return {"builder": WARM_POLICY_DIR, "version": WARMSTART_VERSION, "seed": seed, "base": policy_stamp(seed)}
 
 
 def build_warm_policy(out: Path, seed: int = 0) -> Path:
@@ -370,11 +402,19 @@ def build_warm_policy(out: Path, seed: int = 0) -> Path:
     rebuilds it. ``out`` is a directory as :func:`verl_grto.assets.build.build_assets` takes it.
     """
     base = build_assets(Path(out), seed=seed).policy
-    stamp = {"builder": WARM_POLICY_DIR, "version": WARMSTART_VERSION, "seed": seed, "base": read_stamp(base)}
+    stamp = warm_policy_stamp(seed)
+    if read_stamp(base) != stamp["base"]:
+        raise RuntimeError(f"{base} is stamped {read_stamp(base)}, expected {stamp['base']}")
     return build_dir_once(base.parent / WARM_POLICY_DIR, stamp, lambda tmp: warm_start_policy(base, tmp, seed=seed))
 
 
 def ensure_warm_policy(root: Path | None = None, seed: int = 0) -> Path:
-    """The warm policy for ``seed`` beside the base of :func:`verl_grto.assets.build.ensure_assets`
-    (default ``<default_home>/assets/seed<seed>/tiny_qwen25vl_warm``), built if missing."""
+    """The warm policy for ``seed``: with ``root`` None, the shipped copy when it is current
+    (:mod:`verl_grto.assets.shipped`), else the one beside the base of
+    :func:`verl_grto.assets.build.ensure_assets` (default ``<default_home>/assets/seed<seed>/tiny_qwen25vl_warm``),
+    built if missing."""
+    if root is None:
+        shipped = shipped_asset(WARM_POLICY_DIR, seed, warm_policy_stamp(seed))
+        if shipped is not None:
+            return shipped
     return build_warm_policy(ensure_assets(root, seed=seed).policy.parent, seed=seed)

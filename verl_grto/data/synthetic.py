@@ -2,9 +2,19 @@
 
 Why synthetic: the whole GRTO pipeline (policy -> prompt -> tool -> mask reward) must be trainable
 and testable on a CPU in minutes, with exact ground truth and a controlled domain shift. Each scene
-holds 2-4 shapes (circle, square, triangle, diamond) of named colour, size, position and texture on a
-lightly noisy background. The ``camouflage`` domain paints objects with the background's own smooth
-texture, told apart only by a small colour tint and a faint 1-px edge: a domain shift for the tool.
+holds 1-4 solid *non-convex* shapes (:data:`SCENE_SHAPES`: ring, cross, crescent, star) of named
+colour, size and position. Non-convex on purpose: a mask that simply fills the object's box scores
+about 0.5 IoU on them (0.7-1.0 on circles and squares), so a tool that segments has room to beat the
+trivial answer.
+
+Two domains, one shift that hurts the tool but not the policy's eyes:
+
+* ``plain``: solid-colour shapes on a uniform, lightly noisy background (the tool's pre-training domain,
+  the stand-in for SAM2's own training distribution);
+* ``camouflage``: a cluttered background of grey-toned rectangles, ellipses and stripes; the object is
+  painted with a striped / checked / graded texture in its own hue, blended half-and-half into the
+  clutter, with no outline. Its hue stays readable (the policy can still tell where the red thing is),
+  while its edges and interior look nothing like what the plain-trained tool has seen.
 
 Referring expressions are small structured objects (:class:`Expr`) with a semantics
 (:func:`resolve`) evaluated against the scene; the sampler keeps only expressions that resolve to
@@ -33,10 +43,13 @@ from PIL import Image
 from verl_grto.atomic import build_dir_once
 from verl_grto.data.masks import encode_rle, mask_to_box
 from verl_grto.data.parquet import write_rows_atomic
-from verl_grto.data.schema import GroundTruth, RLRow, build_instruction
+from verl_grto.data.schema import GroundTruth, RLRow, build_short_instruction
 
 DOMAINS = ("plain", "camouflage")
-SHAPES = ("circle", "square", "triangle", "diamond")
+#: Every shape the grammar knows (hand-made scenes and real expressions may use any of them).
+SHAPES = ("ring", "cross", "crescent", "star", "circle", "square", "triangle", "diamond")
+#: The shapes generated scenes are drawn from: solid but non-convex, so box fill is a weak answer.
+SCENE_SHAPES = ("ring", "cross", "crescent", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 170, 60),
@@ -48,6 +61,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 125, 185),
 }
 TEXTURES = ("solid", "stripes", "checker", "gradient")
+#: Textures of camouflaged objects (plain objects are solid).
+CAMOUFLAGE_TEXTURES = ("stripes", "checker", "gradient")
 SUPERLATIVES = ("largest", "smallest", "leftmost", "rightmost", "topmost", "bottommost")
 RELATIONS = ("left of", "right of", "above", "below")
 
@@ -58,11 +73,11 @@ POSITION_MARGIN = 0.05
 #: Two shapes may overlap by at most this fraction of the smaller one's area.
 MAX_OVERLAP = 0.1
 #: Half-extent of a shape, as a fraction of the image size.
-HALF_SIZE_RANGE = (0.08, 0.2)
+HALF_SIZE_RANGE = (0.12, 0.22)
 #: Chance that a new object copies a previous object's shape or colour (so attributes alone do not suffice).
 SHARE_ATTRIBUTE_P = 0.4
 #: Builder version: bump it whenever the generated data changes, so cached datasets are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 _PLACEMENT_TRIES = 60
 _SCENE_TRIES = 20
@@ -279,10 +294,17 @@ def random_expression(rng: np.random.Generator) -> Expr:
 # Rendering
 
 
-def _shape_mask(shape: str, cx: float, cy: float, half: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+def _shape_mask(
+    shape: str, cx: float, cy: float, half: float, xx: np.ndarray, yy: np.ndarray, angle: float = 0.0
+) -> np.ndarray:
+    """Pixels of ``shape`` centred at ``(cx, cy)`` reaching about ``half`` from it (at most ``1.2 * half``).
+
+    ``angle`` (radians) turns the shapes that have an orientation (crescent, star, triangle unaffected).
+    """
     dx, dy = xx - cx, yy - cy
+    r2 = dx * dx + dy * dy
     if shape == "circle":
-        return dx * dx + dy * dy <= half * half
+        return r2 <= half * half
     if shape == "square":
         s = 0.85 * half  # about the circle's area
         return (np.abs(dx) <= s) & (np.abs(dy) <= s)
@@ -290,46 +312,63 @@ def _shape_mask(shape: str, cx: float, cy: float, half: float, xx: np.ndarray, y
         return np.abs(dx) + np.abs(dy) <= 1.2 * half
     if shape == "triangle":  # apex up, base at the bottom
         return (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
+    if shape == "ring":  # a thick annulus: its box also holds the hole and the corners
+        return (r2 <= half * half) & (r2 >= (0.55 * half) ** 2)
+    if shape == "cross":  # a plus sign of arms 0.36 * half thick
+        arm = 0.36 * half
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= half)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= half))
+    if shape == "crescent":  # a disc minus a smaller disc shifted towards ``angle``
+        ox, oy = 0.45 * half * np.cos(angle), 0.45 * half * np.sin(angle)
+        return (r2 <= half * half) & ((dx - ox) ** 2 + (dy - oy) ** 2 > (0.8 * half) ** 2)
+    if shape == "star":  # five lobes between 0.45 and 1.0 of ``half``
+        theta = np.arctan2(dy, dx) - angle
+        return np.sqrt(r2) <= half * (0.45 + 0.55 * np.abs(np.cos(2.5 * theta)) ** 2)
     raise ValueError(f"unknown shape {shape!r}")
 
 
 def _texture(texture: str, rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Brightness factor in [0.65, 1] at pixel centres ``xx``, ``yy`` (1-D): varies appearance without
-    changing the colour's name."""
+    """Brightness factor in [0.5, 1] at pixel centres ``xx``, ``yy`` (1-D): a strong pattern inside the
+    object that does not change the colour's name."""
     if texture == "solid":
         return np.ones_like(xx)
     period = float(rng.integers(3, 7))
     if texture == "stripes":
-        return np.where(((xx + yy) // period) % 2 == 0, 1.0, 0.7)
+        return np.where(((xx + yy) // period) % 2 == 0, 1.0, 0.5)
     if texture == "checker":
-        return np.where((xx // period + yy // period) % 2 == 0, 1.0, 0.7)
+        return np.where((xx // period + yy // period) % 2 == 0, 1.0, 0.5)
     if texture == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
         t = np.cos(angle) * xx + np.sin(angle) * yy
-        return 0.65 + 0.35 * (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+        return 0.5 + 0.5 * (t - t.min()) / max(float(np.ptp(t)), 1e-6)
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def _smooth_texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth random colour field (bicubic upsampling of a coarse random grid), float (H, W, 3)."""
-    cells = int(rng.integers(3, 7))
-    coarse = rng.uniform(60, 200, size=(cells, cells, 3)).astype(np.uint8)
-    img = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.float32)
+def _clutter(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """A cluttered grey-toned background, float (H, W, 3): overlapping rectangles and ellipses with
+    sharp edges, a few striped patches and noise. Grey-toned (low saturation) so an object's hue still
+    stands out; full of edges so a tool that only learnt "segment the region that differs from a flat
+    background" is lost."""
 
+    def tone() -> np.ndarray:
+        return (rng.uniform(50, 210) + rng.uniform(-18, 18, size=3)).astype(np.float32)
 
-def _edge(mask: np.ndarray) -> np.ndarray:
-    """The mask's 1-px inner boundary (pixels with a 4-neighbour outside the mask)."""
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
+    canvas = np.broadcast_to(tone(), (size, size, 3)).copy()
+    for _ in range(int(rng.integers(8, 14))):
+        cx, cy = rng.uniform(0, size, size=2)
+        rx, ry = rng.uniform(0.05, 0.3, size=2) * size
+        if rng.random() < 0.5:
+            patch = (np.abs(xx - cx) <= rx) & (np.abs(yy - cy) <= ry)
+        else:
+            patch = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+        if rng.random() < 0.3:
+            period = float(rng.integers(3, 8))
+            patch &= ((xx if rng.random() < 0.5 else yy) // period) % 2 == 0
+        canvas[patch] = tone()
+    return canvas
 
 
 def _pick_attributes(rng: np.random.Generator, placed: list[tuple[str, str]]) -> tuple[str, str]:
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    shape = SCENE_SHAPES[int(rng.integers(len(SCENE_SHAPES)))]
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
     if placed and rng.random() < SHARE_ATTRIBUTE_P:
         other_shape, other_color = placed[int(rng.integers(len(placed)))]
@@ -352,7 +391,7 @@ def _place(
             half = rng.uniform(lo, hi) * size
             reach = 1.2 * half  # the widest shape (diamond) reaches this far from its centre
             cx, cy = rng.uniform(reach + 1, size - reach - 1, size=2)
-            mask = _shape_mask(shape, cx, cy, half, xx, yy)
+            mask = _shape_mask(shape, cx, cy, half, xx, yy, angle=float(rng.uniform(0, 2 * np.pi)))
             area = int(mask.sum())
             if area == 0:
                 continue
@@ -383,14 +422,12 @@ def make_scene(
     else:
         raise RuntimeError(f"could not place {lo_n} objects in a {size}px image")
 
-    background_noise = 6.0 if domain == "plain" else 3.0
     if domain == "plain":
         base = (rng.uniform(70, 180) + rng.uniform(-12, 12, size=3)).astype(np.float32)
         canvas = np.broadcast_to(base, (size, size, 3)).copy()
     else:
-        field = _smooth_texture(rng, size)
-        canvas = field.copy()
-    canvas += rng.normal(0.0, background_noise, size=canvas.shape).astype(np.float32)
+        canvas = _clutter(rng, size, xx, yy)
+    canvas += rng.normal(0.0, 6.0 if domain == "plain" else 4.0, size=canvas.shape).astype(np.float32)
 
     visible = []
     union_later = np.zeros((size, size), dtype=bool)
@@ -401,14 +438,14 @@ def make_scene(
 
     objects = []
     for (shape, color, mask), vis in zip(placed, visible, strict=True):
-        texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
         rgb = np.asarray(COLORS[color], dtype=np.float32) + rng.uniform(-15, 15, size=3).astype(np.float32)
         if domain == "plain":  # later objects overwrite earlier ones: what shows is the visible mask
-            canvas[mask] = rgb[None, :] * _texture(texture, rng, xx[mask], yy[mask])[:, None]
-        else:
-            alpha = np.float32(rng.uniform(0.2, 0.3))
-            canvas[mask] = field[mask] * (1 - alpha) + rgb[None, :] * alpha
-            canvas[_edge(mask)] *= np.float32(0.85)
+            texture = "solid"
+            canvas[mask] = rgb[None, :]
+        else:  # textured in its own hue, blended into the clutter, no outline
+            texture = CAMOUFLAGE_TEXTURES[int(rng.integers(len(CAMOUFLAGE_TEXTURES)))]
+            paint = rgb[None, :] * _texture(texture, rng, xx[mask], yy[mask])[:, None]
+            canvas[mask] = 0.5 * canvas[mask] + 0.5 * paint
         box = mask_to_box(vis)
         if box is None:  # cannot happen while overlap is capped; guard against future edits
             raise RuntimeError("an object is fully occluded")
@@ -473,7 +510,7 @@ def generate_split(
         rows.append(
             RLRow(
                 data_source=f"grto/synthetic/{domain}",
-                instruction=build_instruction(ref.text, width=size, height=size),
+                instruction=build_short_instruction(ref.text),
                 image_png=png_bytes(scene.image),
                 ground_truth=gt,
                 index=i,

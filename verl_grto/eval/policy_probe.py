@@ -36,7 +36,7 @@ from verl_grto.reward.geometry import box_iou
 #: The synthetic stream held out for probes: no training split or RL split draws from it.
 PROBE_SPLIT = "probe-val"
 #: The tiny recipe's ``data.max_response_length``: an answer must fit in it to be rewarded at all.
-DEFAULT_MAX_NEW_TOKENS = 48
+DEFAULT_MAX_NEW_TOKENS = 32
 _VARIABLE_RE = re.compile(r"'[^']*'|\"[^\"]*\"|-?\d+(\.\d+)?")
 
 

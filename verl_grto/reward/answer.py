@@ -247,7 +247,8 @@ def format_answer(objects: Sequence[ToolPrompt], think: str = "...") -> str:
 
     Integral coordinates are written without decimals (``12`` not ``12.0``), as a policy should write
     them. One object is written as a JSON object, several as a list. Positive points are written
-    before negative ones, which is the order :func:`parse_answer` returns them in.
+    before negative ones, which is the order :func:`parse_answer` returns them in; an object without
+    points is written without a ``"points"`` key (``{"bbox": [...]}``, the shortest answer).
     """
     if not objects:
         raise ValueError("format_answer needs at least one object")
@@ -266,7 +267,8 @@ def format_answer(objects: Sequence[ToolPrompt], think: str = "...") -> str:
         item: dict[str, Any] = {}
         if obj.box is not None:
             item["bbox"] = [_json_number(v) for v in obj.box]
-        item["points"] = pos
+        if pos:
+            item["points"] = pos
         if neg:
             item["negative_points"] = neg
         items.append(item)

@@ -56,6 +56,8 @@ def dataset_rows(dataset: Any) -> list[dict[str, Any]]:
 
 @register_trainer("bgrto")
 class BGRTOTrainer(GRTOTrainer):
+    initial_validation_label = "before BTO"
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.bto = BTOConfig.from_config(config.get("bto"))
@@ -83,6 +85,7 @@ class BGRTOTrainer(GRTOTrainer):
         if self.bto.validate_after and self.val_dataloader is not None:
             val = self._validate()
             self.val_history[-1]["step"] = float(self.global_steps - 1)  # still before GRTO's first step
+            self.val_history[-1]["label"] = "after BTO"
             self.logger.log(data=val, step=self.global_steps - 1)
 
     # ---- stage 1: the reference policy's rollouts --------------------------------------------

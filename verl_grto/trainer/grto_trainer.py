@@ -35,6 +35,7 @@ from verl_grto.data.schema import GroundTruth
 from verl_grto.eval.baselines import fill_boxes
 from verl_grto.eval.metrics import IoUAccumulator, intersection_union, sample_iou
 from verl_grto.reward.answer import ParsedAnswer, parse_answer
+from verl_grto.reward.box_reward import score_box_answer
 from verl_grto.reward.mask_reward import score_mask_answer
 from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.pool import TOOL_ROLE, create_tool_worker_group, register_tool_pool, tool_update_async
@@ -352,6 +353,9 @@ class GRTOTrainer(PPOTrainerSync):
         return meta
 
     # ---- validation through the tool ---------------------------------------------------------
+    #: What the validation verl runs before its first step is labelled in the summary.
+    initial_validation_label = "before GRTO"
+
     def _validate(self) -> dict[str, float]:
         """Validation as the task scores it: greedy answers -> the tool's masks -> gIoU and cIoU.
 
@@ -364,12 +368,15 @@ class GRTOTrainer(PPOTrainerSync):
         start = time.perf_counter()
         tool_acc, fill_acc = IoUAccumulator(), IoUAccumulator()
         parsed_ok: list[bool] = []
+        box_ious: list[float] = []
         for batch_dict in self.val_dataloader:
             meta = self.generate_batch(batch_dict, validate=True)
             data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=VIEW_FIELDS)
             tq.kv_clear(keys=meta.keys, partition_id=meta.partition_id)
             view = RolloutView(data, self.tokenizer)
             parsed, gt_masks, prompts = _parse_view(view)
+            # the policy alone, before the tool: how well its boxes match the referred objects' boxes
+            box_ious += [score_box_answer(t, gt).box_iou for t, gt in zip(view.texts, view.ground_truths, strict=True)]
             self.tool_wg.tool_begin_step()
             batches, rows = self._shards(view, None, prompts)
             masks = self._predict_masks(batches, rows, len(view))
@@ -385,9 +392,12 @@ class GRTOTrainer(PPOTrainerSync):
             "val-grto/cIoU": tool["cIoU"],
             "val-grto/box_fill_gIoU": fill["gIoU"],
             "val-grto/parse_rate": float(np.mean(parsed_ok)),
+            "val-grto/policy_box_iou": float(np.mean(box_ious)),
             "val-grto/n": float(tool["n"]),
         }
-        self.val_history.append({"step": float(self.global_steps), **metrics})
+        # verl validates once before its first step (global_steps 0), then after step N's update
+        label = self.initial_validation_label if self.global_steps == 0 else f"after GRTO step {self.global_steps}"
+        self.val_history.append({"step": float(self.global_steps), "label": label, **metrics})
         self.stage_seconds["validation"] = self.stage_seconds.get("validation", 0.0) + time.perf_counter() - start
         return metrics
 
@@ -421,17 +431,21 @@ class GRTOTrainer(PPOTrainerSync):
         print(format_summary(summary), flush=True)
 
 
+def format_validation(v: dict[str, Any]) -> str:
+    """One validation (an entry of ``val_history``) as one line: the tool's score beside its baselines."""
+    label = v.get("label", f"step {int(v['step'])}")
+    return (
+        f"validation {label}: gIoU {v['val-grto/gIoU']:.3f}  cIoU {v['val-grto/cIoU']:.3f}"
+        f"  (filling the policy's boxes: gIoU {v['val-grto/box_fill_gIoU']:.3f}; policy box IoU"
+        f" {v.get('val-grto/policy_box_iou', float('nan')):.3f}, parse rate {v['val-grto/parse_rate']:.2f},"
+        f" n={int(v['val-grto/n'])})"
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The run's summary as a few human-readable lines."""
     lines = [f"==== verl-grto {summary['trainer_mode']} summary ===="]
-    for name in ("val_first", "val_last"):
-        v = summary.get(name)
-        if v:
-            lines.append(
-                f"validation at step {int(v['step'])}: gIoU {v['val-grto/gIoU']:.3f}  cIoU {v['val-grto/cIoU']:.3f}"
-                f"  (box-fill baseline gIoU {v['val-grto/box_fill_gIoU']:.3f}, parse rate"
-                f" {v['val-grto/parse_rate']:.2f}, n={int(v['val-grto/n'])})"
-            )
+    lines += [format_validation(v) for v in summary.get("validations") or []]
     lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
     if summary.get("bto_fraction_of_grto_epoch") is not None:
         lines.append(f"BTO wall time / one GRTO epoch: {summary['bto_fraction_of_grto_epoch']:.2f}")

@@ -179,7 +179,7 @@ def _flag_prompt(box: str | None, points: str | None, image_hw: tuple[int, int])
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from verl_grto.data.convert.base import RowError, load_image
-    from verl_grto.data.schema import build_instruction
+    from verl_grto.data.schema import build_instruction, build_short_instruction
     from verl_grto.eval.evaluate import write_prediction
     from verl_grto.eval.inference import PolicyToolPredictor, PromptedToolPredictor, ToolSegmenter, row_rgb
     from verl_grto.eval.overlay import overlay
@@ -197,7 +197,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError("without --box/--points, predict needs --policy and --prompt")
     _existing(args.tool, "tool")
     row = {
-        "prompt": [{"role": "user", "content": build_instruction(args.prompt or "", image.width, image.height)}],
+        "prompt": [
+            {
+                "role": "user",
+                "content": build_short_instruction(args.prompt or "")
+                if args.instruction == "short"
+                else build_instruction(args.prompt or "", image.width, image.height),
+            }
+        ],
         "images": [{"bytes": image.data, "path": None}],
         "extra_info": {"sample_id": Path(args.image).stem},
     }
@@ -373,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompt", help="the referring expression (the policy's instruction is built around it)")
     pr.add_argument(
         "--out", required=True, help="mask PNG (0/255, image size); the overlay goes beside it as <stem>.overlay.png"
+    )
+    pr.add_argument(
+        "--instruction",
+        choices=["full", "short"],
+        default="full",
+        help="full: the instruction real datasets' rows carry; short: the tiny world's ('Locate <prompt>.')",
     )
     pr.add_argument("--box", help="x1,y1,x2,y2 in image pixels (x2/y2 exclusive): bypass the policy")
     pr.add_argument("--points", help="x,y;x,y object points in image pixels: bypass the policy")

@@ -247,11 +247,14 @@ def test_importance_weights_are_used_when_asked(data, base_tool):
 # ---- training -----------------------------------------------------------------------------------
 
 
-def test_tool_learns_from_the_buffer_with_each_image_encoded_once(data, base_tool):
-    """36 updates (12 epochs x 3 batches of 2 images x 2 usable rollouts) from the random tiny tool.
+EPOCHS_TO_LEARN = 24
 
-    Measured: epoch loss 1.59 -> 0.90, held-out (validation images, the same kind of prompts) gIoU
-    0.03 -> 0.11, ~1.5 s. A random tool needs ~100+ updates for IoU 0.3 (0.29 at 120, measured).
+
+def test_tool_learns_from_the_buffer_with_each_image_encoded_once(data, base_tool):
+    """72 updates (24 epochs x 3 batches of 2 images x 2 usable rollouts) from the random tiny tool.
+
+    Measured on the non-convex shapes: epoch loss 1.59 -> 1.02 (flat for the first 4 epochs), held-out
+    (validation images, the same kind of prompts) gIoU 0.03 -> 0.12, ~1.1 s.
     """
     torch.manual_seed(0)
     engine = fresh_engine(base_tool)
@@ -259,7 +262,7 @@ def test_tool_learns_from_the_buffer_with_each_image_encoded_once(data, base_too
         engine,
         data["buffer"],
         data["store"],
-        epochs=12,
+        epochs=EPOCHS_TO_LEARN,
         batch_size=2,
         heldout=data["heldout"].records,
         heldout_store=data["val_store"],
@@ -269,12 +272,13 @@ def test_tool_learns_from_the_buffer_with_each_image_encoded_once(data, base_too
     print(
         f"losses {[round(v, 3) for v in losses]}, IoU {report.iou_before:.3f} -> {report.iou_after:.3f}, {report.wall_s:.1f} s"
     )
-    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0] and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert len(losses) == EPOCHS_TO_LEARN and losses[-1] < 0.7 * losses[0]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert report.iou_after > report.iou_before + 0.05
     assert (report.rollouts, report.usable_rollouts, report.batches, report.skipped_batches) == (
         6 * G,
         6 * (G - 1),
-        36,
+        3 * EPOCHS_TO_LEARN,
         0,
     )
     # the encoder ran once per image for the whole stage, not once per epoch: one call per first-epoch batch

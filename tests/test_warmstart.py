@@ -48,7 +48,7 @@ def test_answer_target_is_the_object_box_alone_in_few_tokens(tiny_assets: AssetP
         assert target.startswith("<think></think><answer>")
         assert parsed.objects[0].box == scene.objects[ref.target].box and parsed.objects[0].points == ()
         lengths.add(len(tokenizer(target, add_special_tokens=False)["input_ids"]))
-    assert max(lengths) <= 24, lengths  # 38 with a think text and a point: localisation came far later
+    assert max(lengths) <= 26, lengths  # 38 with a think text and a point: localisation came far later
 
 
 def test_short_run_turns_unparseable_answers_into_parseable_ones(tiny_assets: AssetPaths, warm) -> None:

@@ -129,6 +129,24 @@ def test_tool_update_weights_skip_unparseable_and_train(setup):
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_tool_loss_coef_reaches_the_engine_as_loss_scale_not_in_the_weights(setup):
+    """lambda multiplies the weighted mean (ToolEngine.objective); folded into the weights it cancelled."""
+    trainer, tq, batch = setup
+    trainer.grto = GRTOConfig(tool=trainer.grto.tool, tool_loss_coef=2.5)
+    trainer._tool_rewards(batch, {})
+    tq.fields["advantages"] = tq.fields["rm_scores"]
+    assert trainer._tool_weights(batch).tolist() == [1.0, 1.0, 0.0, 1.0] * 2  # relative weights only
+    engine = trainer.actor_rollout_wg.worker.tool_engine
+    seen = []
+    update = engine.update
+    engine.update = lambda b, w, loss_scale=1.0: seen.append(loss_scale) or update(b, w, loss_scale)
+    metrics: dict = {}
+    trainer._tool_update(batch, metrics)
+    assert seen == [2.5] and metrics["grto/tool/skipped"] == 0.0
+    assert metrics["grto/tool/scaled_loss"] == pytest.approx(2.5 * metrics["grto/tool/loss"])
+    assert metrics["grto/tool/weight_mean"] == pytest.approx(0.75)
+
+
 def test_min_box_iou_leaves_prompts_that_miss_out_of_the_tool_loss_only(setup):
     trainer, tq, batch = setup
     rewards = {}
@@ -162,7 +180,14 @@ def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("min_box_iou", 1.5), ("min_box_iou", -0.1), ("placement", "elsewhere"), ("weighting", "random")],
+    [
+        ("min_box_iou", 1.5),
+        ("min_box_iou", -0.1),
+        ("placement", "elsewhere"),
+        ("weighting", "random"),
+        ("tool_loss_coef", -1.0),
+        ("tool_loss_coef", float("nan")),
+    ],
 )
 def test_bad_grto_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"grto\\.{key}"):

@@ -101,8 +101,8 @@ def test_register_tool_pool_adds_a_pool_to_the_trainers_manager():
 def test_tool_update_async_targets_the_actor_method(actor_method):
     group = _StubGroup(actor_method)
     batches = [ToolBatch([], [], [], []), ToolBatch([], [], [], [])]
-    assert tool_update_async(group, batches, [[], []]) == ["ref0", "ref1"]
-    assert group.calls == [(actor_method, batches, [[], []])]
+    assert tool_update_async(group, batches, [[], []], loss_scale=0.5) == ["ref0", "ref1"]
+    assert group.calls == [(actor_method, batches, [[], []], [0.5, 0.5])]  # lambda: one copy per rank
     with pytest.raises(ValueError, match="one batch and one weight list per rank"):
         tool_update_async(group, batches[:1], [[]])
 

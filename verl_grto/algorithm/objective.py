@@ -5,8 +5,9 @@
 Rewards use the tool under stop-gradient and the weights are constants, so
 d/d theta J = d/d theta L_GRPO (GRTO's policy update *is* GRPO's) and
 d/d phi J = lambda * d/d phi of the weighted tool loss (the tool learns only from its own loss).
-In the trainer the two terms go to two optimisers (the actor's and the tool's); this function is
-the same objective written once, so tests can check both gradients with autograd.
+In the trainer the two terms go to two optimisers (the actor's and the tool's; the tool's term,
+lambda applied after the weighted mean, is `verl_grto.tool.engine.ToolEngine.objective`); this
+function is the same objective written once, so tests can check both gradients with autograd.
 """
 
 from __future__ import annotations

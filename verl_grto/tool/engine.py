@@ -5,10 +5,22 @@ needs a small, framework-free surface: predict masks for rewards, take one optim
 on weighted per-rollout losses, and save/restore everything that determines the next step
 (weights, AdamW state, RNG) bit-exactly so that resumed runs are reproducible.
 
+Loss scale (lambda = ``grto.tool_loss_coef``): `ToolEngine.objective` back-propagates
+lambda * L_tool, with L_tool = sum_i w_i l_i / sum_i w_i the weighted mean of the per-rollout
+losses. The weights only set the rollouts' relative importance (uniform / filter / importance);
+lambda multiplies the mean, *after* the division, so it cannot cancel. With plain SGD the step
+is linear in lambda; with Adam(W) it is nearly scale-free (Adam divides by the gradient's
+running RMS; lambda only moves the result relative to `eps`, and weight decay does not scale),
+and gradient clipping (`max_grad_norm`) applies to the scaled gradient. lambda = 0 takes no step.
+
 Data parallelism: when `torch.distributed` is initialised every rank computes gradients on
-its own rollouts, gradients are averaged with all-reduce, and all ranks agree (by a second
-all-reduce) on whether to skip a step, so a non-finite loss on one rank cannot desynchronise
-the replicas.
+its own rollouts and the mean is the *global* weighted mean over all ranks' rollouts: the
+weight sums are all-reduced first, each rank back-propagates lambda * sum_{i on rank} w_i l_i /
+sum_{all i} w_i, and the gradients are summed with all-reduce. (The mean of per-rank weighted
+means would weigh a rollout by 1 / (its rank's weight sum), which differs whenever the shards'
+weight sums differ.) All ranks agree (by another all-reduce) on whether to skip a step, so a
+non-finite loss on one rank cannot desynchronise the replicas. Every rank must make the same
+`update` calls with the same `loss_scale`.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from verl_grto.tool.cache import EmbeddingCache
-from verl_grto.tool.losses import LossConfig, SegLosses, segmentation_losses, weighted_mean
+from verl_grto.tool.losses import LossConfig, SegLosses, segmentation_losses, weighted_sum
 from verl_grto.tool.model import DecodeOutput, SegmentationTool
 from verl_grto.tool.preprocess import ImageLike, logits_to_masks
 from verl_grto.tool.prompts import PromptLike
@@ -85,8 +97,38 @@ class ToolPrediction:
     prompt_issues: list[list[str]]
 
 
+@dataclass
+class ToolObjective:
+    """The tool term of the GRTO objective for one update (docs/method.md, "Joint surrogate").
+
+    `loss` is what `ToolEngine.update` back-propagates on this rank: lambda * sum_{i on rank}
+    w_i l_i / W, where W is the sum of the weights over all ranks (the local sum without
+    `torch.distributed`). Summing the ranks' gradients gives lambda * dL_tool/dphi for the global
+    weighted mean L_tool. `mean`, `bce`, `dice` and `iou_loss` are global weighted means
+    (unscaled, detached, the same on every rank; 0 when W = 0); `weight_sum` is W.
+    """
+
+    loss: torch.Tensor
+    loss_scale: float
+    mean: torch.Tensor
+    bce: torch.Tensor
+    dice: torch.Tensor
+    iou_loss: torch.Tensor
+    weight_sum: torch.Tensor
+    losses: SegLosses
+    weights: torch.Tensor
+    out: DecodeOutput
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _check_loss_scale(loss_scale: float) -> float:
+    loss_scale = float(loss_scale)
+    if not np.isfinite(loss_scale) or loss_scale < 0:
+        raise ValueError(f"loss_scale must be finite and >= 0, got {loss_scale}")
+    return loss_scale
 
 
 class ToolEngine:
@@ -126,17 +168,46 @@ class ToolEngine:
         ]
         return ToolPrediction(masks, out.iou_pred, out.num_objects, out.prompt_issues)
 
-    def _loss(
-        self, batch: ToolBatch, weights: Sequence[float] | torch.Tensor | None
-    ) -> tuple[torch.Tensor, SegLosses, torch.Tensor, DecodeOutput]:
+    def objective(
+        self, batch: ToolBatch, weights: Sequence[float] | torch.Tensor | None = None, loss_scale: float = 1.0
+    ) -> ToolObjective:
+        """lambda * L_tool (lambda = `loss_scale`), the one place the tool's loss coefficient is applied.
+
+        L_tool = sum_i w_i l_i / sum_i w_i over every rank's rollouts (see `ToolObjective`), so
+        weights w and c * w (c > 0) give the same objective and lambda scales it linearly. With
+        `torch.distributed` initialised this is a collective (one all-reduce of the weight and
+        loss sums): every rank must call it.
+        """
         if batch.gt_masks is None:
             raise ValueError("update needs gt_masks")
+        loss_scale = _check_loss_scale(loss_scale)
         out = self._decode(batch, train=True)
         losses = segmentation_losses(out.mask_logits, batch.gt_masks, out.iou_pred, self.config.loss)
         w = torch.ones(batch.num_rollouts) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         # Rollouts without a usable prompt have a constant mask: nothing to learn from them.
         w = torch.where(out.num_objects.to(w.device) > 0, w, torch.zeros_like(w)).to(losses.total)
-        return weighted_mean(losses.total, w), losses, w, out
+        local_sum, local_weight = weighted_sum(losses.total, w)
+        parts = [weighted_sum(v.detach(), w)[0] for v in (losses.total, losses.bce, losses.dice, losses.iou_loss)]
+        sums = torch.stack([local_weight.detach(), *parts]).to(self.tool.device, torch.float32)
+        if _distributed():
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        weight_sum = sums[0].clamp(min=torch.finfo(sums.dtype).tiny)
+        means = sums[1:] / weight_sum
+        loss = local_sum / weight_sum.to(local_sum)
+        if loss_scale != 1.0:  # lambda after the mean (lambda = 1: the exact loss of an unscaled run)
+            loss = loss * loss_scale
+        return ToolObjective(
+            loss=loss,
+            loss_scale=loss_scale,
+            mean=means[0],
+            bce=means[1],
+            dice=means[2],
+            iou_loss=means[3],
+            weight_sum=sums[0],
+            losses=losses,
+            weights=w,
+            out=out,
+        )
 
     def _sync_flags(self, nonfinite: bool, has_signal: bool) -> tuple[bool, bool]:
         """Make every rank take the same skip decision."""
@@ -147,13 +218,12 @@ class ToolEngine:
         return bool(flags[0]), bool(flags[1])
 
     def _all_reduce_grads(self) -> None:
-        """Average gradients over ranks.
+        """Sum gradients over ranks (each rank's loss is already divided by the global weight sum).
 
         A parameter no rank produced a gradient for (e.g. the object-score head, never in the
         loss) keeps `grad=None`, so AdamW leaves it alone exactly as in a single-process run;
         a rank that lacks a gradient others have contributes zeros.
         """
-        world = dist.get_world_size()
         present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32, device=self.tool.device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX)
         for p, anywhere in zip(self.params, present.tolist(), strict=True):
@@ -162,19 +232,29 @@ class ToolEngine:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
 
-    def update(self, batch: ToolBatch, weights: Sequence[float] | torch.Tensor | None = None) -> dict[str, float]:
-        """One optimiser step on the weighted mean of per-rollout losses; returns metrics.
+    def update(
+        self, batch: ToolBatch, weights: Sequence[float] | torch.Tensor | None = None, loss_scale: float = 1.0
+    ) -> dict[str, float]:
+        """One optimiser step on `loss_scale` * the weighted mean of per-rollout losses (`objective`).
 
-        The step is skipped (metric `skipped` = 1) when the loss or the gradient norm is
-        non-finite on any rank, or when no rollout on any rank has both a usable prompt and a
-        positive weight. `iou_before` is the mean IoU, over all rollouts, of the masks
-        predicted in this forward pass (before the step), at the loss resolution.
+        `weights` set the rollouts' relative importance only (rescaling them changes nothing);
+        `loss_scale` is lambda, applied after the mean: with SGD the step is proportional to it,
+        with this engine's AdamW it is nearly scale-free (see the module docstring). The step is
+        skipped (metric `skipped` = 1) when `loss_scale` is 0 (the tool stays frozen, optimiser
+        state untouched), when the loss or the gradient norm is non-finite on any rank, or when
+        no rollout on any rank has both a usable prompt and a positive weight.
+
+        Metrics: `loss`, `bce`, `dice`, `iou_loss` are the unscaled global weighted means,
+        `scaled_loss` = `loss_scale` * `loss` (what was back-propagated), `grad_norm` the norm of
+        the scaled gradient before clipping; `iou_before` is the mean IoU, over this rank's
+        rollouts, of the masks predicted in this forward pass (before the step), at the loss
+        resolution.
         """
-        loss, losses, w, out = self._loss(batch, weights)
-        nonfinite = not bool(torch.isfinite(loss))
-        has_signal = bool(loss.requires_grad and (w > 0).any())
+        obj = self.objective(batch, weights, loss_scale)
+        loss, losses, w, out = obj.loss, obj.losses, obj.weights, obj.out
+        nonfinite = not (bool(torch.isfinite(loss)) and bool(torch.isfinite(obj.mean)))
+        has_signal = bool(loss.requires_grad and (w > 0).any() and obj.loss_scale > 0)
         nonfinite, has_signal = self._sync_flags(nonfinite, has_signal)
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -194,14 +274,14 @@ class ToolEngine:
                 self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
 
-        def wmean(values: torch.Tensor) -> float:
-            return float(weighted_mean(values.detach(), w)) if len(values) else float("nan")
-
         return {
-            "loss": float(loss.detach()),
-            "bce": wmean(losses.bce),
-            "dice": wmean(losses.dice),
-            "iou_loss": wmean(losses.iou_loss),
+            "loss": float(obj.mean),
+            "scaled_loss": obj.loss_scale * float(obj.mean),
+            "loss_scale": obj.loss_scale,
+            "weight_sum": float(obj.weight_sum),
+            "bce": float(obj.bce),
+            "dice": float(obj.dice),
+            "iou_loss": float(obj.iou_loss),
             "grad_norm": grad_norm,
             "iou_before": float(losses.iou.mean()) if len(losses.iou) else float("nan"),
             "skipped": float(skipped),

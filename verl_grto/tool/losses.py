@@ -78,11 +78,12 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def weighted_mean(per_rollout: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """sum(w * loss) / sum(w); 0 (still attached to the graph) when all weights are 0.
+def weighted_sum(
+    per_rollout: torch.Tensor, weights: torch.Tensor | Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum(w * loss), sum(w)): the numerator (attached to the graph) and denominator of `weighted_mean`.
 
-    A non-finite loss with non-zero weight makes the result non-finite, which is the signal
-    the caller checks.
+    Rollouts with weight 0 contribute exactly 0, even when their loss is non-finite.
     """
     w = torch.as_tensor(weights, dtype=per_rollout.dtype, device=per_rollout.device)
     if w.shape != per_rollout.shape:
@@ -92,7 +93,18 @@ def weighted_mean(per_rollout: torch.Tensor, weights: torch.Tensor | Sequence[fl
     used = w > 0
     # where() rather than w * loss so that a zero-weight non-finite rollout cannot leak NaN in.
     weighted = torch.where(used, w * per_rollout, torch.zeros_like(per_rollout))
-    return weighted.sum() / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
+    return weighted.sum(), w.sum()
+
+
+def weighted_mean(per_rollout: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """sum(w * loss) / sum(w); 0 (still attached to the graph) when all weights are 0.
+
+    Invariant to a common rescaling of the weights (w and c * w, c > 0, give the same value): a
+    loss coefficient must multiply the result, not the weights. A non-finite loss with non-zero
+    weight makes the result non-finite, which is the signal the caller checks.
+    """
+    total, weight = weighted_sum(per_rollout, weights)
+    return total / weight.clamp(min=torch.finfo(weight.dtype).tiny)
 
 
 def _as_float_mask(mask: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:

@@ -164,7 +164,7 @@ def _worker_method_name(worker_group: RayWorkerGroup, method: str) -> str:
 
 
 def tool_update_async(
-    worker_group: RayWorkerGroup, batches: list[ToolBatch], weights: list[list[float]]
+    worker_group: RayWorkerGroup, batches: list[ToolBatch], weights: list[list[float]], loss_scale: float = 1.0
 ) -> list[ray.ObjectRef]:
     """Start ``tool_update`` on every rank without waiting; ``ray.get`` the list for per-rank metrics.
 
@@ -173,9 +173,11 @@ def tool_update_async(
     ``Dispatch.DP_COMPUTE`` does) and returns the futures. Calls a driver makes to the same Ray
     actor run in submission order, so several epochs, a ``tool_predict`` or a ``tool_save`` may be
     queued behind it. Overlap needs the tool in its own pool: on a colocated group the same
-    processes would run the tool and the actor updates one after the other anyway.
+    processes would run the tool and the actor updates one after the other anyway. ``loss_scale``
+    (lambda, ``ToolEngine.objective``) goes to every rank.
     """
     world = worker_group.world_size
     if len(batches) != world or len(weights) != world:
         raise ValueError(f"need one batch and one weight list per rank ({world}), got {len(batches)}, {len(weights)}")
-    return worker_group.execute_all_async(_worker_method_name(worker_group, "tool_update"), batches, weights)
+    method = _worker_method_name(worker_group, "tool_update")
+    return worker_group.execute_all_async(method, batches, weights, [float(loss_scale)] * world)

@@ -111,8 +111,10 @@ class ToolWorkerMixin:
         )
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
-    def tool_update(self, batch: ToolBatch, weights: list[float]) -> dict[str, float]:
-        return self.tool_engine.update(batch, weights)
+    def tool_update(self, batch: ToolBatch, weights: list[float], loss_scale: float = 1.0) -> dict[str, float]:
+        """One tool step on this rank's shard; `loss_scale` is lambda (`ToolEngine.objective`), the same
+        on every rank (``Dispatch.DP_COMPUTE``: the driver passes a list with one copy per rank)."""
+        return self.tool_engine.update(batch, weights, loss_scale)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def tool_bto(self, request: BTORequest) -> dict[str, Any]:

@@ -18,8 +18,10 @@ PLACEMENTS = ("colocated", "separate")
 class GRTOConfig:
     """GRTO: the tool gives the rewards, and is trained on the same rollouts.
 
-    ``tool_loss_coef`` is lambda of the joint objective; 0 freezes the tool (plain GRPO with tool
-    rewards). ``weighting`` picks w_i (verl_grto/algorithm/tool_weights.py). ``placement``:
+    ``tool_loss_coef`` is lambda of the joint objective: it multiplies the tool's weighted-mean loss
+    (``ToolEngine.objective``; the weights stay relative), so with SGD the tool's step is linear in
+    it, while with the tool's AdamW it is nearly scale-free (the learning rate sets the step); 0
+    freezes the tool (plain GRPO with tool rewards: no tool update is made). ``weighting`` picks w_i (verl_grto/algorithm/tool_weights.py). ``placement``:
     ``colocated`` hosts the tool in the actor's processes (shares their devices); ``separate`` gives
     it a resource pool of its own (``tool_workers_per_node`` devices on each of the trainer's
     nodes), where its update overlaps the actor's. ``min_box_iou`` > 0 trains the tool only on the
@@ -43,8 +45,8 @@ class GRTOConfig:
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"grto.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.tool_loss_coef < 0:
-            raise ValueError(f"grto.tool_loss_coef must be >= 0, got {self.tool_loss_coef}")
+        if not 0 <= self.tool_loss_coef < float("inf"):  # also refuses NaN
+            raise ValueError(f"grto.tool_loss_coef must be finite and >= 0, got {self.tool_loss_coef}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"grto.placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.tool_workers_per_node < 1:

@@ -269,8 +269,12 @@ class GRTOTrainer(PPOTrainerSync):
 
     # ---- phase 2: tool update on the same rollouts (after, or beside, the actor update) ------
     def _tool_weights(self, batch: Any) -> np.ndarray:
-        """w_i * lambda per rollout, from the advantages already in TransferQueue; 0 for the rollouts
-        whose box misses the object when ``grto.min_box_iou`` > 0."""
+        """w_i per rollout, from the advantages already in TransferQueue; 0 for the rollouts whose box
+        misses the object when ``grto.min_box_iou`` > 0.
+
+        Relative weights only: lambda (``grto.tool_loss_coef``) is not folded in (the tool's
+        weighted mean would cancel it) but passed to the update as ``loss_scale`` and applied
+        after the mean (``ToolEngine.objective``)."""
         assert self._view is not None
         view = self._view
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["advantages"])
@@ -278,7 +282,7 @@ class GRTOTrainer(PPOTrainerSync):
         weights = tool_loss_weights(
             self.grto.weighting, n=len(view), advantages=seq_adv, group_ids=view.uids, parse_ok=self._parse_ok
         )
-        return weights * self._points_at_object * self.grto.tool_loss_coef
+        return weights * self._points_at_object
 
     def _start_tool_update(self, batch: Any) -> tuple[np.ndarray, list[Any]]:
         """Queue the tool's update epochs on its workers without waiting (own pool: they run while
@@ -286,18 +290,21 @@ class GRTOTrainer(PPOTrainerSync):
         assert self._tool_batches is not None
         weights = self._tool_weights(batch)
         shard_weights = [[float(weights[i]) for i in rows] for rows in self._shard_rows]
+        scale = float(self.grto.tool_loss_coef)  # lambda, applied after the weighted mean
         if self.separate_tool:
             return weights, [
-                tool_update_async(self.tool_wg, self._tool_batches, shard_weights) for _ in range(self.grto.tool_epochs)
+                tool_update_async(self.tool_wg, self._tool_batches, shard_weights, scale)
+                for _ in range(self.grto.tool_epochs)
             ]
+        scales = [scale] * len(self._tool_batches)  # Dispatch.DP_COMPUTE: one copy per rank
         return weights, [
-            self.tool_wg.tool_update(self._tool_batches, shard_weights) for _ in range(self.grto.tool_epochs)
+            self.tool_wg.tool_update(self._tool_batches, shard_weights, scales) for _ in range(self.grto.tool_epochs)
         ]
 
     def _finish_tool_update(self, weights: np.ndarray, pending: list[Any], metrics: dict) -> None:
         per_epoch = [ray.get(p) if self.separate_tool else p for p in pending]
         last = per_epoch[-1][0]
-        for key in ("loss", "bce", "dice", "grad_norm", "skipped", "num_empty"):
+        for key in ("loss", "scaled_loss", "bce", "dice", "grad_norm", "skipped", "num_empty"):
             metrics[f"grto/tool/{key}"] = last[key]
         assert self._tool_batches is not None
         metrics["grto/tool/iou_before"] = self._mean_parsed_iou(self._masks_before)

@@ -182,19 +182,58 @@ def hf_to_meta_state_dict(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+# How torch's weights-only unpickler names the global it refused (torch 2.6+): "Unsupported global:
+# GLOBAL mod.Name was not an allowed global by default" or "... GLOBAL mod.Name whose module mod is blocked".
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A `.pt` file names a global outside `torch.load(weights_only=True)`'s allow-list; nothing it names ran.
+
+    A ValueError, so callers that report "not a checkpoint" (the CLI) report this too, in one line.
+    """
+
+    def __init__(self, path: str, global_name: str) -> None:
+        self.path = path
+        self.global_name = global_name  # `module.Name`, as the pickle spells it
+        super().__init__(
+            f"{path}: refusing to load: the checkpoint needs global {global_name}, which is not allowed under "
+            "torch.load(weights_only=True) (only tensors and plain containers are); nothing it names was run"
+        )
+
+
+def _weights_only_reason(exc: Exception) -> str:
+    """One line for why `torch.load(weights_only=True)` failed.
+
+    torch's own message is several lines with terminal escapes and suggests `weights_only=False`,
+    which is exactly what must not be done with a file of unknown origin; keep only its cause.
+    """
+    message = str(exc)
+    if "Weights only load failed" not in message:
+        return f"{type(exc).__name__}: {message}"
+    inner = message.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load")[0]
+    lines = [line.strip() for line in inner.splitlines() if line.strip() and "weights_only" not in line]
+    return f"{type(exc).__name__}: {lines[-1] if lines else 'weights-only load failed'}"
+
+
 def load_meta_state_dict(pt_path: str) -> dict[str, torch.Tensor]:
     """Read a Meta `.pt` checkpoint safely (`weights_only=True`); accepts `{"model": sd}` or a bare state dict.
 
-    Raises ValueError for a file that is not a state dict of tensors, so that callers (the CLI)
-    report a wrong file as such rather than as whatever `torch.load` happened to raise (for
-    arbitrary bytes that is a bare `KeyError`).
+    Raises UnsafeCheckpointError (a ValueError naming the file and the refused global) for a
+    pickle that names anything outside torch's weights-only allow-list, and ValueError for a file
+    that is not a state dict of tensors, so that callers (the CLI) report a wrong file as such
+    rather than as whatever `torch.load` happened to raise (for arbitrary bytes that is a bare
+    `KeyError`).
     """
     try:
         checkpoint = torch.load(pt_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, KeyError...: all mean "not a checkpoint"
-        raise ValueError(f"{pt_path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise UnsafeCheckpointError(pt_path, refused.group(1)) from exc
+        raise ValueError(f"{pt_path} is not a readable torch checkpoint ({_weights_only_reason(exc)})") from exc
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{pt_path} is not a Meta SAM2 checkpoint: expected {{'model': state_dict}} or a state dict")

@@ -88,6 +88,11 @@ BUFFER_SCHEMA = pa.schema(
 # ---- the buffer --------------------------------------------------------------------------------
 
 
+#: Seconds between progress-bar refreshes: inside a Ray worker every refresh is a line of the run's
+#: console (the BTO tool bar alone printed 390 lines of a 1848-line main job).
+PROGRESS_INTERVAL_S = 10.0
+
+
 @dataclass
 class BufferRecord:
     """One rollout of the reference policy. ``uid`` is its group (the G answers to one prompt)."""
@@ -385,7 +390,14 @@ def build_buffer(
                 yield row
 
     total = len(rows) if isinstance(rows, Sequence) else None
-    bar = tqdm(total=total, initial=len(buffer.done_sample_ids()), desc="BTO buffer", unit="row", disable=not progress)
+    bar = tqdm(
+        total=total,
+        initial=len(buffer.done_sample_ids()),
+        desc="BTO buffer",
+        unit="row",
+        disable=not progress,
+        mininterval=PROGRESS_INTERVAL_S,
+    )
     unsaved = 0
     try:
         for chunk in _chunks(pending(), chunk_size):
@@ -782,6 +794,7 @@ def train_tool_on_buffer(
         desc="BTO tool",
         unit="batch",
         disable=not progress,
+        mininterval=PROGRESS_INTERVAL_S,
     )
     with _engine_cache(engine, cache):
         while state["epoch"] < epochs:

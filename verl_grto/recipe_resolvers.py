@@ -18,9 +18,10 @@ ASSET_KINDS = ("policy", "tool", "policy_warm", "tool_pretrained")
 def resolve_asset(kind: str, seed: int | str = 0) -> str:
     """``${grto_asset:KIND,SEED}`` -> a tiny model directory, built if missing.
 
-    ``policy`` / ``tool``: randomly initialised; ``policy_warm``: the policy after a short supervised
-    warm start (it emits parseable answers: the reference policy); ``tool_pretrained``: the tool
-    after pre-training on the plain domain (the stand-in for SAM2's own pre-training)."""
+    ``policy`` / ``tool``: randomly initialised; ``policy_warm``: the policy after its supervised
+    warm start (it localises single objects: the reference policy); ``tool_pretrained``: the tool
+    after pre-training on the plain domain (the stand-in for SAM2's own pre-training). The two trained
+    ones are the shipped copies when current (:mod:`verl_grto.assets.shipped`), else built."""
     from verl_grto.assets.build import ensure_assets
 
     seed = int(seed)

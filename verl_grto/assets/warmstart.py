@@ -1,28 +1,29 @@
-"""Supervised warm start: turn the random tiny policy into a reference policy that answers in format.
+"""Supervised warm start: turn the random tiny policy into a reference policy that localises.
 
 Why: a randomly initialised tiny Qwen2.5-VL never emits a parseable ``<answer>``, so every GRPO reward
-is 0, every advantage is 0 and RL cannot start. A short supervised run on synthetic scenes (plain
-torch AdamW, in-process, CPU) teaches the answer format; the result is also the reference policy of
-B-GRTO's bootstrap stage. What the default run reaches (measured, seed 0): every held-out answer
-parses, but the boxes are about as good as a constant box (the policy has learnt where objects
-usually are, not where this one is). On single-object scenes the think's colour/shape starts to
-follow the input after ~500-1000 steps of batch 16 and box digits later still (the learnability
-probe saw box IoU ~0.6 only after ~1500 steps): pass more ``steps`` where minutes are affordable.
+is 0, every advantage is 0 and RL cannot start; and a policy whose boxes do not depend on the image
+prompts the tool with boxes that miss, so nothing downstream can be seen working. A supervised run on
+synthetic scenes (plain torch AdamW, in-process, CPU) teaches the format in ~100 steps and, later, to
+localise: the default curriculum (:data:`DEFAULT_PHASES`, 2000 plain + 1000 camouflage single-object
+steps of batch 16, ~340 s on 2 threads) reached box IoU 0.61 on held-out camouflage scenes against
+0.21 for a constant box (seed 0; benchmarks/learnability.py, docs/benchmarks.md). The result is the
+reference policy of B-GRTO's bootstrap stage; the main job uses a shipped copy
+(:mod:`verl_grto.assets.shipped`).
 
 What is trained is exactly what RL later runs:
 
 * input: the instruction as verl builds the prompt (:mod:`verl_grto.policy.inputs`: image part +
   text, the agent loop's image resize, chat template with the generation prompt, processor-expanded
   image pads) and the model tensors as the ``hf`` rollout builds them;
-* target: :func:`answer_target` (a short think naming the referred object's colour and shape, then the
-  box and one positive point inside the object) followed by ``<|im_end|>``, tokenised on its own and
-  appended, as a rollout response is; loss on those tokens only;
+* target: :func:`answer_target` (an empty think, then the referred object's box) followed by
+  ``<|im_end|>``, tokenised on its own and appended, as a rollout response is; loss on those tokens only;
 * positions: ``mm_token_type_ids`` go into the forward, so Qwen2.5-VL uses its 3-D mrope positions
   as verl's actor and the ``hf`` rollout do (without them it silently falls back to 1-D positions).
 
-Curriculum (the learnability probe's advice): single-object scenes first, where the format is learnt
-in ~100 steps; an optional second phase on 2-4-object referring scenes (the probe saw no referring
-progress from scratch). Training scenes come from their own synthetic stream
+Curriculum: single-object plain scenes first (the object is the only thing to look at; the jump to
+localisation comes between steps 1000 and 1500), then the camouflage domain, where it carries over
+within a few hundred steps; trained on camouflage alone the same model did not localise in 2000 steps.
+Referring among 2-4 objects is an optional extra phase (``referring_steps``; not part of the default). Training scenes come from their own synthetic stream
 (:data:`TRAIN_SPLIT`); the report's evaluation uses held-out scenes of another stream
 (:data:`verl_grto.eval.policy_probe.PROBE_SPLIT`) through the rollout's own generation code.
 

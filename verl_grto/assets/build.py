@@ -22,6 +22,8 @@ from verl_grto.tool.model import SegmentationTool
 
 #: Bump when the built files change (sizes, tokenizer corpus, configs), so cached builds are replaced.
 BUILDER_VERSION = 2
+#: The same for the tiny policy alone (3: vision patches of 7 pixels, 64 image tokens per 112-pixel scene).
+POLICY_BUILDER_VERSION = 3
 #: Default SAM2 input size of the tiny tool.
 TINY_SAM2_IMAGE_SIZE = 128
 HOME_ENV = "VERL_GRTO_HOME"
@@ -44,7 +46,7 @@ def build_tiny_sam2(out_dir: Path, seed: int = 0, image_size: int = TINY_SAM2_IM
 
 def policy_stamp(seed: int) -> dict:
     """The build stamp of the random tiny policy for ``seed`` (what trained assets built from it record)."""
-    return {"builder": "tiny_qwen25vl", "version": BUILDER_VERSION, "seed": seed}
+    return {"builder": "tiny_qwen25vl", "version": POLICY_BUILDER_VERSION, "seed": seed}
 
 
 def build_assets(out: Path, seed: int = 0) -> AssetPaths:

@@ -5,14 +5,19 @@ CPU in minutes, through the same classes and loading paths as the real ``Qwen2.5
 (``AutoModelForImageTextToText`` / ``AutoProcessor`` / ``AutoTokenizer``, verl's ``hf_processor``).
 
 Sizes (about 0.8M parameters): text hidden 128, MLP 256, 2 layers, 4 query / 2 KV heads (head_dim 32);
-vision depth 2, width 64, 2 heads, patch 14, 2x2 merge, temporal patch 2, full attention in block 1.
+vision depth 2, width 64, 2 heads, patch 7, 2x2 merge, temporal patch 2, full attention in block 1.
 Rope: theta 10 with mrope sections [2, 7, 7] (temporal, height, width). With Qwen's default theta of 1e6
 the height/width sections of such a small head get very low frequencies; the learnability probe saw box
 IoU 0.60 instead of 0.52 after 180 s with these settings.
 
-The image processor keeps 112x112 images as they are (a multiple of patch 14 x merge 2 = 28 and inside
-``[MIN_PIXELS, MAX_PIXELS]``): 112x112 -> 8x8 patches -> 16 image tokens. Larger images are scaled
-down to at most :data:`MAX_PIXELS` (224x224, 64 tokens) to keep the tiny model cheap.
+Patch 7 instead of Qwen's 14: a 112x112 scene becomes 16x16 patches -> 64 image tokens (8x8 after the
+2x2 merge) instead of 16. Qwen2.5-VL has no absolute position embedding, so the policy must read where
+the object is from 3-D rope and the causal order of the image tokens alone; with 16 tokens the warm
+start localised in some seeds and not others, with 64 it localised in 5 of 5 seeds within 1250 steps
+(benchmarks/warmstart_sweep.py, benchmarks/results/warmstart_sweep_gpu.json; 2 text layers, 4 text
+layers or hidden 256 at patch 14 had not started by step 750). The processor keeps 112x112 images as
+they are (a multiple of patch 7 x merge 2 = 14 and inside ``[MIN_PIXELS, MAX_PIXELS]``); larger images
+are scaled down to at most :data:`MAX_PIXELS` (224x224, 256 tokens) to keep the tiny model cheap.
 
 The generation config suppresses the vision special tokens: a sampled ``<|image_pad|>`` or
 ``<|vision_start|>`` makes the next forward pass look for image features that do not exist and crash.
@@ -35,7 +40,7 @@ from transformers import (
 
 from verl_grto.assets.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, VISION_TOKENS, train_tokenizer
 
-PATCH_SIZE = 14
+PATCH_SIZE = 7
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 MIN_PIXELS = 56 * 56
@@ -46,11 +51,15 @@ TEXT_LAYERS = 2
 
 
 def tiny_qwen25vl_config(
-    tokenizer: PreTrainedTokenizerFast, hidden: int = TEXT_HIDDEN, layers: int = TEXT_LAYERS
+    tokenizer: PreTrainedTokenizerFast,
+    hidden: int = TEXT_HIDDEN,
+    layers: int = TEXT_LAYERS,
+    patch_size: int = PATCH_SIZE,
 ) -> Qwen2_5_VLConfig:
     """The tiny model's config; every token id is read from ``tokenizer`` so the two always agree.
 
-    ``hidden`` / ``layers`` size the language model (heads of 32 dimensions, 2 KV heads)."""
+    ``hidden`` / ``layers`` size the language model (heads of 32 dimensions, 2 KV heads); ``patch_size``
+    the vision patches (the processor must use the same, :func:`tiny_processor`)."""
     ids = tokenizer.convert_tokens_to_ids
     text_config = {
         "vocab_size": len(tokenizer),
@@ -73,7 +82,7 @@ def tiny_qwen25vl_config(
         "intermediate_size": 128,
         "num_heads": 2,
         "in_channels": 3,
-        "patch_size": PATCH_SIZE,
+        "patch_size": patch_size,
         "spatial_merge_size": MERGE_SIZE,
         "temporal_patch_size": TEMPORAL_PATCH_SIZE,
         "window_size": 112,
@@ -102,12 +111,12 @@ def tiny_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConf
     )
 
 
-def tiny_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
+def tiny_processor(tokenizer: PreTrainedTokenizerFast, patch_size: int = PATCH_SIZE) -> Qwen2_5_VLProcessor:
     """Qwen2.5-VL's processor around ``tokenizer`` with the tiny model's pixel budget."""
     common = {
         "min_pixels": MIN_PIXELS,
         "max_pixels": MAX_PIXELS,
-        "patch_size": PATCH_SIZE,
+        "patch_size": patch_size,
         "temporal_patch_size": TEMPORAL_PATCH_SIZE,
         "merge_size": MERGE_SIZE,
     }
@@ -119,18 +128,26 @@ def tiny_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
     )
 
 
-def build_tiny_qwen25vl(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_qwen25vl(
+    out_dir: Path,
+    seed: int = 0,
+    hidden: int = TEXT_HIDDEN,
+    layers: int = TEXT_LAYERS,
+    patch_size: int = PATCH_SIZE,
+) -> Path:
     """Write model (safetensors), config, generation config, tokenizer and processor into ``out_dir``.
 
-    Two builds with the same seed write byte-identical weights. Returns ``out_dir``.
+    Two builds with the same seed write byte-identical weights. Returns ``out_dir``. The size arguments
+    are those of :func:`tiny_qwen25vl_config` (benchmarks/warmstart_sweep.py compares variants).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    config = tiny_qwen25vl_config(tokenizer)
+    config = tiny_qwen25vl_config(tokenizer, hidden=hidden, layers=layers, patch_size=patch_size)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
     model.generation_config = tiny_generation_config(tokenizer)
     model.save_pretrained(out_dir)
-    tiny_processor(tokenizer).save_pretrained(out_dir)  # also writes the tokenizer and its chat template
+    # the processor also writes the tokenizer and its chat template
+    tiny_processor(tokenizer, patch_size=patch_size).save_pretrained(out_dir)
     return out_dir

@@ -57,7 +57,7 @@ from verl_grto.policy.inputs import build_messages, model_inputs, render_prompt
 from verl_grto.reward.answer import ToolPrompt, format_answer
 
 #: Bump when the defaults or the training change, so cached warm policies are rebuilt.
-WARMSTART_VERSION = 3
+WARMSTART_VERSION = 4
 WARM_POLICY_DIR = "tiny_qwen25vl_warm"
 REPORT_NAME = "warmstart_report.json"
 #: The synthetic stream training scenes are drawn from (disjoint from RL's ``train``/``val`` and the probe's).
@@ -257,19 +257,21 @@ def train_policy(
     lr: float,
     callback: StepCallback | None = None,
     progress_bar: bool = True,
+    device: str = "cpu",
 ) -> tuple[torch.nn.Module, Any, list[float]]:
     """Supervised training of the policy in ``base_dir`` through ``phases``, one learning-rate schedule
     over all of them; returns the model (in eval mode), its processor and the batch losses.
 
     ``callback`` lets a caller look at the model mid-run (benchmarks/learnability.py probes
-    it); the model is put back in train mode after it.
+    it); the model is put back in train mode after it. ``device``: where the model trains (scenes and
+    prompts are always made on the CPU).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor  # slow to import
 
     torch.manual_seed(seed)
     processor = AutoProcessor.from_pretrained(base_dir)
     model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model.train()
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     total = sum(phase.steps for phase in phases)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total))
@@ -280,7 +282,9 @@ def train_policy(
         progress.set_postfix_str(f"{phase.domain}, {phase.objects[0]}-{phase.objects[1]} objects")
         for step in range(phase.steps):
             batch = [stream.example(i) for i in range(step * batch_size, (step + 1) * batch_size)]
-            loss = _answer_loss(model, *_collate(batch, processor, model.config))
+            inputs, labels = _collate(batch, processor, model.config)
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            loss = _answer_loss(model, inputs, labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), _CLIP_NORM)

@@ -30,7 +30,7 @@ from verl.utils.debug import marked_timer
 
 from verl_grto.algorithm.tool_weights import prompt_points_at_object, tool_loss_weights
 from verl_grto.data.image_store import SampleImageStore
-from verl_grto.data.masks import decode_rle
+from verl_grto.data.masks import decode_rle, mask_to_box
 from verl_grto.data.schema import GroundTruth
 from verl_grto.eval.baselines import fill_boxes
 from verl_grto.eval.metrics import IoUAccumulator, intersection_union, sample_iou
@@ -376,6 +376,7 @@ class GRTOTrainer(PPOTrainerSync):
         tool_acc, fill_acc = IoUAccumulator(), IoUAccumulator()
         parsed_ok: list[bool] = []
         box_ious: list[float] = []
+        area_ratios: list[float] = []
         for batch_dict in self.val_dataloader:
             meta = self.generate_batch(batch_dict, validate=True)
             data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=VIEW_FIELDS)
@@ -384,6 +385,9 @@ class GRTOTrainer(PPOTrainerSync):
             parsed, gt_masks, prompts = _parse_view(view)
             # the policy alone, before the tool: how well its boxes match the referred objects' boxes
             box_ious += [score_box_answer(t, gt).box_iou for t, gt in zip(view.texts, view.ground_truths, strict=True)]
+            area_ratios += [
+                r for p, gt in zip(parsed, gt_masks, strict=True) if (r := _box_area_ratio(p, gt)) is not None
+            ]
             self.tool_wg.tool_begin_step()
             batches, rows = self._shards(view, None, prompts)
             masks = self._predict_masks(batches, rows, len(view))
@@ -400,6 +404,8 @@ class GRTOTrainer(PPOTrainerSync):
             "val-grto/box_fill_gIoU": fill["gIoU"],
             "val-grto/parse_rate": float(np.mean(parsed_ok)),
             "val-grto/policy_box_iou": float(np.mean(box_ious)),
+            # > 1: the policy's boxes are larger than the objects' (looser), < 1: tighter or cut
+            "val-grto/policy_box_area_ratio": float(np.median(area_ratios)) if area_ratios else float("nan"),
             "val-grto/n": float(tool["n"]),
         }
         # verl validates once before its first step (global_steps 0), then after step N's update
@@ -438,13 +444,26 @@ class GRTOTrainer(PPOTrainerSync):
         print(format_summary(summary), flush=True)
 
 
+def _box_area_ratio(parsed: ParsedAnswer, gt_mask: np.ndarray) -> float | None:
+    """Area of the answer's boxes (summed) over the area of the box around the ground-truth mask; None
+    when the answer has no box or the mask is empty. Tells a policy whose boxes grow looser under RL
+    (its box IoU falls while the tool's mask IoU holds) from one that loses the object."""
+    gt_box = mask_to_box(gt_mask)
+    boxes = [o.box for o in parsed.objects if o.box is not None] if parsed.ok else []
+    if gt_box is None or not boxes:
+        return None
+    area = sum(max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) for b in boxes)
+    return area / ((gt_box[2] - gt_box[0]) * (gt_box[3] - gt_box[1]))
+
+
 def format_validation(v: dict[str, Any]) -> str:
     """One validation (an entry of ``val_history``) as one line: the tool's score beside its baselines."""
     label = v.get("label", f"step {int(v['step'])}")
     return (
         f"validation {label}: gIoU {v['val-grto/gIoU']:.3f}  cIoU {v['val-grto/cIoU']:.3f}"
         f"  (filling the policy's boxes: gIoU {v['val-grto/box_fill_gIoU']:.3f}; policy box IoU"
-        f" {v.get('val-grto/policy_box_iou', float('nan')):.3f}, parse rate {v['val-grto/parse_rate']:.2f},"
+        f" {v.get('val-grto/policy_box_iou', float('nan')):.3f}, box area / object's"
+        f" {v.get('val-grto/policy_box_area_ratio', float('nan')):.2f}, parse rate {v['val-grto/parse_rate']:.2f},"
         f" n={int(v['val-grto/n'])})"
     )
 

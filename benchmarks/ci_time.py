@@ -1,0 +1,69 @@
+"""How long each phase of ``.ci/run`` takes on a clean clone: install, unit tests, e2e tests.
+
+    .venv/bin/python benchmarks/ci_time.py                  # clones HEAD into a temporary folder
+    .venv/bin/python benchmarks/ci_time.py --out benchmarks/results/ci_time.json
+
+``.ci/run`` is ``bash scripts/install.sh && .venv/bin/pytest -q`` on a fresh clone. This runs the same
+three things one after another in a fresh ``git clone`` of the current commit, timing each: the install,
+``pytest -q -m "not e2e"`` (the inner loop) and ``pytest -q -m e2e`` (the two together are exactly the
+suite ``.ci/run`` runs). ``VERL_GRTO_HOME`` points into the clone, so no cached asset or dataset from an
+earlier run is reused. Prints one line per phase and the total against the 20-minute target, and writes
+a JSON with the phases, the commit and the slowest tests pytest reported. A measurement, not a test: run
+it with nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_S = 20 * 60
+PHASES = (
+    ("install", ["bash", "scripts/install.sh"]),
+    ("unit", [".venv/bin/pytest", "-q", "-m", "not e2e"]),
+    ("e2e", [".venv/bin/pytest", "-q", "-m", "e2e"]),
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.repo, capture_output=True, text=True, check=True)
+    work = Path(tempfile.mkdtemp(prefix="ci_time_"))
+    clone = work / "clone"
+    subprocess.run(["git", "clone", "-q", str(args.repo), str(clone)], check=True)
+    env = {**os.environ, "VERL_GRTO_HOME": str(work / "home")}
+    env.pop("VIRTUAL_ENV", None)
+    result: dict = {"commit": commit.stdout.strip(), "cpus": os.cpu_count(), "phases": {}, "slowest": {}}
+    for name, cmd in PHASES:
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        summary = next((ln for ln in reversed(proc.stdout.splitlines()) if re.search(r"passed|failed|error", ln)), "")
+        result["phases"][name] = {"seconds": round(seconds, 1), "rc": proc.returncode, "summary": summary.strip()}
+        result["slowest"][name] = re.findall(r"^\d+\.\d+s (?:call|setup|teardown) .+$", proc.stdout, flags=re.M)[:15]
+        print(f"{name:8s} {seconds:7.1f} s  rc {proc.returncode}  {summary.strip()}", flush=True)
+        if proc.returncode:
+            break
+    total = sum(p["seconds"] for p in result["phases"].values())
+    result["total_s"] = round(total, 1)
+    result["ratio_to_20_min"] = round(total / TARGET_S, 3)
+    result["logs"] = str(work)
+    print(f"total    {total:7.1f} s  ratio to the 20-minute target {total / TARGET_S:.2f}  (logs: {work})")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0 if all(p["rc"] == 0 for p in result["phases"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

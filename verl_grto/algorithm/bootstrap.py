@@ -20,6 +20,7 @@ servers):
   each image is encoded once, not once per epoch; ``uniform`` or ``importance`` weights
   (:mod:`verl_grto.algorithm.tool_weights`), unparseable rollouts weight 0; checkpoints every M
   batches and at each epoch end, so an interrupted stage resumes where it stopped (bit-exact on CPU).
+  :class:`BTORequest` runs it in the tool's verl workers, one data-parallel shard per rank.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 from verl_grto.algorithm.tool_weights import prompt_points_at_object, tool_loss_weights
 from verl_grto.atomic import atomic_file, build_dir_once, read_stamp
+from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.schema import GroundTruth
@@ -848,3 +850,42 @@ def train_tool_on_buffer(
         resumed_from_batch=resumed_from,
         tool_dir=str(final / TOOL_SUBDIR) if final is not None else None,
     )
+
+
+@dataclass
+class BTORequest:
+    """Stage 2 of BTO as a job for the tool's worker group (``tool_wg.tool_run(request)``, see
+    :class:`verl_grto.tool.worker.ToolJob`): every rank trains on its share of the buffer's images.
+
+    Why a job object: the training loop (:func:`train_tool_on_buffer`) belongs to this layer, and
+    the tool's worker, below it, only hosts the engine it runs on. Paths must be readable by every
+    rank (one filesystem, as verl's checkpoint folder is).
+    """
+
+    buffer_dir: str
+    image_files: list[str]  # the parquet files the buffer's sample ids come from
+    checkpoint_dir: str
+    epochs: int
+    batch_size: int
+    checkpoint_every: int = 50
+    seed: int = 0
+    min_box_iou: float = 0.0
+    progress: bool = True
+
+    def __call__(self, engine: ToolEngine, rank: int, world_size: int) -> dict[str, Any]:
+        """Train ``engine`` on rank ``rank``'s shard; returns the rank's :class:`BTOReport` as a dict.
+        Each rank checkpoints under ``<checkpoint_dir>/rank<rank>``; only rank 0 shows progress."""
+        report = train_tool_on_buffer(
+            engine,
+            RolloutBuffer.load(self.buffer_dir),
+            SampleImageStore(self.image_files),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            checkpoint_dir=Path(self.checkpoint_dir) / f"rank{rank}",
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+            progress=self.progress and rank == 0,
+            shard=(rank, world_size),
+            min_box_iou=self.min_box_iou,
+        )
+        return asdict(report)

@@ -50,7 +50,7 @@ from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.schema import GroundTruth
-from verl_grto.eval.inference import DEFAULT_MAX_NEW_TOKENS
+from verl_grto.eval.inference import REASONING_ANSWER_MAX_NEW_TOKENS
 from verl_grto.eval.metrics import IoUAccumulator
 from verl_grto.reward.answer import ToolPrompt, parse_answer
 from verl_grto.tool.cache import EmbeddingCache
@@ -430,7 +430,7 @@ def _row_seed(seed: int, sample_id: str) -> int:
 def hf_generate_fn(
     policy_dir: str | Path,
     *,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int = REASONING_ANSWER_MAX_NEW_TOKENS,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = -1,

@@ -246,6 +246,10 @@ def test_importance_weights_are_used_when_asked(data, base_tool):
         rollout_weights(buffer.records, "importance")
     with pytest.raises(ValueError, match="importance weighting only"):
         rollout_weights(buffer.records, "uniform", target)
+    with pytest.raises(ValueError, match=r"BTO weighting must be one of \['uniform', 'importance'\], got 'advantage'"):
+        rollout_weights(buffer.records, "advantage")
+    with pytest.raises(ValueError, match="unknown tool-loss weighting 'greedy'; known: uniform"):
+        rollout_weights(buffer.records, "greedy")
 
 
 # ---- training -----------------------------------------------------------------------------------

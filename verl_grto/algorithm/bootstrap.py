@@ -44,7 +44,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from verl_grto.algorithm.tool_weights import prompt_points_at_object, tool_loss_weights
+from verl_grto.algorithm.tool_weights import (
+    get_weighting,
+    prompt_points_at_object,
+    tool_loss_weights,
+    weighting_names,
+)
 from verl_grto.atomic import atomic_file, build_dir_once, read_stamp
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
@@ -501,6 +506,9 @@ class ImageSource(Protocol):
 #: ``target_logprob_fn(records)``: per-token log-probs of each record's ``response_ids`` under the target policy.
 TargetLogprobFn = Callable[[Sequence[BufferRecord]], Sequence[Sequence[float]]]
 
+#: The weighting inputs a buffer can supply (behaviour log-probs stored, target ones from ``target_logprob_fn``).
+_LOGPROB_INPUTS = ("target_logprobs", "behaviour_logprobs")
+
 #: Default bound of the stage's feature cache: all features of a dataset need not fit in (GPU) memory.
 DEFAULT_CACHE_BYTES = 4 << 30
 
@@ -537,15 +545,26 @@ def _base_weights(
     importance_clip: float,
     chunk_size: int,
 ) -> np.ndarray:
+    """The registered ``weighting`` of every record, from what a buffer holds: its behaviour log-probs,
+    and the target policy's through ``target_logprob_fn`` (no advantages: there is no group reward)."""
+    spec = get_weighting(weighting)
+    unavailable = [k for k in spec.needs if k not in _LOGPROB_INPUTS]
+    if unavailable:
+        offline = [w for w in weighting_names() if set(get_weighting(w).needs) <= set(_LOGPROB_INPUTS)]
+        raise ValueError(
+            f"BTO weighting must be one of {offline}, got {weighting!r} (it needs {' and '.join(unavailable)},"
+            " which a rollout buffer does not hold)"
+        )
     parse_ok = [r.parse_ok for r in records]
-    if weighting == "uniform":
+    if not spec.needs:
         if target_logprob_fn is not None:
-            raise ValueError("target_logprob_fn is used by importance weighting only; pass weighting='importance'")
-        return tool_loss_weights("uniform", n=len(records), parse_ok=parse_ok)
-    if weighting != "importance":
-        raise ValueError(f"BTO weighting must be 'uniform' or 'importance', got {weighting!r}")
+            readers = [w for w in weighting_names() if "target_logprobs" in get_weighting(w).needs]
+            raise ValueError(
+                f"target_logprob_fn is used by {' / '.join(readers)} weighting only; pass weighting={readers[0]!r}"
+            )
+        return tool_loss_weights(weighting, n=len(records), parse_ok=parse_ok)
     if target_logprob_fn is None:
-        raise ValueError("importance weighting needs target_logprob_fn")
+        raise ValueError(f"{weighting} weighting needs target_logprob_fn")
     usable = [i for i, ok in enumerate(parse_ok) if ok]
     target: list[np.ndarray] = [np.zeros(0)] * len(records)
     behaviour: list[np.ndarray] = [np.zeros(0)] * len(records)
@@ -556,7 +575,7 @@ def _base_weights(
         for i, v in zip(chunk, values, strict=True):
             target[i], behaviour[i] = np.asarray(v, np.float64), np.asarray(records[i].logprobs, np.float64)
     return tool_loss_weights(
-        "importance",
+        weighting,
         n=len(records),
         target_logprobs=target,
         behaviour_logprobs=behaviour,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import pickle
 import zlib
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from verl_grto.algorithm.bootstrap import (
+    BTORequest,
     BufferRecord,
     RolloutBuffer,
     build_buffer,
@@ -36,6 +38,7 @@ from verl_grto.data.synthetic import generate_split
 from verl_grto.reward.answer import ToolPrompt, format_answer, parse_answer
 from verl_grto.tool.engine import ToolEngine, ToolEngineConfig
 from verl_grto.tool.model import SegmentationTool
+from verl_grto.tool.worker import ToolWorkerMixin
 
 torch.set_num_threads(1)
 
@@ -82,6 +85,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_rows_atomic(train, root / "train.parquet")
     write_rows_atomic(val, root / "val.parquet")
     return {
+        "root": root,
         "train": train,
         "val": val,
         "store": SampleImageStore([root / "train.parquet"]),
@@ -242,6 +246,10 @@ def test_importance_weights_are_used_when_asked(data, base_tool):
         rollout_weights(buffer.records, "importance")
     with pytest.raises(ValueError, match="importance weighting only"):
         rollout_weights(buffer.records, "uniform", target)
+    with pytest.raises(ValueError, match=r"BTO weighting must be one of \['uniform', 'importance'\], got 'advantage'"):
+        rollout_weights(buffer.records, "advantage")
+    with pytest.raises(ValueError, match="unknown tool-loss weighting 'greedy'; known: uniform"):
+        rollout_weights(buffer.records, "greedy")
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -396,3 +404,32 @@ def test_min_box_iou_trains_only_on_prompts_that_point_at_the_object(data):
     assert weights.tolist() == [1.0 if r.parse_ok and best(r) >= threshold else 0.0 for r in records]
     assert 0 < (weights > 0).sum() < sum(r.parse_ok for r in records)  # the threshold splits the buffer
     assert rollout_weights(records).tolist() == [float(r.parse_ok) for r in records]  # off by default
+
+
+def test_bto_request_runs_in_the_tool_worker_as_a_direct_call_does(data, base_tool, tmp_path):
+    """The tool's worker runs the BTO job it is sent (``tool_run``; the loop lives in the algorithm
+    layer, above the worker): same losses and weights as :func:`train_tool_on_buffer` called directly,
+    checkpoints under ``rank<rank>``, and the job survives pickling (it travels through Ray)."""
+    settings = {"epochs": 2, "batch_size": 2, "checkpoint_every": 2, "seed": 3}
+    torch.manual_seed(0)
+    direct_engine = fresh_engine(base_tool)
+    direct = train_tool_on_buffer(
+        direct_engine, data["buffer"], data["store"], checkpoint_dir=tmp_path / "direct", progress=False, **settings
+    )
+
+    request = BTORequest(
+        buffer_dir=str(data["root"] / "buffer"),
+        image_files=[str(data["root"] / "train.parquet")],
+        checkpoint_dir=str(tmp_path / "job"),
+        progress=False,
+        **settings,
+    )
+    assert pickle.loads(pickle.dumps(request)) == request
+    worker = ToolWorkerMixin()
+    torch.manual_seed(0)
+    worker.tool_engine = fresh_engine(base_tool)
+    report = worker.tool_run(request)
+
+    assert report["epoch_losses"] == direct.epoch_losses and report["batches"] == direct.batches
+    assert Path(report["tool_dir"]).parent == latest_checkpoint(tmp_path / "job" / "rank0")
+    _assert_states_equal(worker.tool_engine.state_dict(), direct_engine.state_dict())

@@ -9,7 +9,14 @@ from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 
 import verl_grto.algorithm.advantage  # noqa: F401  (registers "grto")
 from verl_grto.algorithm.objective import grto_surrogate, tool_term
-from verl_grto.algorithm.tool_weights import advantage_weights, importance_weights, tool_loss_weights
+from verl_grto.algorithm.tool_weights import (
+    advantage_weights,
+    get_weighting,
+    importance_weights,
+    register_weighting,
+    tool_loss_weights,
+    weighting_names,
+)
 from verl_grto.tool.losses import LossConfig, segmentation_losses
 
 
@@ -65,8 +72,33 @@ def test_importance_weights_are_clipped_geometric_ratios():
 def test_unparseable_rollouts_carry_no_tool_loss():
     w = tool_loss_weights("uniform", n=4, parse_ok=[True, False, True, False])
     assert w.tolist() == [1.0, 0.0, 1.0, 0.0]
-    with pytest.raises(ValueError, match="unknown tool-loss weighting"):
+    with pytest.raises(ValueError, match="unknown tool-loss weighting 'greedy'; known: uniform, importance, advantage"):
         tool_loss_weights("greedy", n=2)
+
+
+def test_weightings_are_a_registry_that_checks_what_each_needs(monkeypatch):
+    assert weighting_names() == ("uniform", "importance", "advantage")  # the order error messages list them in
+    assert get_weighting("advantage").needs == ("advantages", "group_ids")
+    with pytest.raises(ValueError, match="advantage weighting needs group_ids"):
+        tool_loss_weights("advantage", n=2, advantages=np.zeros(2))
+    with pytest.raises(ValueError, match="importance weighting needs target_logprobs and behaviour_logprobs"):
+        tool_loss_weights("importance", n=2)
+
+    # a new weighting is one decorated function; the registry is restored afterwards
+    from verl_grto.algorithm import tool_weights
+
+    monkeypatch.setattr(tool_weights, "_WEIGHTINGS", dict(tool_weights._WEIGHTINGS))
+
+    @register_weighting("first_half")
+    def first_half(*, n, **_):
+        return (np.arange(n) < n / 2).astype(np.float64)
+
+    assert tool_loss_weights("first_half", n=4, parse_ok=[False, True, True, True]).tolist() == [0.0, 1.0, 0.0, 0.0]
+    register_weighting("first_half")(first_half)  # registering the same function again is harmless
+    with pytest.raises(ValueError, match="already registered"):
+        register_weighting("first_half")(lambda **_: np.zeros(0))
+    with pytest.raises(ValueError, match="unknown inputs"):
+        register_weighting("rewards", needs=("rewards",))
 
 
 def test_surrogate_gradients_split_into_grpo_and_weighted_tool_loss():

@@ -27,6 +27,28 @@ def test_untested_verl_version_is_refused(monkeypatch):
     patches.check_verl_version("0.10.0")  # allowed with the override
 
 
+def test_package_requires_exactly_the_tested_verl_versions():
+    """pyproject.toml's verl bound and the patches' version guard agree: pip installs no verl that
+    ``check_verl_version`` would then refuse, and refuses none it would accept."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    (verl_req,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "verl"]
+    for tested in patches.TESTED_VERL_VERSIONS:
+        assert verl_req.specifier.contains(tested), (str(verl_req), tested)
+        major, minor, micro = Version(tested).release
+        for neighbour in (f"{major}.{minor}.{micro + 1}", f"{major}.{minor + 1}.0", f"{major + 1}.0.0"):
+            if neighbour not in patches.TESTED_VERL_VERSIONS:
+                assert not verl_req.specifier.contains(neighbour), (str(verl_req), neighbour)
+        if micro > 0 and f"{major}.{minor}.{micro - 1}" not in patches.TESTED_VERL_VERSIONS:
+            assert not verl_req.specifier.contains(f"{major}.{minor}.{micro - 1}"), str(verl_req)
+
+
 def test_cpu_offload_policy_does_not_pin_on_cpu():
     import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
 

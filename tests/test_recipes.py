@@ -151,3 +151,11 @@ def test_tool_placement_is_checked() -> None:
     assert GRTOConfig.from_config(cfg.grto).placement == "separate"
     with pytest.raises(ValueError, match="placement"):
         GRTOConfig.from_config(_compose("grto_tiny_cpu", ["grto.placement=elsewhere"]).grto)
+
+
+@pytest.mark.parametrize("name", [r for r in RECIPES if r not in GPU_RECIPES])
+def test_probes_answer_within_the_tiny_recipes_response_length(name: str) -> None:
+    """The probes' default budget is named for the tiny recipes' response length: keep the two equal."""
+    from verl_grto.eval.policy_probe import TINY_RESPONSE_LENGTH
+
+    assert _compose(name).data.max_response_length == TINY_RESPONSE_LENGTH

@@ -4,8 +4,9 @@ verl imports this module in every process (driver, task runner, FSDP workers,
 rollout servers, agent-loop and reward workers) through the ``verl.plugins``
 entry point, so a registration made here exists wherever verl looks it up.
 verl swallows a plugin's import error at DEBUG level; ``verl-grto doctor`` and
-the recipes' start-up check (``verl_grto.trainer.preflight``) make a missing
-plugin loud instead.
+the recipes' start-up check (``check_plugin_loaded`` in the Hydra search-path
+plugin ``hydra_plugins/verl_grto_searchpath``, run when a config is composed from
+a folder marked ``.verl-grto-recipes``) make a missing plugin loud instead.
 """
 
 from __future__ import annotations

@@ -24,7 +24,25 @@ def compute_grto_advantage(
     config: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_i = (r_i - mean_g r) / (std_g r + eps) per group g of rollouts of one prompt; same call as ``grpo``."""
+    """A_i = (r_i - mean_g r) / (std_g r + eps) per group g of rollouts of one prompt; same call as ``grpo``.
+
+    The outcome reward r_i of rollout i is the sum of its token-level rewards (the mask reward sits on
+    the last response token); A_i is broadcast over the rollout's response tokens. A group of one
+    rollout keeps its raw reward (verl's ``grpo`` uses mean 0, std 1 there).
+
+    Args:
+        token_level_rewards: ``(bs, response_length)``, the rewards per response token.
+        response_mask: ``(bs, response_length)``, 1 on response tokens, 0 on padding.
+        index: ``(bs,)``, the group id of each rollout (verl's ``uid``: one per prompt).
+        epsilon: added to the group's std so a group of equal rewards gets advantage 0, not NaN.
+        norm_adv_by_std_in_grpo: divide by the group's std (GRPO) or not (Dr.GRPO).
+        config: verl's ``AlgoConfig``, passed through to ``grpo`` (which does not read it).
+        **kwargs: whatever else verl's trainer passes to an estimator (ignored).
+
+    Returns:
+        ``(advantages, returns)``, both ``(bs, response_length)`` and equal (outcome supervision:
+        no value function), zero on padding.
+    """
     return compute_grpo_outcome_advantage(
         token_level_rewards=token_level_rewards,
         response_mask=response_mask,

@@ -20,6 +20,7 @@ servers):
   each image is encoded once, not once per epoch; ``uniform`` or ``importance`` weights
   (:mod:`verl_grto.algorithm.tool_weights`), unparseable rollouts weight 0; checkpoints every M
   batches and at each epoch end, so an interrupted stage resumes where it stopped (bit-exact on CPU).
+  :class:`BTORequest` runs it in the tool's verl workers, one data-parallel shard per rank.
 """
 
 from __future__ import annotations
@@ -43,12 +44,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from verl_grto.algorithm.tool_weights import prompt_points_at_object, tool_loss_weights
+from verl_grto.algorithm.tool_weights import (
+    get_weighting,
+    prompt_points_at_object,
+    tool_loss_weights,
+    weighting_names,
+)
 from verl_grto.atomic import atomic_file, build_dir_once, read_stamp
+from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.schema import GroundTruth
-from verl_grto.eval.inference import DEFAULT_MAX_NEW_TOKENS
+from verl_grto.eval.inference import REASONING_ANSWER_MAX_NEW_TOKENS
 from verl_grto.eval.metrics import IoUAccumulator
 from verl_grto.reward.answer import ToolPrompt, parse_answer
 from verl_grto.tool.cache import EmbeddingCache
@@ -428,7 +435,7 @@ def _row_seed(seed: int, sample_id: str) -> int:
 def hf_generate_fn(
     policy_dir: str | Path,
     *,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int = REASONING_ANSWER_MAX_NEW_TOKENS,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = -1,
@@ -499,6 +506,9 @@ class ImageSource(Protocol):
 #: ``target_logprob_fn(records)``: per-token log-probs of each record's ``response_ids`` under the target policy.
 TargetLogprobFn = Callable[[Sequence[BufferRecord]], Sequence[Sequence[float]]]
 
+#: The weighting inputs a buffer can supply (behaviour log-probs stored, target ones from ``target_logprob_fn``).
+_LOGPROB_INPUTS = ("target_logprobs", "behaviour_logprobs")
+
 #: Default bound of the stage's feature cache: all features of a dataset need not fit in (GPU) memory.
 DEFAULT_CACHE_BYTES = 4 << 30
 
@@ -535,15 +545,26 @@ def _base_weights(
     importance_clip: float,
     chunk_size: int,
 ) -> np.ndarray:
+    """The registered ``weighting`` of every record, from what a buffer holds: its behaviour log-probs,
+    and the target policy's through ``target_logprob_fn`` (no advantages: there is no group reward)."""
+    spec = get_weighting(weighting)
+    unavailable = [k for k in spec.needs if k not in _LOGPROB_INPUTS]
+    if unavailable:
+        offline = [w for w in weighting_names() if set(get_weighting(w).needs) <= set(_LOGPROB_INPUTS)]
+        raise ValueError(
+            f"BTO weighting must be one of {offline}, got {weighting!r} (it needs {' and '.join(unavailable)},"
+            " which a rollout buffer does not hold)"
+        )
     parse_ok = [r.parse_ok for r in records]
-    if weighting == "uniform":
+    if not spec.needs:
         if target_logprob_fn is not None:
-            raise ValueError("target_logprob_fn is used by importance weighting only; pass weighting='importance'")
-        return tool_loss_weights("uniform", n=len(records), parse_ok=parse_ok)
-    if weighting != "importance":
-        raise ValueError(f"BTO weighting must be 'uniform' or 'importance', got {weighting!r}")
+            readers = [w for w in weighting_names() if "target_logprobs" in get_weighting(w).needs]
+            raise ValueError(
+                f"target_logprob_fn is used by {' / '.join(readers)} weighting only; pass weighting={readers[0]!r}"
+            )
+        return tool_loss_weights(weighting, n=len(records), parse_ok=parse_ok)
     if target_logprob_fn is None:
-        raise ValueError("importance weighting needs target_logprob_fn")
+        raise ValueError(f"{weighting} weighting needs target_logprob_fn")
     usable = [i for i, ok in enumerate(parse_ok) if ok]
     target: list[np.ndarray] = [np.zeros(0)] * len(records)
     behaviour: list[np.ndarray] = [np.zeros(0)] * len(records)
@@ -554,7 +575,7 @@ def _base_weights(
         for i, v in zip(chunk, values, strict=True):
             target[i], behaviour[i] = np.asarray(v, np.float64), np.asarray(records[i].logprobs, np.float64)
     return tool_loss_weights(
-        "importance",
+        weighting,
         n=len(records),
         target_logprobs=target,
         behaviour_logprobs=behaviour,
@@ -848,3 +869,42 @@ def train_tool_on_buffer(
         resumed_from_batch=resumed_from,
         tool_dir=str(final / TOOL_SUBDIR) if final is not None else None,
     )
+
+
+@dataclass
+class BTORequest:
+    """Stage 2 of BTO as a job for the tool's worker group (``tool_wg.tool_run(request)``, see
+    :class:`verl_grto.tool.worker.ToolJob`): every rank trains on its share of the buffer's images.
+
+    Why a job object: the training loop (:func:`train_tool_on_buffer`) belongs to this layer, and
+    the tool's worker, below it, only hosts the engine it runs on. Paths must be readable by every
+    rank (one filesystem, as verl's checkpoint folder is).
+    """
+
+    buffer_dir: str
+    image_files: list[str]  # the parquet files the buffer's sample ids come from
+    checkpoint_dir: str
+    epochs: int
+    batch_size: int
+    checkpoint_every: int = 50
+    seed: int = 0
+    min_box_iou: float = 0.0
+    progress: bool = True
+
+    def __call__(self, engine: ToolEngine, rank: int, world_size: int) -> dict[str, Any]:
+        """Train ``engine`` on rank ``rank``'s shard; returns the rank's :class:`BTOReport` as a dict.
+        Each rank checkpoints under ``<checkpoint_dir>/rank<rank>``; only rank 0 shows progress."""
+        report = train_tool_on_buffer(
+            engine,
+            RolloutBuffer.load(self.buffer_dir),
+            SampleImageStore(self.image_files),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            checkpoint_dir=Path(self.checkpoint_dir) / f"rank{rank}",
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+            progress=self.progress and rank == 0,
+            shard=(rank, world_size),
+            min_box_iou=self.min_box_iou,
+        )
+        return asdict(report)

@@ -18,14 +18,21 @@ from verl_grto.tool.losses import weighted_mean
 
 
 def tool_term(per_rollout_losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i sg(w_i) l_i / sum_i sg(w_i) (0 when every weight is 0)."""
+    """sum_i sg(w_i) l_i / sum_i sg(w_i) (0 when every weight is 0).
+
+    ``per_rollout_losses`` and ``weights`` are ``(n,)``, one entry per rollout; returns a scalar ``()``.
+    """
     return weighted_mean(per_rollout_losses, weights.detach())
 
 
 def grto_surrogate(
     policy_loss: torch.Tensor, per_rollout_tool_losses: torch.Tensor, weights: torch.Tensor, tool_loss_coef: float
 ) -> torch.Tensor:
-    """L_GRPO + lambda * tool term; with lambda = 0 it is exactly the GRPO loss."""
+    """L_GRPO + lambda * tool term; with lambda = 0 it is exactly the GRPO loss.
+
+    ``policy_loss`` is a scalar ``()``; ``per_rollout_tool_losses`` and ``weights`` are ``(n,)``;
+    ``tool_loss_coef`` is lambda. Returns a scalar ``()``.
+    """
     if tool_loss_coef == 0:
         return policy_loss
     return policy_loss + tool_loss_coef * tool_term(per_rollout_tool_losses, weights)

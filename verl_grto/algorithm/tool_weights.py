@@ -3,19 +3,71 @@
 The tool is trained on the policy's own rollouts: L_tool(phi) = sum_i w_i l_i(phi) / sum_i w_i,
 with l_i the segmentation loss of rollout i's mask. The weights are constants (stop-gradient):
 they choose *which* rollouts the tool learns from, never how the policy is scored.
+
+The weightings a recipe can name (``grto.weighting``, BTO's ``weighting``) are a registry, as verl's
+advantage estimators are (``@register_adv_est``): :func:`register_weighting` adds one under its
+name, with the optional inputs it reads, so a new weighting is one decorated function, and every
+caller (:func:`tool_loss_weights`, the config check, BTO) learns of it from the registry alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from verl_grto.reward.geometry import Box, box_iou
 
-Weighting = Literal["uniform", "importance", "advantage"]
-WEIGHTINGS: tuple[str, ...] = ("uniform", "importance", "advantage")
+#: What a weighting may read besides ``n`` (the number of rollouts): the keyword inputs of
+#: :func:`tool_loss_weights` that a caller may leave as None.
+OPTIONAL_INPUTS = ("advantages", "group_ids", "target_logprobs", "behaviour_logprobs")
+
+#: A registered weighting: called with keywords ``n``, ``importance_clip`` and every name of
+#: :data:`OPTIONAL_INPUTS` (those it does not need may be None); returns w, shape ``(n,)``.
+WeightingFn = Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """One registered weighting: its name, its function, and the optional inputs it cannot do without."""
+
+    name: str
+    fn: WeightingFn
+    needs: tuple[str, ...] = ()
+
+
+_WEIGHTINGS: dict[str, Weighting] = {}
+
+
+def register_weighting(name: str, needs: Sequence[str] = ()) -> Callable[[WeightingFn], WeightingFn]:
+    """Decorator: register ``fn`` as the tool-loss weighting ``name`` (``needs``: names of
+    :data:`OPTIONAL_INPUTS` it reads, checked before it is called). A name is registered once."""
+    unknown = sorted(set(needs) - set(OPTIONAL_INPUTS))
+    if unknown:
+        raise ValueError(f"weighting {name!r} needs unknown inputs {unknown}; known: {', '.join(OPTIONAL_INPUTS)}")
+
+    def decorator(fn: WeightingFn) -> WeightingFn:
+        if name in _WEIGHTINGS and _WEIGHTINGS[name].fn is not fn:
+            raise ValueError(f"tool-loss weighting {name!r} is already registered ({_WEIGHTINGS[name].fn})")
+        _WEIGHTINGS[name] = Weighting(name, fn, tuple(needs))
+        return fn
+
+    return decorator
+
+
+def get_weighting(name: str) -> Weighting:
+    """The registered weighting ``name``; a ValueError listing the known names for any other."""
+    try:
+        return _WEIGHTINGS[name]
+    except KeyError:
+        raise ValueError(f"unknown tool-loss weighting {name!r}; known: {', '.join(_WEIGHTINGS)}") from None
+
+
+def weighting_names() -> tuple[str, ...]:
+    """The registered weightings' names, in registration order."""
+    return tuple(_WEIGHTINGS)
 
 
 def uniform_weights(n: int) -> np.ndarray:
@@ -61,6 +113,30 @@ def advantage_weights(advantages: np.ndarray, group_ids: Sequence[object]) -> np
     return out
 
 
+# ---- the registry's entries: adapters from the common keywords to each weighting's own arguments
+
+
+@register_weighting("uniform")
+def _uniform(*, n: int, **_: Any) -> np.ndarray:
+    return uniform_weights(n)
+
+
+@register_weighting("importance", needs=("target_logprobs", "behaviour_logprobs"))
+def _importance(
+    *,
+    target_logprobs: Sequence[np.ndarray],
+    behaviour_logprobs: Sequence[np.ndarray],
+    importance_clip: float,
+    **_: Any,
+) -> np.ndarray:
+    return importance_weights(target_logprobs, behaviour_logprobs, importance_clip)
+
+
+@register_weighting("advantage", needs=("advantages", "group_ids"))
+def _advantage(*, advantages: np.ndarray, group_ids: Sequence[object], **_: Any) -> np.ndarray:
+    return advantage_weights(advantages, group_ids)
+
+
 def tool_loss_weights(
     weighting: str,
     *,
@@ -72,19 +148,19 @@ def tool_loss_weights(
     importance_clip: float = 2.0,
     parse_ok: Sequence[bool] | None = None,
 ) -> np.ndarray:
-    """The weights for one batch; unparseable rollouts carry no tool loss (weight 0)."""
-    if weighting == "uniform":
-        w = uniform_weights(n)
-    elif weighting == "advantage":
-        if advantages is None or group_ids is None:
-            raise ValueError("advantage weighting needs advantages and group ids")
-        w = advantage_weights(advantages, group_ids)
-    elif weighting == "importance":
-        if target_logprobs is None or behaviour_logprobs is None:
-            raise ValueError("importance weighting needs target and behaviour log-probs")
-        w = importance_weights(target_logprobs, behaviour_logprobs, importance_clip)
-    else:
-        raise ValueError(f"unknown tool-loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    """The weights ``(n,)`` for one batch under the registered ``weighting``; unparseable rollouts
+    carry no tool loss (weight 0). ``advantages``: ``(n,)``, one per rollout (its sequence advantage)."""
+    spec = get_weighting(weighting)
+    optional = {
+        "advantages": advantages,
+        "group_ids": group_ids,
+        "target_logprobs": target_logprobs,
+        "behaviour_logprobs": behaviour_logprobs,
+    }
+    missing = [k for k in spec.needs if optional[k] is None]
+    if missing:
+        raise ValueError(f"{weighting} weighting needs {' and '.join(missing)}")
+    w = spec.fn(n=n, importance_clip=importance_clip, **optional)
     if parse_ok is not None:
         w = np.where(np.asarray(parse_ok, dtype=bool), w, 0.0)
     return w

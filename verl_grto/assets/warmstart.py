@@ -52,7 +52,7 @@ from verl_grto.assets.shipped import shipped_asset
 from verl_grto.atomic import build_dir_once, read_stamp
 from verl_grto.data.schema import build_short_instruction
 from verl_grto.data.synthetic import Referring, Scene, make_sample
-from verl_grto.eval.policy_probe import DEFAULT_MAX_NEW_TOKENS, ProbeResult, probe_policy
+from verl_grto.eval.policy_probe import TINY_RESPONSE_LENGTH, ProbeResult, probe_policy
 from verl_grto.policy.inputs import build_messages, model_inputs, render_prompt
 from verl_grto.reward.answer import ToolPrompt, format_answer
 
@@ -314,7 +314,7 @@ def warm_start_policy(
     phases: Sequence[Phase] | None = None,
     eval_n: int = DEFAULT_EVAL_N,
     eval_referring: bool = False,
-    eval_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    eval_max_new_tokens: int = TINY_RESPONSE_LENGTH,
 ) -> WarmStartReport:
     """Train the policy in ``base_dir`` on synthetic scenes; save it and ``warmstart_report.json`` into ``out_dir``.
 

@@ -35,8 +35,10 @@ from verl_grto.tool.engine import ToolBatch, ToolEngine
 from verl_grto.tool.model import SegmentationTool
 from verl_grto.tool.prompts import PromptLike
 
-#: Default answer budget: the recipes' response length for the reasoning + JSON answer.
-DEFAULT_MAX_NEW_TOKENS = 256
+#: Token budget of one full answer, ``<think>`` reasoning plus the JSON prompts: the default of evaluation,
+#: prediction and BTO's CPU generator, roomy enough for a real model's reasoning (the tiny recipes allow
+#: far less: :data:`verl_grto.eval.policy_probe.TINY_RESPONSE_LENGTH`).
+REASONING_ANSWER_MAX_NEW_TOKENS = 256
 MAX_REASONS = 20
 
 
@@ -136,7 +138,7 @@ class PolicyToolPredictor:
         policy_dir: str | Path,
         tool_dir: str | Path,
         *,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens: int = REASONING_ANSWER_MAX_NEW_TOKENS,
         device: str | None = None,
         dtype: torch.dtype | None = None,
         records_path: str | Path | None = None,

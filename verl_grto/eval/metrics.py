@@ -7,18 +7,10 @@ gIoU and cIoU
 
 (Neither is the box "generalized IoU".)
 
-**The empty-mask rule** (one rule, everywhere in this project; LISA's, not Seg-Zero's):
-
-1. A sample whose union is 0 (empty ground truth *and* empty prediction) has IoU **1.0**: saying
-   "nothing" about an image whose target is absent (EarthReason's no-target questions) is a perfect
-   answer. It adds 0 to both cIoU sums.
-2. A missing prediction (no mask file, the policy's answer did not parse, the tool failed) is scored
-   as an **empty prediction**: intersection 0, union = ground-truth area, so IoU 0 when the ground
-   truth is not empty (and 1.0 when it is, by rule 1).
-3. Pixels of an *ignore* region (ReasonSeg's "ignore" polygons) count in neither intersection nor
-   union, as in LISA's evaluation.
-
-If every union of a split is 0, cIoU is 1.0 by the same rule.
+**The empty-mask rule** (one rule, everywhere in this project; LISA's, not Seg-Zero's) is defined
+where the rewards can share it, :mod:`verl_grto.reward.mask_iou`: a union of 0 scores IoU 1.0, a
+missing prediction is an empty one, ignore pixels count in neither sum. If every union of a split
+is 0, cIoU is 1.0 by the same rule.
 
 COD suite
 ---------
@@ -26,9 +18,10 @@ Through pysodmetrics (``py_sod_metrics``), as the COD papers report: S-measure (
 E-measure (adaptive, and mean / max of the curve over 256 thresholds), weighted F-measure (beta 1)
 and MAE. Predictions go in as uint8 0-255 (a binary mask becomes 0/255; a soft map keeps its grey
 levels); ground truth as uint8 0/255, which pysodmetrics thresholds at 128. A missing prediction is
-an all-zero map (rule 2).
+an all-zero map (rule 2 of the empty-mask rule).
 
-A prediction pixel is foreground for gIoU/cIoU when its value is at least 128 (:func:`binarize`).
+A prediction pixel is foreground for gIoU/cIoU when its value is at least 128
+(:func:`~verl_grto.reward.mask_iou.binarize`).
 """
 
 from __future__ import annotations
@@ -36,14 +29,18 @@ from __future__ import annotations
 import numpy as np
 import py_sod_metrics
 
-#: Threshold of a uint8 prediction map for gIoU/cIoU: foreground where value >= FOREGROUND_MIN.
-FOREGROUND_MIN = 128
+# re-exported: evaluation code and tests read the rule from here too
+from verl_grto.reward.mask_iou import FOREGROUND_MIN, binarize, intersection_union, sample_iou
 
-
-def binarize(pred: np.ndarray) -> np.ndarray:
-    """Bool mask of a prediction: bool as is, uint8 maps foreground where >= 128."""
-    pred = np.asarray(pred)
-    return pred if pred.dtype == bool else pred >= FOREGROUND_MIN
+__all__ = [
+    "FOREGROUND_MIN",
+    "CODAccumulator",
+    "IoUAccumulator",
+    "binarize",
+    "intersection_union",
+    "sample_iou",
+    "to_uint8",
+]
 
 
 def to_uint8(mask: np.ndarray) -> np.ndarray:
@@ -54,23 +51,6 @@ def to_uint8(mask: np.ndarray) -> np.ndarray:
     if mask.dtype != np.uint8:
         raise TypeError(f"prediction maps must be bool or uint8 0-255, got {mask.dtype}")
     return mask
-
-
-def intersection_union(pred: np.ndarray | None, gt: np.ndarray, ignore: np.ndarray | None = None) -> tuple[int, int]:
-    """Pixel counts (intersection, union) of a prediction (None = missing) against a bool ground truth."""
-    gt = np.asarray(gt, dtype=bool)
-    valid = np.ones_like(gt) if ignore is None else ~np.asarray(ignore, dtype=bool)
-    if pred is None:
-        return 0, int((gt & valid).sum())
-    p = binarize(pred)
-    if p.shape != gt.shape:
-        raise ValueError(f"prediction shape {p.shape} differs from ground truth {gt.shape}")
-    return int((p & gt & valid).sum()), int(((p | gt) & valid).sum())
-
-
-def sample_iou(intersection: int, union: int) -> float:
-    """Per-sample IoU under the empty-mask rule (union 0 -> 1.0)."""
-    return 1.0 if union == 0 else intersection / union
 
 
 class IoUAccumulator:

@@ -35,8 +35,9 @@ from verl_grto.reward.geometry import box_iou
 
 #: The synthetic stream held out for probes: no training split or RL split draws from it.
 PROBE_SPLIT = "probe-val"
-#: The tiny recipe's ``data.max_response_length``: an answer must fit in it to be rewarded at all.
-DEFAULT_MAX_NEW_TOKENS = 32
+#: The tiny recipes' ``data.max_response_length`` (recipes/tiny_policy_base.yaml), the probes' default
+#: budget: a tiny policy's answer must fit in it to be rewarded at all in training.
+TINY_RESPONSE_LENGTH = 32
 _VARIABLE_RE = re.compile(r"'[^']*'|\"[^\"]*\"|-?\d+(\.\d+)?")
 
 
@@ -94,7 +95,7 @@ def probe_policy(
     max_objects: int = 1,
     min_objects: int = 1,
     split: str = PROBE_SPLIT,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int = TINY_RESPONSE_LENGTH,
     n_examples: int = 3,
 ) -> ProbeResult:
     """Greedy-decode one answer per scene of ``generate_split(n, seed, domain, split, ...)`` and score it."""

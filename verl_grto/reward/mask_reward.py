@@ -8,7 +8,7 @@ The extra terms are off by default. Other systems found that rewarding boxes and
 let a policy emit few points, and that repeated objects need a penalty; the terms are here so a
 recipe can turn them on, and every zero comes with a reason.
 
-**Empty-mask rule** (shared with evaluation, verl_grto/eval/metrics.py): a union of 0 (empty GT
+**Empty-mask rule** (shared with evaluation, :mod:`verl_grto.reward.mask_iou`): a union of 0 (empty GT
 and empty prediction) scores IoU 1.0; an unparseable answer is an empty prediction (IoU 0 against a
 non-empty GT) and gets no format reward.
 """
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from verl_grto.data.schema import GroundTruth
-from verl_grto.eval.metrics import intersection_union, sample_iou
 from verl_grto.reward.answer import ParsedAnswer
 from verl_grto.reward.box_reward import FORMAT_REWARD
 from verl_grto.reward.geometry import matched_mean_iou, pairwise_box_iou
+from verl_grto.reward.mask_iou import intersection_union, sample_iou
 
 
 @dataclass(frozen=True)

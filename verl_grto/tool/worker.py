@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,20 +46,16 @@ class ToolSettings:
         )
 
 
-@dataclass
-class BTORequest:
-    """Stage 2 of BTO for the worker group (:meth:`ToolWorkerMixin.tool_bto`); paths must be readable by
-    every rank (one filesystem, as verl's checkpoint folder is)."""
+class ToolJob(Protocol):
+    """Work sent from a layer above the tool to run on every rank with that rank's engine.
 
-    buffer_dir: str
-    image_files: list[str]  # the parquet files the buffer's sample ids come from
-    checkpoint_dir: str
-    epochs: int
-    batch_size: int
-    checkpoint_every: int = 50
-    seed: int = 0
-    min_box_iou: float = 0.0
-    progress: bool = True
+    Why a callable rather than a method per algorithm: the worker only hosts the engine; training
+    loops such as BTO's off-policy stage (:class:`verl_grto.algorithm.bootstrap.BTORequest`) belong
+    to the algorithm layer, which the tool layer must not import (docs/architecture.md). A job must
+    be picklable (it travels through Ray): a dataclass instance of a module-level class is.
+    """
+
+    def __call__(self, engine: ToolEngine, rank: int, world_size: int) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -117,30 +113,12 @@ class ToolWorkerMixin:
         return self.tool_engine.update(batch, weights, loss_scale)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def tool_bto(self, request: BTORequest) -> dict[str, Any]:
-        """Train the tool off-policy on a rollout buffer (BTO stage 2), resuming inside the stage.
-
-        Runs on every rank on its share of the buffer's images; the engine's all-reduce keeps the
-        ranks' weights identical. Returns the rank's :class:`BTOReport` as a dict.
-        """
-        from verl_grto.algorithm.bootstrap import RolloutBuffer, train_tool_on_buffer
-        from verl_grto.data.image_store import SampleImageStore
-
+    def tool_run(self, job: ToolJob) -> dict[str, Any]:
+        """Run ``job`` on every rank with this rank's engine (e.g. BTO stage 2, which trains on the
+        rank's share of the buffer; the engine's all-reduce keeps the ranks' weights identical).
+        Returns the job's result."""
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        report = train_tool_on_buffer(
-            self.tool_engine,
-            RolloutBuffer.load(request.buffer_dir),
-            SampleImageStore(request.image_files),
-            epochs=request.epochs,
-            batch_size=request.batch_size,
-            checkpoint_dir=os.path.join(request.checkpoint_dir, f"rank{_rank()}"),
-            checkpoint_every=request.checkpoint_every,
-            seed=request.seed,
-            progress=request.progress and _rank() == 0,
-            shard=(_rank(), world),
-            min_box_iou=request.min_box_iou,
-        )
-        return asdict(report)
+        return job(self.tool_engine, _rank(), world)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def tool_save(self, directory: str) -> None:

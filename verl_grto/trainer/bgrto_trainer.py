@@ -8,8 +8,9 @@ Before the first GRTO step (after verl's initial validation, if any):
    :func:`verl_grto.algorithm.bootstrap.build_buffer` under ``<default_local_dir>/bto/buffer``
    (parquet + sidecar; resumes where a crash stopped it).
 2. **Tool** -- K epochs of off-policy tool training on the buffer in the tool's workers
-   (:meth:`ToolWorkerMixin.tool_bto`), image features cached for the whole stage; checkpoints under
-   ``bto/checkpoints`` let a crash resume inside the stage.
+   (:class:`~verl_grto.algorithm.bootstrap.BTORequest`, run by :meth:`ToolWorkerMixin.tool_run`),
+   image features cached for the whole stage; checkpoints under ``bto/checkpoints`` let a crash
+   resume inside the stage.
 3. ``bto/report.json`` marks BTO done (written last); a restart before the first GRTO checkpoint
    reloads the bootstrapped tool from it instead of repeating BTO, and a restart after one resumes
    GRTO from verl's checkpoint, which holds the policy and the tool.
@@ -30,9 +31,8 @@ import numpy as np
 import transfer_queue as tq
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 
-from verl_grto.algorithm.bootstrap import Rollout, build_buffer
+from verl_grto.algorithm.bootstrap import BTORequest, Rollout, build_buffer
 from verl_grto.atomic import atomic_file
-from verl_grto.tool.worker import BTORequest
 from verl_grto.trainer.config import BTOConfig
 from verl_grto.trainer.grto_trainer import GRTOTrainer, as_list
 
@@ -146,7 +146,7 @@ class BGRTOTrainer(GRTOTrainer):
             seed=self.bto.seed,
             min_box_iou=self.bto.min_box_iou,
         )
-        tool_report = self.tool_wg.tool_bto(request)[0]
+        tool_report = self.tool_wg.tool_run(request)[0]
         tool_s = time.perf_counter() - start
 
         parse_rate = float(np.mean([r.parse_ok for r in buffer.records])) if len(buffer) else float("nan")

@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from verl_grto.algorithm.tool_weights import WEIGHTINGS
+from verl_grto.algorithm.tool_weights import get_weighting
 from verl_grto.reward.mask_reward import MaskRewardConfig
 from verl_grto.tool.worker import ToolSettings
 
@@ -21,8 +21,9 @@ class GRTOConfig:
     ``tool_loss_coef`` is lambda of the joint objective: it multiplies the tool's weighted-mean loss
     (``ToolEngine.objective``; the weights stay relative), so with SGD the tool's step is linear in
     it, while with the tool's AdamW it is nearly scale-free (the learning rate sets the step); 0
-    freezes the tool (plain GRPO with tool rewards: no tool update is made). ``weighting`` picks w_i (verl_grto/algorithm/tool_weights.py). ``placement``:
-    ``colocated`` hosts the tool in the actor's processes (shares their devices); ``separate`` gives
+    freezes the tool (plain GRPO with tool rewards: no tool update is made). ``weighting`` picks w_i,
+    by its name in the registry of verl_grto/algorithm/tool_weights.py. ``placement``: ``colocated``
+    hosts the tool in the actor's processes (shares their devices); ``separate`` gives
     it a resource pool of its own (``tool_workers_per_node`` devices on each of the trainer's
     nodes), where its update overlaps the actor's. ``min_box_iou`` > 0 trains the tool only on the
     rollouts whose box overlaps the ground truth at least that much (as ``bto.min_box_iou``: a mask
@@ -43,8 +44,10 @@ class GRTOConfig:
     num_logged_images: int = 4
 
     def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"grto.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        try:
+            get_weighting(self.weighting)
+        except ValueError as exc:  # names the registered weightings
+            raise ValueError(f"grto.weighting: {exc}") from None
         if not 0 <= self.tool_loss_coef < float("inf"):  # also refuses NaN
             raise ValueError(f"grto.tool_loss_coef must be finite and >= 0, got {self.tool_loss_coef}")
         if self.placement not in PLACEMENTS:

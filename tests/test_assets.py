@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Sam2Model
 
 from verl_grto.assets.build import AssetPaths, build_tiny_sam2, default_home, ensure_assets
-from verl_grto.assets.qwen25vl import ROPE_THETA, build_tiny_qwen25vl
+from verl_grto.assets.qwen25vl import MERGE_SIZE, PATCH_SIZE, ROPE_THETA, build_tiny_qwen25vl
 from verl_grto.assets.tokenizer import SPECIAL_TOKENS, TAG_TOKENS, VISION_TOKENS, VOCAB_SIZE
 from verl_grto.atomic import STAMP_NAME
 from verl_grto.data.schema import build_instruction
@@ -108,8 +108,9 @@ def test_generate_with_an_image_never_emits_vision_tokens(loaded) -> None:
     model = copy.deepcopy(model)  # its weights are tampered with below
     text = processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text], images=[_image()], return_tensors="pt")
-    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 16
-    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]  # 112 px is not resized
+    # one pad per merged patch: 112 px / (patch x merge) squared (64 at patch 7)
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == (112 // (PATCH_SIZE * MERGE_SIZE)) ** 2 == 64
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]  # 112 px is not resized
 
     vision_ids = torch.tensor(model.generation_config.suppress_tokens)
     with torch.no_grad():  # make the vision tokens the model's favourite next tokens

@@ -271,7 +271,7 @@ def test_verl_rlhf_dataset_loads_rows_with_the_tiny_processor(
     images, videos, _ = RLHFDataset._process_multi_modal_info(messages, ds.image_patch_size, config)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = build_multimodal_processor_inputs(processor, text=[text], images=images, videos=videos)
-    assert tuple(inputs["image_grid_thw"][0].tolist()) == (1, 8, 8)
-    assert inputs["pixel_values"].shape == (64, 3 * 2 * 14 * 14)
-    assert int((inputs["input_ids"][0] == processor.image_token_id).sum()) == 16
+    assert tuple(inputs["image_grid_thw"][0].tolist()) == (1, 16, 16)  # 112 px in 7-px patches
+    assert inputs["pixel_values"].shape == (256, 3 * 2 * 7 * 7)
+    assert int((inputs["input_ids"][0] == processor.image_token_id).sum()) == 64  # 2x2 merged
     assert inputs["input_ids"].shape[1] <= 256

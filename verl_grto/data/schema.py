@@ -25,7 +25,11 @@ from typing import Any
 IMAGE_PLACEHOLDER = "<image>"
 ABILITY = "referring_segmentation"
 
-#: The instruction the policy sees. Coordinates are pixels of the image as given.
+#: The instruction the policy sees in converted benchmark rows (``verl-grto data convert``, hence the
+#: full-size recipes). Coordinates are pixels of the image as given. It asks for the project's keys
+#: (``bbox`` / ``points``); the parser also accepts Qwen2.5-VL's native ``bbox_2d`` / ``point_2d``
+#: (verl_grto/reward/answer.py), so a pretrained Qwen2.5-VL that answers in its own grounding format
+#: is not scored zero for the key names alone.
 INSTRUCTION_TEMPLATE = (
     '{image}Find the object described by: "{expression}". '
     "The image is {width}x{height} pixels. "
@@ -36,7 +40,8 @@ INSTRUCTION_TEMPLATE = (
 
 #: The synthetic tiny world's instruction: the expression alone. A 0.8M-parameter policy localised
 #: 250-500 supervised steps later with the long instruction above than with a short one
-#: (../shared/notes/learnability.md, third probe); the answer format it is taught is the same.
+#: (../shared/notes/learnability.md, third probe). It names no answer format: the tiny policy is taught
+#: the project's keys (``{"bbox": [...]}``) by its supervised warm start (verl_grto/assets/warmstart.py).
 SHORT_INSTRUCTION_TEMPLATE = "{image}Locate {expression}."
 
 

@@ -1,4 +1,5 @@
-"""The answer parser never raises, inverts format_answer, and names each malformation precisely."""
+"""The answer parser never raises, inverts format_answer, and names each malformation precisely,
+in the project's keys (bbox / points) and in Qwen2.5-VL's native ones (bbox_2d / point_2d / label)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _answer(body: str, think: str = "<think>ok</think>") -> str:
 
 _fragments = st.sampled_from(
     ["<think>", "</think>", "<answer>", "</answer>", '{"bbox": [', "]", "[", "}", ",", "1", "-3", "1e999", "NaN",
-     '"points": [[', '"negative_points": ', "null", "true", '"x"', " ", "\n", "<|im_end|>"]
+     '"points": [[', '"negative_points": ', "null", "true", '"x"', " ", "\n", "<|im_end|>",
+     '{"bbox_2d": [', '"point_2d": [', '"label": ']
 )  # fmt: skip
 
 
@@ -46,7 +48,7 @@ def test_arbitrary_text_never_raises(text: str) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=5),
-                    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.sampled_from(["bbox", "points", "negative_points", "z"]), c, max_size=3),
+                    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.sampled_from(["bbox", "points", "negative_points", "bbox_2d", "point_2d", "label", "z"]), c, max_size=3),
                     max_leaves=20))  # fmt: skip
 def test_arbitrary_json_never_raises(value: object) -> None:
     parsed = parse_answer(_answer(json.dumps(value)), SIZE)
@@ -167,7 +169,7 @@ BOX = '{"bbox": [1, 2, 30, 40]}'
         (_answer('{"bbox": [-1, 2, 30, 40]}'), "answer JSON: bbox x1=-1 outside [0, 120]"),
         (_answer('{"bbox": [30, 2, 30, 40]}'), "answer JSON: bbox has x2=30 <= x1=30 (empty or inverted box)"),
         (_answer('{"bbox": [1, 50, 30, 40]}'), "answer JSON: bbox has y2=40 <= y1=50 (empty or inverted box)"),
-        (_answer('{"bbox_2d": [1, 2, 30, 40]}'), "answer JSON: unknown key 'bbox_2d' (allowed: bbox, points, negative_points)"),
+        (_answer('{"bbox_3d": [1, 2, 30, 40]}'), "answer JSON: unknown key 'bbox_3d' (allowed: bbox, points, negative_points; or Qwen2.5-VL's bbox_2d, point_2d, label)"),
         (_answer("{}"), "answer JSON: has neither a bbox nor positive points"),
         (_answer('{"negative_points": [[1, 1]]}'), "answer JSON: has neither a bbox nor positive points"),
         (_answer('{"points": [1, 2]}'), "answer JSON: points[0] is int, expected [x, y]"),
@@ -223,3 +225,193 @@ def test_image_size_is_height_then_width() -> None:
     wide = _answer('{"bbox": [0, 0, 110, 20]}')  # x2=110 fits a width of 120 but not a width of 100
     assert parse_answer(wide, (100, 120)).ok
     assert not parse_answer(wide, (120, 100)).ok
+
+
+# ---------------------------------------------------------------- Qwen2.5-VL's native keys
+
+
+@st.composite
+def _native_prompts(draw: st.DrawFn) -> ToolPrompt:
+    """A prompt the native keys can say: a box and/or one positive point."""
+    prompt = draw(_prompts())
+    pos = [p for p, lab in zip(prompt.points, prompt.labels, strict=True) if lab == 1][:1]
+    if prompt.box is None and not pos:
+        pos = [(draw(_coord_x), draw(_coord_y))]
+    return ToolPrompt(box=prompt.box, points=tuple(pos), labels=(1,) * len(pos))
+
+
+def _native_object(prompt: ToolPrompt, label: str | None) -> dict:
+    obj: dict = {}
+    if prompt.box is not None:
+        obj["bbox_2d"] = list(prompt.box)
+    if prompt.points:
+        obj["point_2d"] = list(prompt.points[0])
+    if label is not None:
+        obj["label"] = label
+    return obj
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(_native_prompts(), min_size=1, max_size=MAX_OBJECTS),
+    st.lists(st.none() | st.text(max_size=12), min_size=MAX_OBJECTS, max_size=MAX_OBJECTS),
+    st.booleans(),
+    st.randoms(use_true_random=False),
+)
+def test_native_answers_parse_like_the_equivalent_own_answer(
+    objects: list[ToolPrompt], labels: list[str | None], as_list: bool, rnd
+) -> None:
+    native = []
+    for prompt, label in zip(objects, labels, strict=False):
+        obj = _native_object(prompt, label)
+        keys = list(obj)
+        rnd.shuffle(keys)  # key order does not matter
+        native.append({k: obj[k] for k in keys})
+    payload = native if (as_list or len(native) > 1) else native[0]
+    parsed = parse_answer(_answer(json.dumps(payload)), SIZE)
+    assert parsed.ok, parsed.reason
+    own = parse_answer(format_answer(objects), SIZE)
+    assert own.ok, own.reason
+    assert parsed.objects == own.objects == tuple(objects)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_native_prompts(), min_size=1, max_size=MAX_OBJECTS))
+def test_format_native_then_parse_round_trips(objects: list[ToolPrompt]) -> None:
+    text = format_answer(objects, think="t", style="native")
+    assert '"bbox_2d"' in text or '"point_2d"' in text
+    assert '"bbox"' not in text and '"points"' not in text
+    parsed = parse_answer(text, SIZE)
+    assert parsed.ok, parsed.reason
+    assert parsed.objects == tuple(objects)
+
+
+def test_native_answer_as_qwen25vl_writes_it() -> None:
+    body = (
+        '[{"bbox_2d": [10, 20, 60, 90], "point_2d": [30, 50], "label": "the red ring"}, {"bbox_2d": [70, 5, 110, 40]}]'
+    )
+    parsed = parse_answer(_answer(body), SIZE)
+    assert parsed.ok, parsed.reason
+    a, b = parsed.objects
+    assert a == ToolPrompt(box=(10, 20, 60, 90), points=((30, 50),), labels=(1,))
+    assert b == ToolPrompt(box=(70, 5, 110, 40))
+    single = parse_answer(_answer('{"point_2d": [30, 50], "label": ""}'), SIZE)
+    assert single.ok and single.objects == (ToolPrompt(points=((30, 50),), labels=(1,)),)
+    mixed_list = parse_answer(_answer('[{"bbox_2d": [1, 2, 30, 40]}, {"bbox": [1, 2, 30, 40]}]'), SIZE)
+    assert mixed_list.ok and mixed_list.objects[0] == mixed_list.objects[1]  # one style per object, not per list
+
+
+def test_format_native_refuses_what_the_native_keys_cannot_say() -> None:
+    with pytest.raises(ValueError, match="one positive point"):
+        format_answer([ToolPrompt(points=((1, 2), (3, 4)), labels=(1, 1))], style="native")
+    with pytest.raises(ValueError, match="one positive point"):
+        format_answer([ToolPrompt(box=(1, 2, 3, 4), points=((1, 2),), labels=(0,))], style="native")
+    with pytest.raises(ValueError, match="style"):
+        format_answer([ToolPrompt(box=(1, 2, 3, 4))], style="qwen")
+    text = format_answer(
+        [ToolPrompt(box=(12.0, 40, 77, 95.0), points=((40.0, 60.0),), labels=(1,))], "t", style="native"
+    )
+    assert text == '<think>t</think><answer>{"bbox_2d": [12, 40, 77, 95], "point_2d": [40, 60]}</answer>'
+
+
+NBOX = '"bbox_2d": [1, 2, 30, 40]'
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ('{"bbox_2d": [1, 2, 30]}', "bbox_2d has 3 numbers, expected 4"),
+        ('{"bbox_2d": "1, 2, 3, 4"}', "bbox_2d is str, expected a list of 4 numbers"),
+        ('{"bbox_2d": [1, "2", 30, 40]}', 'bbox_2d y1 is str "2", expected a number'),
+        ('{"bbox_2d": [1, false, 30, 40]}', "bbox_2d y1 is bool false, expected a number"),
+        ('{"bbox_2d": [NaN, 2, 30, 40]}', "NaN is not a number"),
+        ('{"bbox_2d": [1, 2, 1e999, 40]}', "bbox_2d x2 is not finite"),
+        ('{"bbox_2d": [1, 2, 121, 40]}', "bbox_2d x2=121 outside [0, 120]"),
+        ('{"bbox_2d": [1, 2, 30, 100.5]}', "bbox_2d y2=100.5 outside [0, 100]"),
+        ('{"bbox_2d": [-1, 2, 30, 40]}', "bbox_2d x1=-1 outside [0, 120]"),
+        ('{"bbox_2d": [30, 2, 30, 40]}', "bbox_2d has x2=30 <= x1=30 (empty or inverted box)"),
+        ('{"bbox_2d": [1, 50, 30, 40]}', "bbox_2d has y2=40 <= y1=50 (empty or inverted box)"),
+        ('{"point_2d": 5}', "point_2d is int, expected [x, y]"),
+        ('{"point_2d": [1, 2, 3]}', "point_2d is 3 values, expected [x, y]"),
+        ('{"point_2d": []}', "point_2d is 0 values, expected [x, y]"),
+        ('{"point_2d": [[1, 2]]}', "point_2d is a list of points, expected one point [x, y]"),
+        ('{"point_2d": [[1, 2], [3, 4]]}', "point_2d is a list of points, expected one point [x, y]"),
+        ('{"point_2d": [1, 101]}', "point_2d y=101 outside [0, 100]"),
+        ('{"point_2d": [-0.5, 1]}', "point_2d x=-0.5 outside [0, 120]"),
+        ('{"point_2d": [null, 1]}', "point_2d x is NoneType null, expected a number"),
+        (f'{{{NBOX}, "label": 7}}', "label is int, expected a string"),
+        (f'{{{NBOX}, "label": ["cat"]}}', "label is list, expected a string"),
+        ('{"label": "cat"}', "has neither a bbox_2d nor a point_2d"),
+        (f'{{{NBOX}, "points": [[5, 6]]}}', "mixes key 'points' with Qwen2.5-VL key 'bbox_2d' (one object uses bbox, points, negative_points or bbox_2d, point_2d, label, not both)"),
+        ('{"bbox": [1, 2, 30, 40], "label": "cat"}', "mixes key 'bbox' with Qwen2.5-VL key 'label' (one object uses bbox, points, negative_points or bbox_2d, point_2d, label, not both)"),
+        ('{"point_2d": [5, 6], "negative_points": [[7, 8]]}', "mixes key 'negative_points' with Qwen2.5-VL key 'point_2d' (one object uses bbox, points, negative_points or bbox_2d, point_2d, label, not both)"),
+        ('{"bbox_2d": [1, 2, 30, 40], "bbox": [1, 2, 30, 40]}', "mixes key 'bbox' with Qwen2.5-VL key 'bbox_2d' (one object uses bbox, points, negative_points or bbox_2d, point_2d, label, not both)"),
+        ('{"point_2d": [5, 6], "points_2d": [[7, 8]]}', "unknown key 'points_2d' (allowed: bbox, points, negative_points; or Qwen2.5-VL's bbox_2d, point_2d, label)"),
+        (f'[{{{NBOX}}}, {{"bbox_2d": [1, 2]}}]', "object 1: bbox_2d has 2 numbers, expected 4"),
+        (f'[{{{NBOX}}}, {{"point_2d": [[1, 2]]}}]', "object 1: point_2d is a list of points, expected one point [x, y]"),
+        (f'[{{{NBOX}}}, {{"label": "dog"}}]', "object 1: has neither a bbox_2d nor a point_2d"),
+        (json.dumps([{"bbox_2d": [1, 2, 3, 4]}] * (MAX_OBJECTS + 1)), f"{MAX_OBJECTS + 1} objects, more than {MAX_OBJECTS}"),
+    ],
+)  # fmt: skip
+def test_malformed_native_answers_give_precise_reasons(body: str, reason: str) -> None:
+    parsed = parse_answer(_answer(body), SIZE)
+    assert not parsed.ok
+    assert parsed.objects == ()
+    assert parsed.reason == f"answer JSON: {reason}"
+
+
+_BOX_NAMES = ("x1", "y1", "x2", "y2")
+
+
+@st.composite
+def _corrupted_native(draw: st.DrawFn) -> tuple[object, str]:
+    """A valid native answer with one thing broken, and the start of the reason that must name it."""
+    objects = [_native_object(p, None) for p in draw(st.lists(_native_prompts(), min_size=1, max_size=4))]
+    k = draw(st.integers(0, len(objects) - 1))
+    obj = objects[k]
+    key = draw(st.sampled_from(sorted(obj) + ["label", "mix"]))
+    kind = draw(st.sampled_from(["range", "length", "type"]))
+    if key == "bbox_2d":
+        box = obj["bbox_2d"]
+        i = draw(st.integers(0, 3))
+        if kind == "range":
+            box[i] = draw(st.sampled_from([-1, -0.25])) if draw(st.booleans()) else (W if i % 2 == 0 else H) + 1
+            expected = f"bbox_2d {_BOX_NAMES[i]}="
+        elif kind == "length":
+            del box[i]
+            expected = "bbox_2d has 3 numbers, expected 4"
+        else:
+            box[i] = str(box[i])
+            expected = f"bbox_2d {_BOX_NAMES[i]} is str"
+    elif key == "point_2d":
+        point = obj["point_2d"]
+        i = draw(st.integers(0, 1))
+        if kind == "range":
+            point[i] = (W if i == 0 else H) + 0.5
+            expected = f"point_2d {'xy'[i]}="
+        elif kind == "length":
+            obj["point_2d"] = [point] if draw(st.booleans()) else point + [1]
+            expected = "point_2d is a list of points" if len(obj["point_2d"]) == 1 else "point_2d is 3 values"
+        else:
+            point[i] = None
+            expected = f"point_2d {'xy'[i]} is NoneType"
+    elif key == "label":
+        obj["label"] = draw(st.sampled_from([1, 2.5, None, True, ["a"], {"a": 1}]))
+        expected = "label is "
+    else:  # one of the project's keys beside the native ones
+        own = draw(st.sampled_from(["bbox", "points", "negative_points"]))
+        obj[own] = [1, 2, 3, 4] if own == "bbox" else [[1, 2]]
+        expected = f"mixes key {own!r} with Qwen2.5-VL key"
+    where = f"object {k}: " if len(objects) > 1 else ""
+    payload = objects if len(objects) > 1 else objects[0]
+    return payload, f"answer JSON: {where}{expected}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(_corrupted_native())
+def test_every_malformed_native_variant_is_rejected_naming_the_problem(case: tuple[object, str]) -> None:
+    payload, expected = case
+    parsed = parse_answer(_answer(json.dumps(payload)), SIZE)
+    assert not parsed.ok, payload
+    assert parsed.objects == ()
+    assert parsed.reason.startswith(expected), (payload, parsed.reason)

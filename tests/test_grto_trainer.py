@@ -7,6 +7,7 @@ import logging
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import verl  # noqa: F401
@@ -187,8 +188,41 @@ def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
         ("weighting", "random"),
         ("tool_loss_coef", -1.0),
         ("tool_loss_coef", float("nan")),
+        ("data_check", "sometimes"),
     ],
 )
 def test_bad_grto_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"grto\\.{key}"):
         GRTOConfig(tool=ToolSettings(path="unused"), **{key: value})
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+def test_run_start_checks_the_data_before_verl_builds_datasets(tmp_path, monkeypatch, mode):
+    """``GRTOTrainer._init_dataloader`` checks first: a bad row stops the run, or verl's datasets read a copy without it."""
+    from omegaconf import OmegaConf
+
+    from verl_grto.data.parquet import write_rows_atomic
+    from verl_grto.trainer.data_preflight import BadDataError
+
+    records = [r.to_record() for r in generate_split(3, seed=0, domain="plain", split="train")]
+    records[1]["images"] = [{"bytes": b"not an image", "path": None}]
+    train = tmp_path / "train.parquet"
+    write_rows_atomic(records, train)
+    trainer = object.__new__(grto_trainer.GRTOTrainer)
+    trainer.config = OmegaConf.create(
+        {"data": {"train_files": str(train), "val_files": []}, "trainer": {"default_local_dir": str(tmp_path / "run")}}
+    )
+    OmegaConf.set_struct(trainer.config, True)  # as verl's trainer holds it
+    trainer.grto = GRTOConfig(tool=ToolSettings(path="unused"), data_check=mode)
+    built_from = []  # what verl's own _init_dataloader would build its datasets from
+    monkeypatch.setattr(
+        grto_trainer.PPOTrainerSync, "_init_dataloader", lambda self: built_from.append(self._data_files("train_files"))
+    )
+    if mode == "fail":
+        with pytest.raises(BadDataError, match=f"{train}:1: image 0 does not decode"):
+            trainer._init_dataloader()
+        assert built_from == []
+        return
+    trainer._init_dataloader()
+    ((filtered,),) = built_from
+    assert filtered.startswith(str(tmp_path / "run" / "data_check")) and len(pq.read_table(filtered)) == 2

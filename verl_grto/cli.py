@@ -86,6 +86,28 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from verl_grto.data.check import check_parquet
+
+    files = [_existing(f, "file") for f in args.files]  # a mistyped path is a usage error, not a bad row
+    n_problems, bad_files, bad_rows = 0, 0, 0
+    for path in files:
+        problems = check_parquet(path)
+        for problem in problems:
+            print(problem)
+        n_problems += len(problems)
+        bad_files += bool(problems)
+        bad_rows += len({p.row for p in problems if p.row is not None})
+    if bad_files:
+        print(
+            f"verl-grto: {n_problems} problem(s), {bad_rows} bad row(s), in {bad_files} of {len(files)} file(s)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"verl-grto: every row of {len(files)} file(s) is usable", file=sys.stderr)
+    return 0
+
+
 def _existing(path: str, what: str) -> Path:
     """``path``, or a CLIError naming what is missing (before minutes of model loading, not after)."""
     if not Path(path).exists():
@@ -344,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a converter option, e.g. splits=val,test or keep_empty=false (repeatable)",
     )
     conv.set_defaults(func=_cmd_data_convert)
+
+    check = data_sub.add_parser(
+        "check",
+        help="decode every row of verl RL parquet files; print file:row: reason per problem, exit 1 if any",
+    )
+    check.add_argument("files", nargs="+", metavar="FILE", help="parquet files (train, val, ...)")
+    check.set_defaults(func=_cmd_data_check)
 
     ev = sub.add_parser(
         "evaluate", help="predict a split with a policy + tool (resumable), or score PNGs; write report.json"

@@ -189,3 +189,29 @@ def write_rows_atomic(
     with AtomicParquetWriter(path, schema, row_group_rows=row_group_rows, row_group_bytes=row_group_bytes) as writer:
         writer.write_all(records)
     return Path(path)
+
+
+def write_without_rows(src: Path | str, drop: Iterable[int], dst: Path | str) -> int:
+    """Copy the parquet ``src`` to ``dst`` without the rows whose 0-based indices are in ``drop``.
+
+    Why a copy: verl's dataset reads whole files, so training without some rows means a file without
+    them (the source may be shared or read-only). Row groups are copied one at a time with their
+    schema unchanged (no round trip through Python objects), and ``dst`` appears only when complete.
+    Returns the number of rows written; raises ValueError when every row would be dropped (an empty
+    file has nothing to train on, and verl would fail on it later).
+    """
+    dropped = set(drop)
+    source = pq.ParquetFile(src)
+    n_rows = source.metadata.num_rows
+    if n_rows - sum(1 for i in dropped if 0 <= i < n_rows) <= 0:
+        raise ValueError(f"refusing to write {dst}: every row of {src} is dropped")
+    kept, start = 0, 0
+    with atomic_file(Path(dst)) as tmp, pq.ParquetWriter(tmp, source.schema_arrow) as writer:
+        for group in range(source.num_row_groups):
+            table = source.read_row_group(group)
+            keep = [i for i in range(table.num_rows) if start + i not in dropped]
+            start += table.num_rows
+            if keep:
+                writer.write_table(table.take(keep))
+                kept += len(keep)
+    return kept

@@ -25,7 +25,11 @@ from typing import Any
 IMAGE_PLACEHOLDER = "<image>"
 ABILITY = "referring_segmentation"
 
-#: The instruction the policy sees. Coordinates are pixels of the image as given.
+#: The instruction the policy sees in converted benchmark rows (``verl-grto data convert``, hence the
+#: full-size recipes). Coordinates are pixels of the image as given. It asks for the project's keys
+#: (``bbox`` / ``points``); the parser also accepts Qwen2.5-VL's native ``bbox_2d`` / ``point_2d``
+#: (verl_grto/reward/answer.py), so a pretrained Qwen2.5-VL that answers in its own grounding format
+#: is not scored zero for the key names alone.
 INSTRUCTION_TEMPLATE = (
     '{image}Find the object described by: "{expression}". '
     "The image is {width}x{height} pixels. "
@@ -36,7 +40,8 @@ INSTRUCTION_TEMPLATE = (
 
 #: The synthetic tiny world's instruction: the expression alone. A 0.8M-parameter policy localised
 #: 250-500 supervised steps later with the long instruction above than with a short one
-#: (../shared/notes/learnability.md, third probe); the answer format it is taught is the same.
+#: (../shared/notes/learnability.md, third probe). It names no answer format: the tiny policy is taught
+#: the project's keys (``{"bbox": [...]}``) by its supervised warm start (verl_grto/assets/warmstart.py).
 SHORT_INSTRUCTION_TEMPLATE = "{image}Locate {expression}."
 
 
@@ -63,16 +68,29 @@ class GroundTruth:
 
     @classmethod
     def from_json(cls, text: str | dict) -> GroundTruth:
-        """Parse a ground truth; raises ValueError naming the missing or malformed field."""
-        obj = json.loads(text) if isinstance(text, str) else dict(text)
+        """Parse a ground truth; raises ValueError naming the missing or malformed field.
+
+        Each field is checked here, not where it is first used, so that the data check
+        (:mod:`verl_grto.data.check`) and a reward worker say which field of the row is wrong instead of
+        failing later with an unrelated TypeError.
+        """
+        obj = json.loads(text) if isinstance(text, str) else text
+        if not isinstance(obj, dict):
+            raise ValueError(f"ground truth must be a JSON object, got {type(obj).__name__}")
         for key in ("mask", "boxes", "image_size"):
             if key not in obj:
-                raise ValueError(f"ground truth lacks field {key!r}: {str(text)[:200]}")
+                raise ValueError(f"ground truth lacks field {key!r} (has: {', '.join(map(str, obj)) or 'nothing'})")
         mask = obj["mask"]
         if not isinstance(mask, dict) or "size" not in mask or "counts" not in mask:
             raise ValueError(f"ground truth 'mask' must be a COCO RLE dict with size and counts, got {str(mask)[:200]}")
-        h, w = (int(v) for v in obj["image_size"])
-        return cls(mask_rle=mask, boxes=[[float(v) for v in b] for b in obj["boxes"]], image_size=(h, w))
+        size = obj["image_size"]
+        if not isinstance(size, list | tuple) or len(size) != 2:
+            raise ValueError(f"ground truth 'image_size' must be [H, W], got {str(size)[:80]}")
+        h, w = (int(v) for v in size)
+        boxes = obj["boxes"]
+        if not isinstance(boxes, list) or not all(isinstance(b, list | tuple) and len(b) == 4 for b in boxes):
+            raise ValueError(f"ground truth 'boxes' must be a list of [x1, y1, x2, y2], got {str(boxes)[:80]}")
+        return cls(mask_rle=mask, boxes=[[float(v) for v in b] for b in boxes], image_size=(h, w))
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verl_grto.policy.inputs import row_images
+from verl_grto.data.images import row_images
 from verl_grto.reward.answer import ToolPrompt, parse_answer
 from verl_grto.tool.engine import ToolBatch, ToolEngine
 from verl_grto.tool.model import SegmentationTool

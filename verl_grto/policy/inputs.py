@@ -17,7 +17,6 @@ silently changes what the policy sees. The steps, in verl's order:
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -25,32 +24,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from verl_grto.data.images import row_images
 from verl_grto.data.schema import IMAGE_PLACEHOLDER
 
 _PLACEHOLDERS = re.compile("(<image>|<video>|<audio>)")
-
-
-def row_images(row: dict[str, Any]) -> list[Image.Image]:
-    """The row's images (``images[i]["bytes"]``, as the converters and the synthetic writer store them), decoded.
-
-    Raises ValueError naming the sample when an image has no bytes or does not decode.
-    """
-    out = []
-    for i, image in enumerate(row.get("images") or []):
-        data = image.get("bytes") if isinstance(image, dict) else None
-        if not data:
-            raise ValueError(f"sample {_sample_id(row)}: image {i} has no bytes")
-        try:
-            pil = Image.open(io.BytesIO(data))
-            pil.load()
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ValueError(f"sample {_sample_id(row)}: image {i} does not decode: {exc}") from exc
-        out.append(pil)
-    return out
-
-
-def _sample_id(row: dict[str, Any]) -> str:
-    return str((row.get("extra_info") or {}).get("sample_id", "?"))
 
 
 def build_messages(prompt: Sequence[dict[str, Any]], images: Sequence[Image.Image]) -> list[dict[str, Any]]:

@@ -9,6 +9,20 @@ hold a JSON list of such objects when the expression names several. Whitespace a
 one trailing ``<|im_end|>`` / ``<|endoftext|>`` (when the decoder kept special tokens) are allowed;
 anything else after ``</answer>`` is not.
 
+Qwen2.5-VL's native grounding keys are accepted too, the keys a pretrained Qwen2.5-VL answers with
+and Seg-Zero / VisionReasoner train with::
+
+    <answer>[{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y], "label": "..."}]</answer>
+
+``point_2d`` is *one* point (``[x, y]``, not a list of points): it becomes the prompt's single
+positive point; ``label`` is an optional string and is ignored. An answer in native keys parses to
+the same :class:`ToolPrompt` as the equivalent answer in the project's keys
+(``{"bbox_2d": b, "point_2d": p}`` == ``{"bbox": b, "points": [p]}``), under the same rules below.
+Coordinates are read in the same frame as the project's keys (the ``image_size`` given to
+:func:`parse_answer`, a row's ground-truth size); a pretrained Qwen2.5-VL grounds in the frame of its
+processor-resized input, which differs from that by the resize to a multiple of the patch size (a
+few pixels) unless the image exceeds the processor's pixel limit.
+
 Why strict: the reward must not be gamed by junk around the answer, and every rejection carries a
 precise human reason so that a rollout dump shows at a glance what the policy gets wrong.
 
@@ -17,12 +31,18 @@ Decisions worth knowing:
 * Coordinates outside ``[0, W] x [0, H]`` are **rejected**, not clipped: clipping would reward a
   policy for answers that say nothing about the image ("[-1000, -1000, 1000, 1000]").
 * Empty or inverted boxes (``x2 <= x1`` or ``y2 <= y1``), NaN / Infinity / non-numeric values, booleans
-  and unknown keys (e.g. ``"bbox_2d"``) are rejected.
+  and unknown keys (e.g. ``"bbox_3d"``) are rejected.
+* One object uses one key style: an object mixing the project's keys with native ones (e.g.
+  ``{"bbox_2d": [...], "points": [...]}`` or ``{"bbox": [...], "label": "cat"}``) is rejected with a
+  reason naming both keys, because what such an object means (which box? are the points a list or
+  one point?) is a guess. Objects of a list are parsed one by one, so a list may hold objects of
+  either style.
 * Caps: the whole response (:data:`MAX_TEXT_CHARS`), the ``<answer>`` body (:data:`MAX_ANSWER_CHARS`),
-  objects per answer (:data:`MAX_OBJECTS`) and points per object (:data:`MAX_POINTS`).
-* An object needs a bbox or at least one positive point. ``has_think`` is reported separately: an
-  answer without a well-formed ``<think>`` block before it still parses (the format reward decides
-  what that is worth).
+  objects per answer (:data:`MAX_OBJECTS`) and points per object (:data:`MAX_POINTS`), whatever the
+  key style.
+* An object needs a bbox or at least one positive point (native: a ``bbox_2d`` or a ``point_2d``).
+  ``has_think`` is reported separately: an answer without a well-formed ``<think>`` block before it
+  still parses (the format reward decides what that is worth).
 """
 
 from __future__ import annotations
@@ -41,7 +61,11 @@ MAX_POINTS = 16
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-_ALLOWED_KEYS = ("bbox", "points", "negative_points")
+#: The project's keys, and Qwen2.5-VL's native grounding keys; one object uses one set.
+OWN_KEYS = ("bbox", "points", "negative_points")
+NATIVE_KEYS = ("bbox_2d", "point_2d", "label")
+ANSWER_STYLES = ("own", "native")
+_ALLOWED = f"{', '.join(OWN_KEYS)}; or Qwen2.5-VL's {', '.join(NATIVE_KEYS)}"
 _TRAILING_SPECIALS = ("<|im_end|>", "<|endoftext|>")
 _THINK_RE = re.compile(r"<think>(.*)</think>", re.DOTALL)
 
@@ -104,21 +128,31 @@ def _check_range(v: float, axis: str, what: str, image_size: tuple[int, int]) ->
         raise _Reject(f"answer JSON: {what}={_fmt(v)} outside [0, {limit}]")
 
 
-def _parse_box(raw: Any, where: str, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+def _parse_box(raw: Any, key: str, where: str, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
     if not isinstance(raw, list):
-        raise _Reject(f"answer JSON: {where}bbox is {type(raw).__name__}, expected a list of 4 numbers")
+        raise _Reject(f"answer JSON: {where}{key} is {type(raw).__name__}, expected a list of 4 numbers")
     if len(raw) != 4:
-        raise _Reject(f"answer JSON: {where}bbox has {len(raw)} numbers, expected 4")
+        raise _Reject(f"answer JSON: {where}{key} has {len(raw)} numbers, expected 4")
     names = ("x1", "y1", "x2", "y2")
-    vals = [_number(v, f"{where}bbox {n}") for v, n in zip(raw, names, strict=True)]
+    vals = [_number(v, f"{where}{key} {n}") for v, n in zip(raw, names, strict=True)]
     for v, n in zip(vals, names, strict=True):
-        _check_range(v, n[0], f"{where}bbox {n}", image_size)
+        _check_range(v, n[0], f"{where}{key} {n}", image_size)
     x1, y1, x2, y2 = vals
     if x2 <= x1:
-        raise _Reject(f"answer JSON: {where}bbox has x2={_fmt(x2)} <= x1={_fmt(x1)} (empty or inverted box)")
+        raise _Reject(f"answer JSON: {where}{key} has x2={_fmt(x2)} <= x1={_fmt(x1)} (empty or inverted box)")
     if y2 <= y1:
-        raise _Reject(f"answer JSON: {where}bbox has y2={_fmt(y2)} <= y1={_fmt(y1)} (empty or inverted box)")
+        raise _Reject(f"answer JSON: {where}{key} has y2={_fmt(y2)} <= y1={_fmt(y1)} (empty or inverted box)")
     return (x1, y1, x2, y2)
+
+
+def _parse_point(p: Any, what: str, image_size: tuple[int, int]) -> tuple[float, float]:
+    if not isinstance(p, list) or len(p) != 2:
+        got = f"{len(p)} values" if isinstance(p, list) else type(p).__name__
+        raise _Reject(f"answer JSON: {what} is {got}, expected [x, y]")
+    x, y = _number(p[0], f"{what} x"), _number(p[1], f"{what} y")
+    _check_range(x, "x", f"{what} x", image_size)
+    _check_range(y, "y", f"{what} y", image_size)
+    return (x, y)
 
 
 def _parse_points(raw: Any, key: str, where: str, image_size: tuple[int, int]) -> list[tuple[float, float]]:
@@ -126,26 +160,42 @@ def _parse_points(raw: Any, key: str, where: str, image_size: tuple[int, int]) -
         raise _Reject(f"answer JSON: {where}{key} is {type(raw).__name__}, expected a list of [x, y]")
     if len(raw) > MAX_POINTS:
         raise _Reject(f"answer JSON: {where}{key} has {len(raw)} points, more than {MAX_POINTS}")
-    out = []
-    for k, p in enumerate(raw):
-        what = f"{where}{key}[{k}]"
-        if not isinstance(p, list) or len(p) != 2:
-            got = f"{len(p)} values" if isinstance(p, list) else type(p).__name__
-            raise _Reject(f"answer JSON: {what} is {got}, expected [x, y]")
-        x, y = _number(p[0], f"{what} x"), _number(p[1], f"{what} y")
-        _check_range(x, "x", f"{what} x", image_size)
-        _check_range(y, "y", f"{what} y", image_size)
-        out.append((x, y))
-    return out
+    return [_parse_point(p, f"{where}{key}[{k}]", image_size) for k, p in enumerate(raw)]
+
+
+def _parse_native_object(raw: dict[str, Any], where: str, image_size: tuple[int, int]) -> ToolPrompt:
+    """An object in Qwen2.5-VL's keys: ``bbox_2d``, one ``point_2d`` (a positive point), a string ``label``."""
+    if "label" in raw and not isinstance(raw["label"], str):
+        label = raw["label"]
+        raise _Reject(f"answer JSON: {where}label is {type(label).__name__}, expected a string")
+    box = _parse_box(raw["bbox_2d"], "bbox_2d", where, image_size) if "bbox_2d" in raw else None
+    points: tuple[tuple[float, float], ...] = ()
+    if "point_2d" in raw:
+        raw_point = raw["point_2d"]
+        if isinstance(raw_point, list) and raw_point and all(isinstance(p, list) for p in raw_point):
+            raise _Reject(f"answer JSON: {where}point_2d is a list of points, expected one point [x, y]")
+        points = (_parse_point(raw_point, f"{where}point_2d", image_size),)
+    if box is None and not points:
+        raise _Reject(f"answer JSON: {where}has neither a bbox_2d nor a point_2d")
+    return ToolPrompt(box=box, points=points, labels=(1,) * len(points))
 
 
 def _parse_object(raw: Any, where: str, image_size: tuple[int, int]) -> ToolPrompt:
     if not isinstance(raw, dict):
         raise _Reject(f'answer JSON: {where}is {type(raw).__name__}, expected an object like {{"bbox": [...]}}')
-    unknown = [k for k in raw if k not in _ALLOWED_KEYS]
+    unknown = [k for k in raw if k not in OWN_KEYS and k not in NATIVE_KEYS]
     if unknown:
-        raise _Reject(f"answer JSON: {where}unknown key {unknown[0]!r} (allowed: {', '.join(_ALLOWED_KEYS)})")
-    box = _parse_box(raw["bbox"], where, image_size) if "bbox" in raw else None
+        raise _Reject(f"answer JSON: {where}unknown key {unknown[0]!r} (allowed: {_ALLOWED})")
+    own = [k for k in raw if k in OWN_KEYS]
+    native = [k for k in raw if k in NATIVE_KEYS]
+    if own and native:
+        raise _Reject(
+            f"answer JSON: {where}mixes key {own[0]!r} with Qwen2.5-VL key {native[0]!r} "
+            f"(one object uses {', '.join(OWN_KEYS)} or {', '.join(NATIVE_KEYS)}, not both)"
+        )
+    if native:
+        return _parse_native_object(raw, where, image_size)
+    box = _parse_box(raw["bbox"], "bbox", where, image_size) if "bbox" in raw else None
     pos = _parse_points(raw["points"], "points", where, image_size) if "points" in raw else []
     neg = (
         _parse_points(raw["negative_points"], "negative_points", where, image_size) if "negative_points" in raw else []
@@ -242,14 +292,20 @@ def _json_number(v: float) -> int | float:
     return int(f) if f.is_integer() else f
 
 
-def format_answer(objects: Sequence[ToolPrompt], think: str = "...") -> str:
+def format_answer(objects: Sequence[ToolPrompt], think: str = "...", *, style: str = "own") -> str:
     """Write ``objects`` in the answer format; the exact inverse of :func:`parse_answer`.
 
     Integral coordinates are written without decimals (``12`` not ``12.0``), as a policy should write
     them. One object is written as a JSON object, several as a list. Positive points are written
     before negative ones, which is the order :func:`parse_answer` returns them in; an object without
     points is written without a ``"points"`` key (``{"bbox": [...]}``, the shortest answer).
+
+    ``style="native"`` writes Qwen2.5-VL's keys instead (``{"bbox_2d": [...], "point_2d": [x, y]}``),
+    e.g. for targets in the form a pretrained Qwen2.5-VL already answers in; it can hold at most one
+    positive point and no negative ones per object, and raises ValueError for more.
     """
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"style must be one of {ANSWER_STYLES}, got {style!r}")
     if not objects:
         raise ValueError("format_answer needs at least one object")
     if any(tag in think for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)):
@@ -265,12 +321,23 @@ def format_answer(objects: Sequence[ToolPrompt], think: str = "...") -> str:
         if obj.box is None and not pos:
             raise ValueError("an object needs a box or at least one positive point")
         item: dict[str, Any] = {}
-        if obj.box is not None:
-            item["bbox"] = [_json_number(v) for v in obj.box]
-        if pos:
-            item["points"] = pos
-        if neg:
-            item["negative_points"] = neg
+        if style == "native":
+            if neg or len(pos) > 1:
+                raise ValueError(
+                    f"the native style holds one positive point per object, got {len(pos)} positive "
+                    f"and {len(neg)} negative"
+                )
+            if obj.box is not None:
+                item["bbox_2d"] = [_json_number(v) for v in obj.box]
+            if pos:
+                item["point_2d"] = pos[0]
+        else:
+            if obj.box is not None:
+                item["bbox"] = [_json_number(v) for v in obj.box]
+            if pos:
+                item["points"] = pos
+            if neg:
+                item["negative_points"] = neg
         items.append(item)
     payload = items[0] if len(items) == 1 else items
     return f"{THINK_OPEN}{think}{THINK_CLOSE}{ANSWER_OPEN}{json.dumps(payload)}{ANSWER_CLOSE}"

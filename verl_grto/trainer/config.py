@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl_grto.algorithm.tool_weights import get_weighting
 from verl_grto.reward.mask_reward import MaskRewardConfig
 from verl_grto.tool.worker import ToolSettings
+from verl_grto.trainer.data_preflight import DATA_CHECK_MODES
 
 PLACEMENTS = ("colocated", "separate")
 
@@ -28,7 +29,10 @@ class GRTOConfig:
     nodes), where its update overlaps the actor's. ``min_box_iou`` > 0 trains the tool only on the
     rollouts whose box overlaps the ground truth at least that much (as ``bto.min_box_iou``: a mask
     loss on a prompt that misses the object teaches the tool to predict background); the policy's
-    rewards and advantages are unchanged.
+    rewards and advantages are unchanged. ``data_check`` says what a bad row of ``data.train_files`` /
+    ``data.val_files`` does when the run starts (verl_grto/trainer/data_preflight.py): ``fail`` stops
+    the run listing file, row and reason; ``skip`` trains on copies without the bad rows (written to
+    the run's ``data_check/`` folder, with a report); ``off`` checks nothing.
     """
 
     tool: ToolSettings
@@ -42,6 +46,7 @@ class GRTOConfig:
     min_box_iou: float = 0.0
     log_images_every: int = 0
     num_logged_images: int = 4
+    data_check: str = "fail"
 
     def __post_init__(self) -> None:
         try:
@@ -56,6 +61,8 @@ class GRTOConfig:
             raise ValueError(f"grto.tool_workers_per_node must be >= 1, got {self.tool_workers_per_node}")
         if not 0.0 <= self.min_box_iou <= 1.0:
             raise ValueError(f"grto.min_box_iou must be in [0, 1], got {self.min_box_iou}")
+        if self.data_check not in DATA_CHECK_MODES:
+            raise ValueError(f"grto.data_check must be one of {DATA_CHECK_MODES}, got {self.data_check!r}")
 
     @property
     def trains_tool(self) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import torch
 import transfer_queue as tq
+from omegaconf import open_dict
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
@@ -41,6 +42,7 @@ from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.pool import TOOL_ROLE, create_tool_worker_group, register_tool_pool, tool_update_async
 from verl_grto.tool.worker import ActorRolloutRefToolWorker
 from verl_grto.trainer.config import GRTOConfig
+from verl_grto.trainer.data_preflight import preflight_data
 from verl_grto.trainer.overlays import default_tb_dir, log_overlays
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,30 @@ class GRTOTrainer(PPOTrainerSync):
         self.trainer_mode = "sync"
         return super()._build_replay_buffer()
 
-    # ---- set-up: the actor workers host the tool -------------------------------------------
+    # ---- set-up: the data is checked first, the actor workers host the tool ----------------
+    def _init_dataloader(self) -> None:
+        self._check_data()
+        super()._init_dataloader()
+
+    def _check_data(self) -> None:
+        """Check every training and validation row before verl builds its datasets (``grto.data_check``).
+
+        Why here: this runs in verl's task runner before any worker exists, so a bad row stops the run
+        with file, row index and reason instead of a worker's stack trace mid-step. In ``skip`` mode
+        ``data.train_files`` / ``data.val_files`` are pointed at the filtered copies, which every later
+        reader (verl's datasets, the tool's image store, BTO) then uses.
+        """
+        result = preflight_data(
+            self._data_files("train_files"),
+            self._data_files("val_files"),
+            self.grto.data_check,
+            self.config.trainer.default_local_dir,
+        )
+        if result.skipped:
+            with open_dict(self.config):
+                self.config.data.train_files = result.train_files
+                self.config.data.val_files = result.val_files
+
     @property
     def separate_tool(self) -> bool:
         return self.grto.placement == "separate"

@@ -5,8 +5,9 @@ is 0, every advantage is 0 and RL cannot start; and a policy whose boxes do not 
 prompts the tool with boxes that miss, so nothing downstream can be seen working. A supervised run on
 synthetic scenes (plain torch AdamW, in-process, CPU) teaches the format in ~100 steps and, later, to
 localise: the default curriculum (:data:`DEFAULT_PHASES`, 2000 plain + 1000 camouflage single-object
-steps of batch 16, ~340 s on 2 threads) reached box IoU 0.61 on held-out camouflage scenes against
-0.21 for a constant box (seed 0; benchmarks/learnability.py, docs/benchmarks.md). The result is the
+steps of batch 16) reached box IoU 0.74-0.76 on held-out camouflage scenes against 0.20-0.23 for a
+constant box in seeds 0, 1 and 2 (docs/benchmarks.md; the tiny policy's 64 image tokens are what made
+it reliable, :mod:`verl_grto.assets.qwen25vl`). The result is the
 reference policy of B-GRTO's bootstrap stage; the main job uses a shipped copy
 (:mod:`verl_grto.assets.shipped`).
 
@@ -21,7 +22,7 @@ What is trained is exactly what RL later runs:
   as verl's actor and the ``hf`` rollout do (without them it silently falls back to 1-D positions).
 
 Curriculum: single-object plain scenes first (the object is the only thing to look at; the jump to
-localisation comes between steps 1000 and 1500), then the camouflage domain, where it carries over
+localisation comes between steps 750 and 2000, depending on the seed), then the camouflage domain, where it carries over
 within a few hundred steps; trained on camouflage alone the same model did not localise in 2000 steps.
 Referring among 2-4 objects is an optional extra phase (``referring_steps``; not part of the default). Training scenes come from their own synthetic stream
 (:data:`TRAIN_SPLIT`); the report's evaluation uses held-out scenes of another stream
@@ -240,8 +241,8 @@ class Phase:
 
 #: The default warm start's curriculum, single-object scenes: plain first, where the object is the only
 #: thing to look at and the policy learns to read positions (its box IoU jumps from a constant box's
-#: ~0.2 to ~0.55 between steps 1000 and 1500), then the RL domain, where it carries over within a few
-#: hundred steps (benchmarks/learnability.py). Trained on the shifted domain from the start, the same
+#: ~0.2 to 0.4-0.7 between steps 750 and 2000, depending on the seed), then the RL domain, where it
+#: carries over within 1000 steps (benchmarks/learnability.py). Trained on the shifted domain from the start, the same
 #: policy had not localised after 2000 steps.
 DEFAULT_PHASES = (Phase("plain", (1, 1), 2000), Phase("camouflage", (1, 1), 1000))
 

@@ -9,7 +9,8 @@ This script trains the warm start's exact loop (:func:`verl_grto.assets.warmstar
 prompt, target, curriculum and schedule) for size variants of the tiny Qwen2.5-VL and records held-out
 box IoU every ``--every`` steps on both domains (64 single-object scenes of the probe's own stream,
 greedy answers through :class:`verl_grto.policy.generate.GreedyPolicy`) beside a constant box (the
-scenes' mean box).
+scenes' mean box). Not :func:`verl_grto.eval.policy_probe.probe_policy`: it answers through the ``hf``
+rollout server, which needs Ray, and the lent GPU machine has none.
 
 Each (variant, seed) runs in its own process with one torch thread (``--jobs`` at a time) and appends
 one JSON line per probe to ``OUT/<variant>_s<seed>.jsonl``, so a run cut short still leaves every probe
@@ -31,7 +32,8 @@ import time
 import types
 from pathlib import Path
 
-#: name -> (text hidden, text layers, vision patch size, learning rate). "base" is the current default.
+#: name -> (text hidden, text layers, vision patch size, learning rate). "base" is the tiny policy as it
+#: was before this sweep (patch 14, 16 image tokens); "patch7" is the default it chose.
 VARIANTS: dict[str, dict] = {
     "base": {"hidden": 128, "layers": 2, "patch_size": 14, "lr": 1e-3},
     "deep4": {"hidden": 128, "layers": 4, "patch_size": 14, "lr": 1e-3},

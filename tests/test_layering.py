@@ -19,8 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "verl_grto"
 #: Lowest first. A unit is a subpackage or a top-level module of ``verl_grto``; units of one layer may
 #: import each other, units of a layer never import a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # leaves: import nothing else of verl_grto (atomic file writes; verl's CPU platform and patches)
-    ("__init__", "atomic", "platform", "patches"),
+    # leaves (atomic file writes; verl's CPU platform and patches; named kill points for fault tests):
+    # import nothing of a higher layer
+    ("__init__", "atomic", "platform", "patches", "faults"),
     ("data",),  # the row schema, masks, synthetic scenes, converters
     ("reward", "tool", "policy"),  # scoring an answer; the SAM2 tool; the policy's inputs and loading
     ("rollout",),  # the `hf` rollout server (a policy behind verl's server interface)

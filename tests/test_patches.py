@@ -15,7 +15,7 @@ from verl_grto import patches
 
 def test_all_patches_applied_once():
     applied = patches.apply()
-    assert len(applied) == len(set(applied)) == 4
+    assert len(applied) == len(set(applied)) == 5
     assert patches.apply() == applied  # idempotent
 
 
@@ -127,3 +127,67 @@ def test_patched_functions_are_marked():
 
     assert td_utils.maybe_fix_3d_position_ids.__verl_grto_patched__
     assert td_utils.nested_tensor_from_tensor_list.__verl_grto_patched__
+
+
+def test_verl_still_writes_its_checkpoint_tracker_with_open():
+    """The patch replaces ``open`` in the modules that write the tracker: they must still do it so."""
+    import inspect
+
+    import verl.trainer.ppo.ray_trainer as ray_trainer
+    import verl.trainer.ppo.v1.trainer_base as trainer_base
+
+    for cls in (trainer_base.PPOTrainer, ray_trainer.RayPPOTrainer):
+        source = inspect.getsource(cls._save_checkpoint)
+        assert 'with open(local_latest_checkpointed_iteration, "w") as f:' in source, cls
+    for module in (trainer_base, ray_trainer):
+        assert getattr(module.open, "__verl_grto_patched__", False)
+
+
+def test_checkpoint_tracker_is_replaced_whole_or_not_at_all(tmp_path):
+    import verl.trainer.ppo.v1.trainer_base as trainer_base
+    from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+    tracker = tmp_path / patches.TRACKER_NAME
+    (tmp_path / "global_step_1").mkdir()
+    (tmp_path / "global_step_2").mkdir()
+    with trainer_base.open(str(tracker), "w") as f:  # what verl's _save_checkpoint runs
+        f.write("1")
+    assert tracker.read_text() == "1" and sorted(p.name for p in tmp_path.iterdir())[-1] == patches.TRACKER_NAME
+    with pytest.raises(RuntimeError), trainer_base.open(str(tracker), "w") as f:
+        f.write("2")
+        raise RuntimeError("the writer dies after writing, before closing")
+    assert tracker.read_text() == "1" and not list(tmp_path.glob("*.tmp"))
+    assert find_latest_ckpt_path(str(tmp_path)).endswith("global_step_1")
+    with trainer_base.open(str(tmp_path / "other.txt"), "w") as f:  # any other file: the builtin
+        f.write("x")
+    assert (tmp_path / "other.txt").read_text() == "x"
+
+
+def test_checkpoint_tracker_survives_sigkill_while_written(tmp_path):
+    """A process SIGKILLed after writing the new tracker, before publishing it: the old one stands."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from verl_grto import faults
+
+    tracker, marker = tmp_path / patches.TRACKER_NAME, tmp_path / "killed.json"
+    tracker.write_text("1")
+    code = (
+        "import verl, verl.trainer.ppo.v1.trainer_base as tb\n"
+        f"with tb.open({str(tracker)!r}, 'w') as f:\n    f.write('2')\n"
+    )
+    env = {**os.environ, faults.KILL_AT_ENV: "checkpoint.tracker_unpublished", faults.MARKER_ENV: str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"never reached the kill point (rc={proc.poll()})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert tracker.read_text() == "1"
+    (tmp,) = tmp_path.glob(f".{patches.TRACKER_NAME}.*.tmp")
+    assert tmp.read_text() == "2"  # the new content was complete, just not yet moved onto the tracker

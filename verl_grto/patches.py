@@ -173,6 +173,66 @@ def _rebuild_equal_length_position_ids() -> None:
     _applied.append("tensordict_utils.maybe_fix_3d_position_ids: equal-length batches")
 
 
+#: verl's checkpoint tracker: resume reads the step of the newest complete checkpoint from it.
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+
+
+class _AtomicTrackerFile:
+    """A text file written under a temporary name and renamed onto the tracker on close."""
+
+    def __init__(self, path: str) -> None:
+        import tempfile
+
+        directory = os.path.dirname(path) or "."
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{TRACKER_NAME}.", suffix=".tmp", dir=directory)
+        self._path = path
+        self._file = os.fdopen(fd, "w")
+
+    def write(self, text: str) -> int:
+        return self._file.write(text)
+
+    def __enter__(self) -> _AtomicTrackerFile:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        from verl_grto.faults import kill_point
+
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if exc_type is not None:
+            os.unlink(self._tmp)
+            return
+        kill_point("checkpoint.tracker_unpublished")  # the step folder is whole, the tracker not yet moved
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, self._path)
+
+
+def _atomic_checkpoint_tracker() -> None:
+    """verl/trainer/ppo/v1/trainer_base.py:1024 (``_save_checkpoint``, also
+    verl/trainer/ppo/ray_trainer.py:1049) writes ``latest_checkpointed_iteration.txt`` with
+    ``open(path, "w")``: the file is truncated first, so a kill between the truncation and the write
+    leaves it empty and every restart then fails in ``find_latest_ckpt_path``
+    (verl/utils/checkpoint/checkpoint_manager.py:245, ``int(b"")``). The tracker is the commit point of a
+    checkpoint (it is written after the step folder is whole), so it must change in one step. Those two
+    modules get their own ``open`` that writes the tracker to a temporary file and renames it onto the
+    tracker; any other ``open`` there is the builtin."""
+    import builtins
+    import importlib
+
+    def tracker_aware_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "w" and not args and not kwargs and os.path.basename(str(file)) == TRACKER_NAME:
+            return _AtomicTrackerFile(str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    tracker_aware_open.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    for name in ("verl.trainer.ppo.v1.trainer_base", "verl.trainer.ppo.ray_trainer"):
+        module = importlib.import_module(name)
+        if not getattr(module.__dict__.get("open"), "__verl_grto_patched__", False):
+            module.open = tracker_aware_open  # type: ignore[attr-defined]
+    _applied.append("trainer_base / ray_trainer: latest_checkpointed_iteration.txt written atomically")
+
+
 def apply() -> list[str]:
     """Install every patch once per process; returns the names of those installed."""
     import verl
@@ -183,6 +243,7 @@ def apply() -> list[str]:
         _unpinned_cpu_offload_for_reference()
         _jagged_dim_aware_nested_tensors()
         _rebuild_equal_length_position_ids()
+        _atomic_checkpoint_tracker()
     return list(_applied)
 
 

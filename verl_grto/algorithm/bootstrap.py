@@ -57,6 +57,7 @@ from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.schema import GroundTruth
 from verl_grto.eval.inference import REASONING_ANSWER_MAX_NEW_TOKENS
 from verl_grto.eval.metrics import IoUAccumulator
+from verl_grto.faults import dump_after_resume, kill_point
 from verl_grto.reward.answer import ToolPrompt, parse_answer
 from verl_grto.tool.cache import EmbeddingCache
 from verl_grto.tool.engine import ToolBatch, ToolEngine
@@ -419,6 +420,7 @@ def build_buffer(
             if unsaved >= save_every:
                 buffer.save_partial(out_dir)
                 unsaved = 0
+                kill_point("bto.buffer.part_saved")
     except BaseException:
         buffer.save_partial(out_dir)  # keep what was generated before the error (a hard kill loses < save_every rows)
         raise
@@ -796,6 +798,7 @@ def train_tool_on_buffer(
             if mismatch:
                 raise ValueError(f"{latest} was made with other settings or another buffer (saved, asked): {mismatch}")
             engine.load(str(latest / TOOL_SUBDIR))
+            dump_after_resume("bto_tool", engine.save)
             state = saved
             resumed_from = int(state["batches_done"])
             logger.info("BTO resumes from %s (epoch %d, batch %d)", latest, state["epoch"], state["next_batch"])
@@ -837,6 +840,7 @@ def train_tool_on_buffer(
                 if ckpt_root is not None and state["batches_done"] % checkpoint_every == 0 and b + 1 < n_batches:
                     _save_checkpoint(ckpt_root, engine, state)
                     last_saved = state["batches_done"]
+                    kill_point("bto.tool.checkpoint_saved")
             count = state["epoch_loss_count"]
             state["epoch_losses"].append(state["epoch_loss_sum"] / count if count else float("nan"))
             state.update(epoch=epoch + 1, next_batch=0, epoch_loss_sum=0.0, epoch_loss_count=0)

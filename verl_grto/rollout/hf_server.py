@@ -58,6 +58,25 @@ class _Request:
         self.batch_key = (params, self.max_new_tokens, self.image_data is not None)
 
 
+class PromptTooLongError(ValueError):
+    """A request's prompt leaves no room for an answer within the server's context limit."""
+
+
+def _response_log_probs(
+    step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """(B, T) log-probs of the generated ``tokens`` under the raw ``step_logits`` (one (B, V) per step)
+    divided by ``temperature``, one step at a time: stacking them first would hold two more
+    (B, T, V) float copies at the batch's peak."""
+    out = torch.empty(tokens.shape, dtype=torch.float32)
+    for t, logits in enumerate(step_logits):
+        logits = logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        out[:, t] = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, t, None])[:, 0]
+    return out
+
+
 def server_actor_name(replica_rank: int) -> str:
     """The Ray actor name of a replica's server; the adapter finds its server by it."""
     job = ray.get_runtime_context().get_job_id()
@@ -76,6 +95,14 @@ class HFRolloutServer:
     and generation runs in a worker thread so the actor's event loop keeps answering control calls.
     A request that makes its batch fail (e.g. image tokens that do not match its images) is
     retried alone, so only it fails.
+
+    Under load (docs/reliability.md): memory is bounded by ``max_num_seqs``, not by the number of
+    requests (a queued request holds only its prompt; the logits kept for its log-probs exist only
+    while its batch runs); a prompt that leaves no room for an answer within :attr:`context_limit` is
+    refused at once with :class:`PromptTooLongError`, before it can join a batch; a request whose
+    caller went away (its task cancelled: a Ray client disconnecting or ``ray.cancel``) is dropped
+    from the queue, or, if its batch is already running, its answer is discarded, and the other
+    requests of that batch are answered as usual.
     """
 
     def __init__(self, model_path: str, rollout_config: dict[str, Any], trust_remote_code: bool = False, seed: int = 0):
@@ -94,6 +121,13 @@ class HFRolloutServer:
             dict(self.model.named_buffers()).keys()
         )
         cfg = self.model.config
+        text_cfg = getattr(cfg, "text_config", None) or cfg
+        model_max = getattr(text_cfg, "max_position_embeddings", None) or getattr(cfg, "max_position_embeddings", None)
+        #: Prompt plus answer tokens a request may reach: verl's ``prompt_length + response_length``
+        #: (what vLLM gets as ``max_model_len``), never more than the model's positions.
+        self.context_limit = self.prompt_length + self.response_length
+        if model_max:
+            self.context_limit = min(self.context_limit, int(model_max))
         self._image_token_id = getattr(cfg, "image_token_id", None)
         self._video_token_id = getattr(cfg, "video_token_id", None)
         eos = self.model.generation_config.eos_token_id
@@ -114,6 +148,13 @@ class HFRolloutServer:
         if video_data:
             raise NotImplementedError("the hf rollout serves text and images; video inputs are not supported")
         prompt_ids = list(prompt_ids)
+        if len(prompt_ids) >= self.context_limit:
+            raise PromptTooLongError(
+                f"hf rollout: request {request_id}: the prompt has {len(prompt_ids)} tokens, which leaves no room"
+                f" for an answer within the server's limit of {self.context_limit} tokens (rollout.prompt_length"
+                f" {self.prompt_length} + rollout.response_length {self.response_length}, at most the model's"
+                " max_position_embeddings); nothing was generated for it, other requests are unaffected"
+            )
         request = _Request(
             prompt_ids,
             dict(sampling_params),
@@ -132,8 +173,12 @@ class HFRolloutServer:
         try:
             while self._queue:
                 batch = self._take_batch()
+                if not batch:
+                    break
                 outputs = await asyncio.to_thread(self._run, batch)
                 for request, output in zip(batch, outputs, strict=True):
+                    if request.future.done():  # its caller went away while the batch ran
+                        continue
                     if isinstance(output, BaseException):
                         request.future.set_exception(output)
                     else:
@@ -152,6 +197,9 @@ class HFRolloutServer:
 
     def _take_batch(self) -> list[_Request]:
         """The oldest request and up to ``max_num_seqs - 1`` more that can share its ``generate`` call."""
+        self._queue = [r for r in self._queue if not r.future.done()]  # callers that went away
+        if not self._queue:
+            return []
         key = self._queue[0].batch_key
         batch = [r for r in self._queue if r.batch_key == key][: self.max_num_seqs]
         taken = {id(r) for r in batch}
@@ -204,13 +252,12 @@ class HFRolloutServer:
             out = self.model.generate(**inputs, **gen_kwargs)
             self._generator.set_state(torch.get_rng_state())
             self.batches_run += 1
-        logits = torch.stack(out.logits, dim=1).float()  # raw logits, (B, T, V)
-        if do_sample and temperature != 1.0:
-            logits = logits / temperature
-        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, out.sequences[:, width:, None])[..., 0]
+        sequences = out.sequences
+        log_probs = _response_log_probs(out.logits, sequences[:, width:], temperature if do_sample else 1.0)
+        del out  # its per-step logits (T x (B, V)) are the largest thing a batch holds
         outputs = []
         for row in range(len(batch)):
-            tokens = out.sequences[row, width:].tolist()
+            tokens = sequences[row, width:].tolist()
             end = next((k + 1 for k, t in enumerate(tokens) if t in self._eos_ids), None)
             finished = end is not None
             tokens = tokens[:end]  # rows that finished early are padded after their end-of-sequence token

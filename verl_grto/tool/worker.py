@@ -19,6 +19,7 @@ import torch
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from verl_grto.faults import kill_point
 from verl_grto.tool.engine import ToolBatch, ToolEngine, ToolEngineConfig
 from verl_grto.tool.losses import LossConfig
 from verl_grto.tool.model import SegmentationTool
@@ -110,7 +111,9 @@ class ToolWorkerMixin:
     def tool_update(self, batch: ToolBatch, weights: list[float], loss_scale: float = 1.0) -> dict[str, float]:
         """One tool step on this rank's shard; `loss_scale` is lambda (`ToolEngine.objective`), the same
         on every rank (``Dispatch.DP_COMPUTE``: the driver passes a list with one copy per rank)."""
-        return self.tool_engine.update(batch, weights, loss_scale)
+        metrics = self.tool_engine.update(batch, weights, loss_scale)
+        kill_point("grto.tool_update")  # the tool is updated in memory, the step's checkpoint not written
+        return metrics
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def tool_run(self, job: ToolJob) -> dict[str, Any]:

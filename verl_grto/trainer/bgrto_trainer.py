@@ -132,6 +132,7 @@ class BGRTOTrainer(GRTOTrainer):
             seed=self.bto.seed,
             sampling={"temperature": float(rollout_cfg.temperature), "top_p": float(rollout_cfg.top_p)},
             chunk_size=self.bto.prompts_per_generate or int(self.config.data.train_batch_size),
+            save_every=1,  # a part per generated chunk: a kill loses at most the chunk in flight
         )
         buffer_s = time.perf_counter() - start
 

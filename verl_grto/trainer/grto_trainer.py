@@ -35,6 +35,7 @@ from verl_grto.data.masks import decode_rle, mask_to_box
 from verl_grto.data.schema import GroundTruth
 from verl_grto.eval.baselines import fill_boxes
 from verl_grto.eval.metrics import IoUAccumulator, intersection_union, sample_iou
+from verl_grto.faults import dump_after_resume
 from verl_grto.reward.answer import ParsedAnswer, parse_answer
 from verl_grto.reward.box_reward import score_box_answer
 from verl_grto.reward.mask_reward import score_mask_answer
@@ -44,6 +45,7 @@ from verl_grto.tool.worker import ActorRolloutRefToolWorker
 from verl_grto.trainer.config import GRTOConfig
 from verl_grto.trainer.data_preflight import preflight_data
 from verl_grto.trainer.overlays import default_tb_dir, log_overlays
+from verl_grto.trainer.resume_probe import save_resumed_state
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -175,6 +177,7 @@ class GRTOTrainer(PPOTrainerSync):
             tool_dir = os.path.join(self._step_folder(), "tool")
             step = self.tool_wg.tool_load(tool_dir)[0]
             logger.info("Resumed the tool from %s (tool step %d)", tool_dir, step)
+            dump_after_resume("grto", lambda out: save_resumed_state(self, out))
 
     def _save_checkpoint(self) -> None:
         # the tool first: verl writes latest_checkpointed_iteration.txt last, so a checkpoint

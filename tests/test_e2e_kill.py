@@ -84,6 +84,7 @@ class Run:
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="vgk", dir="/tmp"))
         self.run_dir = root / "runs" / RECIPE
         self.launches = 0
+        self.seconds: list[float] = []  # wall time of each launch, to its kill or its end
 
     def env(self, kill_at: str | None, probe: Path, metrics: Path) -> dict[str, str]:
         env = {
@@ -117,6 +118,7 @@ class Run:
             sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", "recipes", "--config-name", RECIPE,
             *OVERRIDES, f"+ray_kwargs.ray_init._temp_dir={self.ray_tmp}",
         ]  # fmt: skip
+        start = time.perf_counter()
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 cmd, cwd=REPO, env=self.env(kill_at, probe, metrics), stdout=out, stderr=subprocess.STDOUT,
@@ -131,6 +133,7 @@ class Run:
                 stopped = marker.exists() or proc.poll() is None
                 if stopped:
                     self.kill_tree(proc)
+                self.seconds.append(time.perf_counter() - start)
         text = log.read_text()
         if kill_at is None:
             assert proc.returncode == 0, f"launch {k} failed (rc={proc.returncode}):\n{text[-6000:]}"
@@ -285,5 +288,6 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
             for pid in leftover:
                 os.kill(pid, signal.SIGKILL)
         run.cleanup()
-        print(f"kill test: {run.launches} launches in {time.perf_counter() - started:.0f} s")
+        each = ", ".join(f"{s:.0f}" for s in run.seconds)
+        print(f"kill test: {run.launches} launches in {time.perf_counter() - started:.0f} s ({each} s)")
     assert not leftover, f"processes of the run left running: {leftover}"

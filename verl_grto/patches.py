@@ -206,6 +206,11 @@ class _AtomicTrackerFile:
         kill_point("checkpoint.tracker_unpublished")  # the step folder is whole, the tracker not yet moved
         os.chmod(self._tmp, 0o644)
         os.replace(self._tmp, self._path)
+        directory = os.open(os.path.dirname(self._path) or ".", os.O_RDONLY)
+        try:  # the rename itself survives a power cut or a lost node, not only a killed process
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def _atomic_checkpoint_tracker() -> None:

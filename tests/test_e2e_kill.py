@@ -284,8 +284,8 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
         assert (run.run_dir / "grto_summary.json").is_file()
     finally:
         leftover = run.processes()
-        if leftover:
-            for pid in leftover:
+        for pid in leftover:  # reported below; not left behind on this machine either way
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         run.cleanup()
         each = ", ".join(f"{s:.0f}" for s in run.seconds)

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "verl_grto"
 #: import each other, units of a layer never import a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # leaves: import nothing else of verl_grto (atomic file writes; verl's CPU platform and patches)
-    ("__init__", "atomic", "platform", "patches"),
+    ("__init__", "atomic", "console", "platform", "patches"),
     ("data",),  # the row schema, masks, synthetic scenes, converters
     ("reward", "tool", "policy"),  # scoring an answer; the SAM2 tool; the policy's inputs and loading
     ("rollout",),  # the `hf` rollout server (a policy behind verl's server interface)

@@ -173,6 +173,61 @@ def _rebuild_equal_length_position_ids() -> None:
     _applied.append("tensordict_utils.maybe_fix_3d_position_ids: equal-length batches")
 
 
+#: verl/trainer/main_ppo.py, the file whose ``TaskRunnerV1.run`` dumps the resolved config.
+_MAIN_PPO_FILE = os.path.join("verl", "trainer", "main_ppo.py")
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+
+
+def _called_from_task_runner(depth: int = 2) -> bool:
+    import sys
+
+    code = sys._getframe(depth).f_code
+    return code.co_name == "run" and code.co_filename.endswith(_MAIN_PPO_FILE)
+
+
+def pprint_config_to_file(obj: Any, *args: Any, **kwargs: Any) -> None:
+    """``pprint.pprint``, except for verl's config dump: see ``_config_dump_to_file``."""
+    import pprint as pprint_module
+
+    from verl_grto.console import verbose
+
+    is_config = isinstance(obj, dict) and isinstance(obj.get("trainer"), dict)
+    if verbose() or not is_config or args or kwargs or not _called_from_task_runner():
+        pprint_module.PrettyPrinter(*args, **kwargs).pprint(obj)
+        return
+    from omegaconf import OmegaConf
+
+    from verl_grto.atomic import atomic_file
+
+    out = os.path.join(str(obj["trainer"].get("default_local_dir") or "."), RESOLVED_CONFIG_NAME)
+    text = OmegaConf.to_yaml(OmegaConf.create(obj))
+    with atomic_file(out) as tmp:
+        tmp.write_text(text)
+    print(
+        f"verl config (resolved, {text.count(chr(10))} lines) written to {os.path.abspath(out)}; "
+        "VERL_GRTO_VERBOSE=1 prints it here",
+        flush=True,
+    )
+
+
+def _config_dump_to_file() -> None:
+    """verl/trainer/main_ppo.py:144 (``TaskRunnerV1.run``) pprints the whole resolved config: about
+    960 of the ~1700 lines a tiny CPU run prints. It is written to
+    ``<trainer.default_local_dir>/resolved_config.yaml`` instead, with one line naming the file.
+
+    main_ppo.py:16 binds ``from pprint import pprint`` when it is imported, and importing it always
+    imports the ``verl`` package first, which loads this plugin: so the function installed here
+    at ``pprint.pprint`` is the one that module binds (in the driver and in the task runner's Ray
+    worker). It acts only on a config dict printed from a function ``run`` in verl's main_ppo.py;
+    every other call is the standard ``pprint.pprint``."""
+    import pprint as pprint_module
+
+    if pprint_module.pprint is pprint_config_to_file:
+        return
+    pprint_module.pprint = pprint_config_to_file
+    _applied.append("main_ppo.TaskRunnerV1.run: resolved config to a file, one line on the console")
+
+
 def apply() -> list[str]:
     """Install every patch once per process; returns the names of those installed."""
     import verl
@@ -183,6 +238,7 @@ def apply() -> list[str]:
         _unpinned_cpu_offload_for_reference()
         _jagged_dim_aware_nested_tensors()
         _rebuild_equal_length_position_ids()
+        _config_dump_to_file()
     return list(_applied)
 
 

@@ -12,6 +12,7 @@ a folder marked ``.verl-grto-recipes``) make a missing plugin loud instead.
 from __future__ import annotations
 
 from verl_grto import patches
+from verl_grto.console import quiet_ray_workers
 
 REGISTERED: dict[str, list[str]] = {}
 
@@ -82,6 +83,7 @@ def _register_trainers() -> None:
 def register_all() -> dict[str, list[str]]:
     if REGISTERED:
         return REGISTERED
+    quiet_ray_workers()  # before anything imports verl.workers.engine
     # The platform first: importing verl's engine modules (patches, engines) runs
     # platform detection, which must already see the CPU platform.
     _register_platform()

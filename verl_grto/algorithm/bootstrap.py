@@ -833,7 +833,7 @@ def train_tool_on_buffer(
                     state["epoch_loss_sum"] += metrics["loss"]
                     state["epoch_loss_count"] += 1
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.4f}")
+                bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.4f}", refresh=False)
                 if ckpt_root is not None and state["batches_done"] % checkpoint_every == 0 and b + 1 < n_batches:
                     _save_checkpoint(ckpt_root, engine, state)
                     last_saved = state["batches_done"]

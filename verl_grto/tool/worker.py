@@ -50,7 +50,7 @@ class ToolJob(Protocol):
     """Work sent from a layer above the tool to run on every rank with that rank's engine.
 
     Why a callable rather than a method per algorithm: the worker only hosts the engine; training
-    loops such as BTO's off-policy stage (:class:`verl_grto.algorithm.bootstrap.BTORequest`) belong
+    loops such as BTO's off-policy stage (:class:`verl_grto.algorithm.bto.train.BTORequest`) belong
     to the algorithm layer, which the tool layer must not import (docs/architecture.md). A job must
     be picklable (it travels through Ray): a dataclass instance of a module-level class is.
     """

@@ -89,7 +89,7 @@ class BTOConfig:
     (None: the whole training set, once); ``epochs`` over the buffer with ``batch_size`` images per
     tool update. Weights are uniform: at BTO time pi_theta = mu, so importance weights are all 1
     (reusing a buffer of another policy with importance weights is
-    :func:`verl_grto.algorithm.bootstrap.train_tool_on_buffer`'s ``weighting="importance"``).
+    :func:`verl_grto.algorithm.bto.train.train_tool_on_buffer`'s ``weighting="importance"``).
     ``min_box_iou`` > 0 trains only on rollouts whose box overlaps the ground truth at least that
     much (a policy that does not localise yet otherwise teaches the tool to predict background).
     ``validate_after`` runs a validation between BTO and GRTO (the bootstrap's own effect).

@@ -119,10 +119,10 @@ def test_mask_rewards_replace_scores_at_last_token(setup):
 def test_tool_update_weights_skip_unparseable_and_train(setup):
     trainer, tq, batch = setup
     metrics: dict = {}
-    trainer._tool_rewards(batch, metrics)
+    phase = trainer._tool_rewards(batch, metrics)
     tq.fields["advantages"] = tq.fields["rm_scores"]
     before = [p.detach().clone() for p in trainer.actor_rollout_wg.worker.tool_engine.params]
-    trainer._tool_update(batch, metrics)
+    trainer._tool_update(phase, batch, metrics)
     assert metrics["grto/tool/skipped"] == 0.0
     assert metrics["grto/tool/weight_mean"] == pytest.approx(0.75)  # 2 of 8 rollouts weigh 0
     assert 0.0 <= metrics["grto/tool/iou_before"] <= 1.0 and 0.0 <= metrics["grto/tool/iou_after"] <= 1.0
@@ -130,19 +130,33 @@ def test_tool_update_weights_skip_unparseable_and_train(setup):
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_phase_one_returns_the_state_phase_two_trains_on(setup):
+    """Phase 1 hands one ToolPhase to phase 2: every rollout in exactly one tool batch, an image's
+    rollouts together; verl's actor update with the tool on refuses to run without it."""
+    trainer, tq, batch = setup
+    phase = trainer._tool_rewards(batch, {})
+    assert sorted(i for rows in phase.shard_rows for i in rows) == list(range(8))
+    assert [len(b.sample_ids) for b in phase.batches] == [2]  # 2 images, one rank
+    assert len(phase.masks_before) == len(phase.gt_masks) == len(phase.parse_ok) == 8
+    assert phase.parse_ok == [True, True, False, True] * 2 and phase.prompts[2] == []
+    trainer._tool_phase = None
+    with pytest.raises(RuntimeError, match="phase 1"):
+        trainer._update_actor(batch, {})
+
+
 def test_tool_loss_coef_reaches_the_engine_as_loss_scale_not_in_the_weights(setup):
     """lambda multiplies the weighted mean (ToolEngine.objective); folded into the weights it cancelled."""
     trainer, tq, batch = setup
     trainer.grto = GRTOConfig(tool=trainer.grto.tool, tool_loss_coef=2.5)
-    trainer._tool_rewards(batch, {})
+    phase = trainer._tool_rewards(batch, {})
     tq.fields["advantages"] = tq.fields["rm_scores"]
-    assert trainer._tool_weights(batch).tolist() == [1.0, 1.0, 0.0, 1.0] * 2  # relative weights only
+    assert trainer._tool_weights(phase, batch).tolist() == [1.0, 1.0, 0.0, 1.0] * 2  # relative weights only
     engine = trainer.actor_rollout_wg.worker.tool_engine
     seen = []
     update = engine.update
     engine.update = lambda b, w, loss_scale=1.0: seen.append(loss_scale) or update(b, w, loss_scale)
     metrics: dict = {}
-    trainer._tool_update(batch, metrics)
+    trainer._tool_update(phase, batch, metrics)
     assert seen == [2.5] and metrics["grto/tool/skipped"] == 0.0
     assert metrics["grto/tool/scaled_loss"] == pytest.approx(2.5 * metrics["grto/tool/loss"])
     assert metrics["grto/tool/weight_mean"] == pytest.approx(0.75)
@@ -153,10 +167,10 @@ def test_min_box_iou_leaves_prompts_that_miss_out_of_the_tool_loss_only(setup):
     rewards = {}
     for min_box_iou in (0.0, 0.5):
         trainer.grto = GRTOConfig(tool=ToolSettings(path=trainer.grto.tool.path, lr=1e-3), min_box_iou=min_box_iou)
-        trainer._tool_rewards(batch, {})
+        phase = trainer._tool_rewards(batch, {})
         rewards[min_box_iou] = [float(s[-1]) for s in tq.fields["rm_scores"].unbind()]
         tq.fields["advantages"] = tq.fields["rm_scores"]
-        weights = trainer._tool_weights(batch)
+        weights = trainer._tool_weights(phase, batch)
         # per image: two GT-box answers, one unparseable, one 5x5 box in the corner that misses
         expected = [1.0, 1.0, 0.0, 1.0 if min_box_iou == 0 else 0.0] * 2
         assert weights.tolist() == expected
@@ -166,14 +180,14 @@ def test_min_box_iou_leaves_prompts_that_miss_out_of_the_tool_loss_only(setup):
 def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
     trainer, tq, batch = setup
     metrics: dict = {}
-    trainer._tool_rewards(batch, metrics)
+    phase = trainer._tool_rewards(batch, metrics)
     tq.fields["advantages"] = tq.fields["rm_scores"]
     engine = trainer.actor_rollout_wg.worker.tool_engine
     with torch.no_grad():
         engine.params[0].fill_(float("nan"))
     snapshot = [p.detach().clone() for p in engine.params]
     with caplog.at_level(logging.WARNING, logger=grto_trainer.logger.name):
-        trainer._tool_update(batch, metrics)
+        trainer._tool_update(phase, batch, metrics)
     assert metrics["grto/tool/skipped"] == 1.0
     assert "tool step skipped" in caplog.text
     assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(engine.params, snapshot, strict=True))

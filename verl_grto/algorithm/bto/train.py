@@ -19,17 +19,20 @@ from tqdm import tqdm
 
 from verl_grto.algorithm.bto import PROGRESS_INTERVAL_S, chunks
 from verl_grto.algorithm.bto.buffer import BufferRecord, RolloutBuffer
-from verl_grto.algorithm.tool_weights import (
-    get_weighting,
-    prompt_points_at_object,
-    tool_loss_weights,
-    weighting_names,
+from verl_grto.algorithm.tool_step import (
+    ImageGroup,
+    group_by_image,
+    mask_ious,
+    rollout_rows,
+    shard_by_image,
+    tool_batch,
+    tool_step_weights,
 )
+from verl_grto.algorithm.tool_weights import get_weighting, weighting_names
 from verl_grto.atomic import build_dir_once, read_stamp
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import GroundTruth
-from verl_grto.eval.metrics import IoUAccumulator
 from verl_grto.tool.cache import EmbeddingCache
 from verl_grto.tool.engine import ToolBatch, ToolEngine
 
@@ -69,27 +72,33 @@ def rollout_weights(
     The target policy is fixed during BTO (no policy update), so the weights are computed once;
     ``target_logprob_fn`` is called on the parseable records only, ``chunk_size`` at a time.
     ``min_box_iou`` > 0 also zeroes the records whose boxes miss every ground-truth box
-    (:func:`~verl_grto.algorithm.tool_weights.prompt_points_at_object`).
+    (:func:`~verl_grto.algorithm.tool_step.tool_step_weights`, the same rule as GRTO's).
     """
-    weights = _base_weights(records, weighting, target_logprob_fn, importance_clip, chunk_size)
-    if min_box_iou > 0:
-        weights = weights * prompt_points_at_object(
-            [[o.box for o in r.objects() if o.box is not None] for r in records],
-            [GroundTruth.from_json(r.ground_truth).boxes for r in records],
-            min_box_iou,
-        )
-    return weights
+    inputs = _logprob_inputs(records, weighting, target_logprob_fn, chunk_size)
+    gt_boxes: dict[str, Any] = {}
+    for r in records:  # one ground truth per image (its G rollouts share it)
+        if r.sample_id not in gt_boxes:
+            gt_boxes[r.sample_id] = GroundTruth.from_json(r.ground_truth).boxes
+    return tool_step_weights(
+        weighting,
+        [r.objects() for r in records],
+        [gt_boxes[r.sample_id] for r in records],
+        [r.parse_ok for r in records],
+        min_box_iou=min_box_iou,
+        importance_clip=importance_clip,
+        **inputs,
+    )
 
 
-def _base_weights(
+def _logprob_inputs(
     records: Sequence[BufferRecord],
     weighting: str,
     target_logprob_fn: TargetLogprobFn | None,
-    importance_clip: float,
     chunk_size: int,
-) -> np.ndarray:
-    """The registered ``weighting`` of every record, from what a buffer holds: its behaviour log-probs,
-    and the target policy's through ``target_logprob_fn`` (no advantages: there is no group reward)."""
+) -> dict[str, list[np.ndarray]]:
+    """The inputs the registered ``weighting`` reads, from what a buffer holds: its behaviour log-probs,
+    and the target policy's through ``target_logprob_fn`` (no advantages: there is no group reward).
+    Empty for a weighting that reads none."""
     spec = get_weighting(weighting)
     unavailable = [k for k in spec.needs if k not in _LOGPROB_INPUTS]
     if unavailable:
@@ -98,17 +107,16 @@ def _base_weights(
             f"BTO weighting must be one of {offline}, got {weighting!r} (it needs {' and '.join(unavailable)},"
             " which a rollout buffer does not hold)"
         )
-    parse_ok = [r.parse_ok for r in records]
     if not spec.needs:
         if target_logprob_fn is not None:
             readers = [w for w in weighting_names() if "target_logprobs" in get_weighting(w).needs]
             raise ValueError(
                 f"target_logprob_fn is used by {' / '.join(readers)} weighting only; pass weighting={readers[0]!r}"
             )
-        return tool_loss_weights(weighting, n=len(records), parse_ok=parse_ok)
+        return {}
     if target_logprob_fn is None:
         raise ValueError(f"{weighting} weighting needs target_logprob_fn")
-    usable = [i for i, ok in enumerate(parse_ok) if ok]
+    usable = [i for i, r in enumerate(records) if r.parse_ok]
     target: list[np.ndarray] = [np.zeros(0)] * len(records)
     behaviour: list[np.ndarray] = [np.zeros(0)] * len(records)
     for chunk in chunks(usable, chunk_size):
@@ -117,49 +125,23 @@ def _base_weights(
             raise ValueError(f"target_logprob_fn returned {len(values)} rows for {len(chunk)} rollouts")
         for i, v in zip(chunk, values, strict=True):
             target[i], behaviour[i] = np.asarray(v, np.float64), np.asarray(records[i].logprobs, np.float64)
-    return tool_loss_weights(
-        weighting,
-        n=len(records),
-        target_logprobs=target,
-        behaviour_logprobs=behaviour,
-        importance_clip=importance_clip,
-        parse_ok=parse_ok,
-    )
+    return {"target_logprobs": target, "behaviour_logprobs": behaviour}
 
 
-@dataclass
-class _Group:
-    """One image's usable rollouts: indices into the buffer, and the ground truth they share."""
-
-    sample_id: str
-    rows: list[int]
-    ground_truth: GroundTruth
-
-
-def _groups(records: Sequence[BufferRecord], weights: np.ndarray) -> list[_Group]:
-    """Rollouts with weight > 0 grouped by image, in order of first appearance (weight-0 rollouts add
-    nothing to a weighted mean, so they are not decoded at all)."""
-    groups: dict[str, _Group] = {}
-    for i, r in enumerate(records):
-        if weights[i] > 0:
-            if r.sample_id not in groups:
-                groups[r.sample_id] = _Group(r.sample_id, [], GroundTruth.from_json(r.ground_truth))
-            groups[r.sample_id].rows.append(i)
-    return list(groups.values())
+def _gt_mask(record: BufferRecord) -> np.ndarray:
+    return decode_rle(GroundTruth.from_json(record.ground_truth).mask_rle)
 
 
 def _tool_batch(
-    groups: Sequence[_Group], records: Sequence[BufferRecord], images: ImageSource, cache: EmbeddingCache
+    groups: Sequence[ImageGroup], records: Sequence[BufferRecord], images: ImageSource, cache: EmbeddingCache
 ) -> ToolBatch:
-    sids = [g.sample_id for g in groups]
-    image_index, prompts, gt_masks = [], [], []
-    for j, g in enumerate(groups):
-        mask = decode_rle(g.ground_truth.mask_rle)
-        for i in g.rows:
-            image_index.append(j)
-            prompts.append(records[i].objects())
-            gt_masks.append(mask)
-    return ToolBatch(sids, [None if s in cache else images.image(s) for s in sids], image_index, prompts, gt_masks)
+    """The groups' rollouts as one batch; images whose features ``cache`` holds are not read again."""
+    return tool_batch(
+        groups,
+        [None if g.sample_id in cache else images.image(g.sample_id) for g in groups],
+        lambda i: records[i].objects(),
+        lambda g: _gt_mask(records[g.rows[0]]),
+    )
 
 
 @contextlib.contextmanager
@@ -177,20 +159,18 @@ def rollout_iou(
     engine: ToolEngine, records: Sequence[BufferRecord], images: ImageSource, cache: EmbeddingCache, batch_size: int = 8
 ) -> float:
     """gIoU of the tool's masks from the records' prompts, under the empty-mask rule (an unparseable
-    answer is a missing prediction). ``cache`` holds the images' features between calls."""
-    acc = IoUAccumulator()
-    weights = np.array([1.0 if r.parse_ok else 0.0 for r in records])
-    for r in records:
-        if not r.parse_ok:
-            acc.add(None, decode_rle(GroundTruth.from_json(r.ground_truth).mask_rle))
-    groups = _groups(records, weights)
+    answer is a missing prediction). ``cache`` holds the images' features between calls; the masks
+    are scored batch by batch, never all held at once."""
+    ious = np.zeros(len(records))
+    unparsed = [i for i, r in enumerate(records) if not r.parse_ok]
+    ious[unparsed] = mask_ious([None] * len(unparsed), [_gt_mask(records[i]) for i in unparsed])
+    groups = group_by_image([r.sample_id for r in records], [r.parse_ok for r in records])
     with _engine_cache(engine, cache):
         for chunk in chunks(groups, batch_size):
             batch = _tool_batch(chunk, records, images, cache)
-            prediction = engine.predict(batch)
-            for mask, gt in zip(prediction.masks, batch.gt_masks or [], strict=True):
-                acc.add(mask.cpu().numpy(), gt)
-    return acc.results()["gIoU"] if acc.ious else float("nan")
+            masks = [m.cpu().numpy() for m in engine.predict(batch).masks]
+            ious[rollout_rows(chunk)] = mask_ious(masks, batch.gt_masks or [])
+    return float(ious.mean()) if len(records) else float("nan")
 
 
 @dataclass
@@ -298,8 +278,7 @@ def train_tool_on_buffer(
     rank, world = shard
     if not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
-    groups = _groups(records, weights)
-    groups = groups[: len(groups) // world * world][rank::world]
+    groups = shard_by_image(group_by_image([r.sample_id for r in records], weights > 0), world, equal=True)[rank]
     if not groups:
         raise ValueError(
             f"the buffer has no usable rollouts for rank {rank} of {world}: every answer is unparseable"
@@ -367,7 +346,7 @@ def train_tool_on_buffer(
             for b in range(state["next_batch"], n_batches):
                 chosen = [groups[k] for k in order[b * batch_size : (b + 1) * batch_size]]
                 batch = _tool_batch(chosen, records, image_store, cache)
-                metrics = engine.update(batch, [float(weights[i]) for g in chosen for i in g.rows])
+                metrics = engine.update(batch, [float(weights[i]) for i in rollout_rows(chosen)])
                 state["batches_done"] += 1
                 state["next_batch"] = b + 1
                 if metrics["skipped"]:

@@ -193,6 +193,21 @@ def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
     assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(engine.params, snapshot, strict=True))
 
 
+def test_tool_settings_are_the_engine_config_plus_where_the_tool_comes_from():
+    """One config per concept: the recipe's grto.tool section adds path and trainable to the engine's
+    settings, whose fields and defaults live in ToolEngineConfig alone; the worker hands it on as is."""
+    from dataclasses import fields
+
+    from verl_grto.tool.engine import ToolEngineConfig
+    from verl_grto.tool.losses import LossConfig
+
+    extra = {f.name for f in fields(ToolSettings)} - {f.name for f in fields(ToolEngineConfig)}
+    assert extra == {"path", "trainable"}
+    tool = GRTOConfig.from_config({"tool": {"path": "p", "lr": 1e-3, "loss": {"dice_weight": 2.0}}}).tool
+    assert isinstance(tool, ToolEngineConfig) and tool.path == "p" and tool.lr == 1e-3
+    assert tool.loss == LossConfig(dice_weight=2.0) and tool.eps == ToolEngineConfig().eps
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

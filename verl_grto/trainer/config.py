@@ -77,7 +77,7 @@ class GRTOConfig:
         if not tool or not tool.get("path"):
             raise ValueError("grto.tool.path is required (a transformers SAM2 directory)")
         reward = raw.pop("reward", {}) or {}
-        return cls(tool=ToolSettings(**tool), reward=MaskRewardConfig(**reward), **raw)
+        return cls(tool=ToolSettings.from_config(tool), reward=MaskRewardConfig(**reward), **raw)
 
 
 @dataclass

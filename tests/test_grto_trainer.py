@@ -225,6 +225,17 @@ def test_bad_grto_settings_are_refused_naming_the_key(key, value):
         GRTOConfig(tool=ToolSettings(path="unused"), **{key: value})
 
 
+def test_importance_weighting_is_refused_by_the_trainer_as_library_only():
+    """The trainer supplies advantages, not target log-probs: importance weights (BTO's) would fail at
+    the first tool update, so the config refuses them, saying where they can be used."""
+    with pytest.raises(ValueError, match="grto.weighting: 'importance' needs target_logprobs") as info:
+        GRTOConfig(tool=ToolSettings(path="unused"), weighting="importance")
+    assert "library-only" in str(info.value) and "train_tool_on_buffer" in str(info.value)
+    assert "'uniform', 'advantage'" in str(info.value)
+    for name in ("uniform", "advantage"):
+        GRTOConfig(tool=ToolSettings(path="unused"), weighting=name)
+
+
 @pytest.mark.parametrize("mode", ["fail", "skip"])
 def test_run_start_checks_the_data_before_verl_builds_datasets(tmp_path, monkeypatch, mode):
     """``GRTOTrainer._init_dataloader`` checks first: a bad row stops the run, or verl's datasets read a copy without it."""

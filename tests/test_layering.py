@@ -105,7 +105,7 @@ def test_no_module_imports_from_a_higher_layer():
     ("source", "module", "expected"),
     [
         # lazy, inside a function: counted
-        ("def f():\n    from verl_grto.algorithm import bootstrap\n", "verl_grto.tool.worker", "verl_grto.algorithm"),
+        ("def f():\n    from verl_grto.algorithm.bto import train\n", "verl_grto.tool.worker", "verl_grto.algorithm"),
         ("import verl_grto.eval.metrics as m\n", "verl_grto.reward.mask_reward", "verl_grto.eval.metrics"),
         ("from verl_grto import cli\n", "verl_grto.data.schema", "verl_grto.cli"),
         # relative: `..eval` from verl_grto/reward/x.py is verl_grto.eval

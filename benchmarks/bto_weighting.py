@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from verl_grto.algorithm.bootstrap import build_buffer, hf_generate_fn, train_tool_on_buffer
+from verl_grto.algorithm.bto.build import build_buffer, hf_generate_fn
+from verl_grto.algorithm.bto.train import train_tool_on_buffer
 from verl_grto.assets.tool_pretrain import ensure_pretrained_tool
 from verl_grto.assets.warmstart import ensure_warm_policy
 from verl_grto.data.image_store import SampleImageStore

@@ -62,6 +62,7 @@ DEFAULT_ARMS = ["grpo", "grto", "bgrto"]
 #: Steps to threshold count from the first validation reaching the trivial answer + this.
 THRESHOLD_MARGIN = 0.05
 GIOU = "val-grto/gIoU"
+BOX_IOU = "val-grto/policy_box_iou"
 
 
 def arm_overrides(arm: str, seed: int, steps: int, test_freq: int, quick: bool) -> list[str]:
@@ -86,6 +87,12 @@ def curve(summary: dict[str, Any]) -> list[tuple[int, float]]:
     for v in summary["validations"]:
         points[int(v["step"])] = float(v[GIOU])  # a later step-0 validation (after BTO) wins
     return sorted(points.items())
+
+
+def policy_box_iou(summary: dict[str, Any]) -> tuple[float, float]:
+    """The policy's greedy box IoU at the run's first and last validation."""
+    values = [float(v[BOX_IOU]) for v in summary["validations"]]
+    return values[0], values[-1]
 
 
 def steps_to(points: list[tuple[int, float]], threshold: float) -> int | None:
@@ -202,6 +209,11 @@ def main() -> int:
             "initial_gIoU_mean": float(np.mean([r["curve"][0][1] for r in runs if r["arm"] == a])),
             "steps_to_threshold": reached,
         }
+        box = [policy_box_iou(r["summary"]) for r in runs if r["arm"] == a and "summary" in r]
+        if box:  # the policy's own greedy boxes against the object's box, first and last validation
+            table[a]["policy_box_iou_first_mean"] = float(np.mean([first for first, _ in box]))
+            table[a]["policy_box_iou_last_mean"] = float(np.mean([last for _, last in box]))
+            table[a]["policy_box_iou_last_std"] = float(np.std([last for _, last in box]))
     baseline = [r["summary"]["val_last"]["val-grto/box_fill_gIoU"] for r in runs if "summary" in r]
     from verl_grto.assets.build import ensure_assets
     from verl_grto.assets.tool_pretrain import ensure_pretrained_tool
@@ -258,6 +270,12 @@ def main() -> int:
         print(
             f"{a:17s} gIoU {t['initial_gIoU_mean']:.3f} -> {t['final_gIoU_mean']:.3f} +- {t['final_gIoU_std']:.3f}"
             f"  steps to threshold {t['steps_to_threshold']}"
+            + (
+                f"  policy box IoU {t['policy_box_iou_first_mean']:.3f} -> {t['policy_box_iou_last_mean']:.3f}"
+                f" +- {t['policy_box_iou_last_std']:.3f}"
+                if "policy_box_iou_last_mean" in t
+                else ""
+            )
         )
     print(f"BTO wall time / one GRTO epoch: {bto_fraction}")
     print(

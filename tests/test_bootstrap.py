@@ -20,16 +20,9 @@ import pandas as pd
 import pytest
 import torch
 
-from verl_grto.algorithm.bootstrap import (
-    BTORequest,
-    BufferRecord,
-    RolloutBuffer,
-    build_buffer,
-    hf_generate_fn,
-    latest_checkpoint,
-    rollout_weights,
-    train_tool_on_buffer,
-)
+from verl_grto.algorithm.bto.buffer import BufferRecord, RolloutBuffer
+from verl_grto.algorithm.bto.build import build_buffer, hf_generate_fn
+from verl_grto.algorithm.bto.train import BTORequest, latest_checkpoint, rollout_weights, train_tool_on_buffer
 from verl_grto.algorithm.tool_weights import importance_weights
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.parquet import write_rows_atomic

@@ -17,7 +17,7 @@ import shutil
 import pytest
 from e2e_helpers import read_metrics, run_main_ppo
 
-from verl_grto.algorithm.bootstrap import RolloutBuffer
+from verl_grto.algorithm.bto.buffer import RolloutBuffer
 
 pytestmark = pytest.mark.e2e
 

@@ -40,7 +40,8 @@ import torch
 from e2e_helpers import read_metrics
 from safetensors.torch import load_file
 
-from verl_grto.algorithm.bootstrap import RolloutBuffer, latest_checkpoint
+from verl_grto.algorithm.bto.buffer import RolloutBuffer
+from verl_grto.algorithm.bto.train import latest_checkpoint
 from verl_grto.faults import KILL_AT_ENV, MARKER_ENV, PROBE_ENV
 from verl_grto.trainer.launch import REPO
 

@@ -119,10 +119,10 @@ def test_mask_rewards_replace_scores_at_last_token(setup):
 def test_tool_update_weights_skip_unparseable_and_train(setup):
     trainer, tq, batch = setup
     metrics: dict = {}
-    trainer._tool_rewards(batch, metrics)
+    phase = trainer._tool_rewards(batch, metrics)
     tq.fields["advantages"] = tq.fields["rm_scores"]
     before = [p.detach().clone() for p in trainer.actor_rollout_wg.worker.tool_engine.params]
-    trainer._tool_update(batch, metrics)
+    trainer._tool_update(phase, batch, metrics)
     assert metrics["grto/tool/skipped"] == 0.0
     assert metrics["grto/tool/weight_mean"] == pytest.approx(0.75)  # 2 of 8 rollouts weigh 0
     assert 0.0 <= metrics["grto/tool/iou_before"] <= 1.0 and 0.0 <= metrics["grto/tool/iou_after"] <= 1.0
@@ -130,19 +130,33 @@ def test_tool_update_weights_skip_unparseable_and_train(setup):
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_phase_one_returns_the_state_phase_two_trains_on(setup):
+    """Phase 1 hands one ToolPhase to phase 2: every rollout in exactly one tool batch, an image's
+    rollouts together; verl's actor update with the tool on refuses to run without it."""
+    trainer, tq, batch = setup
+    phase = trainer._tool_rewards(batch, {})
+    assert sorted(i for rows in phase.shard_rows for i in rows) == list(range(8))
+    assert [len(b.sample_ids) for b in phase.batches] == [2]  # 2 images, one rank
+    assert len(phase.masks_before) == len(phase.gt_masks) == len(phase.parse_ok) == 8
+    assert phase.parse_ok == [True, True, False, True] * 2 and phase.prompts[2] == []
+    trainer._tool_phase = None
+    with pytest.raises(RuntimeError, match="phase 1"):
+        trainer._update_actor(batch, {})
+
+
 def test_tool_loss_coef_reaches_the_engine_as_loss_scale_not_in_the_weights(setup):
     """lambda multiplies the weighted mean (ToolEngine.objective); folded into the weights it cancelled."""
     trainer, tq, batch = setup
     trainer.grto = GRTOConfig(tool=trainer.grto.tool, tool_loss_coef=2.5)
-    trainer._tool_rewards(batch, {})
+    phase = trainer._tool_rewards(batch, {})
     tq.fields["advantages"] = tq.fields["rm_scores"]
-    assert trainer._tool_weights(batch).tolist() == [1.0, 1.0, 0.0, 1.0] * 2  # relative weights only
+    assert trainer._tool_weights(phase, batch).tolist() == [1.0, 1.0, 0.0, 1.0] * 2  # relative weights only
     engine = trainer.actor_rollout_wg.worker.tool_engine
     seen = []
     update = engine.update
     engine.update = lambda b, w, loss_scale=1.0: seen.append(loss_scale) or update(b, w, loss_scale)
     metrics: dict = {}
-    trainer._tool_update(batch, metrics)
+    trainer._tool_update(phase, batch, metrics)
     assert seen == [2.5] and metrics["grto/tool/skipped"] == 0.0
     assert metrics["grto/tool/scaled_loss"] == pytest.approx(2.5 * metrics["grto/tool/loss"])
     assert metrics["grto/tool/weight_mean"] == pytest.approx(0.75)
@@ -153,10 +167,10 @@ def test_min_box_iou_leaves_prompts_that_miss_out_of_the_tool_loss_only(setup):
     rewards = {}
     for min_box_iou in (0.0, 0.5):
         trainer.grto = GRTOConfig(tool=ToolSettings(path=trainer.grto.tool.path, lr=1e-3), min_box_iou=min_box_iou)
-        trainer._tool_rewards(batch, {})
+        phase = trainer._tool_rewards(batch, {})
         rewards[min_box_iou] = [float(s[-1]) for s in tq.fields["rm_scores"].unbind()]
         tq.fields["advantages"] = tq.fields["rm_scores"]
-        weights = trainer._tool_weights(batch)
+        weights = trainer._tool_weights(phase, batch)
         # per image: two GT-box answers, one unparseable, one 5x5 box in the corner that misses
         expected = [1.0, 1.0, 0.0, 1.0 if min_box_iou == 0 else 0.0] * 2
         assert weights.tolist() == expected
@@ -166,17 +180,32 @@ def test_min_box_iou_leaves_prompts_that_miss_out_of_the_tool_loss_only(setup):
 def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
     trainer, tq, batch = setup
     metrics: dict = {}
-    trainer._tool_rewards(batch, metrics)
+    phase = trainer._tool_rewards(batch, metrics)
     tq.fields["advantages"] = tq.fields["rm_scores"]
     engine = trainer.actor_rollout_wg.worker.tool_engine
     with torch.no_grad():
         engine.params[0].fill_(float("nan"))
     snapshot = [p.detach().clone() for p in engine.params]
     with caplog.at_level(logging.WARNING, logger=grto_trainer.logger.name):
-        trainer._tool_update(batch, metrics)
+        trainer._tool_update(phase, batch, metrics)
     assert metrics["grto/tool/skipped"] == 1.0
     assert "tool step skipped" in caplog.text
     assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(engine.params, snapshot, strict=True))
+
+
+def test_tool_settings_are_the_engine_config_plus_where_the_tool_comes_from():
+    """One config per concept: the recipe's grto.tool section adds path and trainable to the engine's
+    settings, whose fields and defaults live in ToolEngineConfig alone; the worker hands it on as is."""
+    from dataclasses import fields
+
+    from verl_grto.tool.engine import ToolEngineConfig
+    from verl_grto.tool.losses import LossConfig
+
+    extra = {f.name for f in fields(ToolSettings)} - {f.name for f in fields(ToolEngineConfig)}
+    assert extra == {"path", "trainable"}
+    tool = GRTOConfig.from_config({"tool": {"path": "p", "lr": 1e-3, "loss": {"dice_weight": 2.0}}}).tool
+    assert isinstance(tool, ToolEngineConfig) and tool.path == "p" and tool.lr == 1e-3
+    assert tool.loss == LossConfig(dice_weight=2.0) and tool.eps == ToolEngineConfig().eps
 
 
 @pytest.mark.parametrize(
@@ -194,6 +223,17 @@ def test_non_finite_tool_loss_skips_the_tool_step(setup, caplog):
 def test_bad_grto_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"grto\\.{key}"):
         GRTOConfig(tool=ToolSettings(path="unused"), **{key: value})
+
+
+def test_importance_weighting_is_refused_by_the_trainer_as_library_only():
+    """The trainer supplies advantages, not target log-probs: importance weights (BTO's) would fail at
+    the first tool update, so the config refuses them, saying where they can be used."""
+    with pytest.raises(ValueError, match="grto.weighting: 'importance' needs target_logprobs") as info:
+        GRTOConfig(tool=ToolSettings(path="unused"), weighting="importance")
+    assert "library-only" in str(info.value) and "train_tool_on_buffer" in str(info.value)
+    assert "'uniform', 'advantage'" in str(info.value)
+    for name in ("uniform", "advantage"):
+        GRTOConfig(tool=ToolSettings(path="unused"), weighting=name)
 
 
 @pytest.mark.parametrize("mode", ["fail", "skip"])

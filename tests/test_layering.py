@@ -19,9 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "verl_grto"
 #: Lowest first. A unit is a subpackage or a top-level module of ``verl_grto``; units of one layer may
 #: import each other, units of a layer never import a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # leaves (atomic file writes; verl's CPU platform and patches; named kill points for fault tests):
-    # import nothing of a higher layer
-    ("__init__", "atomic", "platform", "patches", "faults"),
+    # leaves (atomic file writes; console output; verl's CPU platform and patches; named kill points for
+    # fault tests): import nothing of a higher layer
+    ("__init__", "atomic", "console", "platform", "patches", "faults"),
     ("data",),  # the row schema, masks, synthetic scenes, converters
     ("reward", "tool", "policy"),  # scoring an answer; the SAM2 tool; the policy's inputs and loading
     ("rollout",),  # the `hf` rollout server (a policy behind verl's server interface)
@@ -106,7 +106,7 @@ def test_no_module_imports_from_a_higher_layer():
     ("source", "module", "expected"),
     [
         # lazy, inside a function: counted
-        ("def f():\n    from verl_grto.algorithm import bootstrap\n", "verl_grto.tool.worker", "verl_grto.algorithm"),
+        ("def f():\n    from verl_grto.algorithm.bto import train\n", "verl_grto.tool.worker", "verl_grto.algorithm"),
         ("import verl_grto.eval.metrics as m\n", "verl_grto.reward.mask_reward", "verl_grto.eval.metrics"),
         ("from verl_grto import cli\n", "verl_grto.data.schema", "verl_grto.cli"),
         # relative: `..eval` from verl_grto/reward/x.py is verl_grto.eval

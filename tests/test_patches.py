@@ -15,7 +15,7 @@ from verl_grto import patches
 
 def test_all_patches_applied_once():
     applied = patches.apply()
-    assert len(applied) == len(set(applied)) == 5
+    assert len(applied) == len(set(applied)) == 6
     assert patches.apply() == applied  # idempotent
 
 
@@ -191,3 +191,49 @@ def test_checkpoint_tracker_survives_sigkill_while_written(tmp_path):
     assert tracker.read_text() == "1"
     (tmp,) = tmp_path.glob(f".{patches.TRACKER_NAME}.*.tmp")
     assert tmp.read_text() == "2"  # the new content was complete, just not yet moved onto the tracker
+
+
+def test_torch_version_check_names_the_tested_versions(caplog):
+    """The nested-tensor patch depends on torch's behaviour: a tested torch passes quietly, another
+    one is patched with a warning that names the tested versions."""
+    tested = patches.TESTED_TORCH_VERSIONS[0]
+    assert patches.check_torch_version(f"{tested}.1+cpu") is True
+    with caplog.at_level("WARNING", logger=patches.logger.name):
+        assert patches.check_torch_version("9.0.0") is False
+    assert "torch 9.0.0 is untested" in caplog.text and tested in caplog.text
+
+
+def test_verl_internals_outside_the_patches_are_behind_the_version_guard(monkeypatch):
+    """The rollout-adapter table, the engine table and the worker-group method names are verl's
+    private state: reaching them on an untested verl fails as ``apply()`` does."""
+    monkeypatch.delenv("VERL_GRTO_ALLOW_UNTESTED_VERL", raising=False)
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    for touch in (
+        lambda: patches.register_rollout_server_adapter("x", "m.C"),
+        patches.register_cpu_fsdp_engines,
+        lambda: patches.worker_group_method_name(object(), "tool_update"),
+    ):
+        with pytest.raises(patches.UntestedVerlVersionError):
+            touch()
+
+
+def test_cpu_engines_and_the_hf_adapter_are_registered_in_verls_tables():
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.rollout.base import get_rollout_class
+
+    assert patches.register_cpu_fsdp_engines() == ["language_model/fsdp2@cpu", "value_model/fsdp2@cpu"]  # again: no-op
+    assert "cpu" in EngineRegistry._engines["language_model"]["fsdp2"]
+    assert get_rollout_class("hf").__name__ == "HFServerAdapter"
+
+
+def test_worker_group_method_name_reads_verls_functor_class_name():
+    """verl names the class of a group's bound method after the actor method (func_generator)."""
+
+    class Group:
+        tool_update = type("actor_tool_update", (), {})()  # a colocated group: <role>_<method>
+        tool_predict = type("tool_predict", (), {})()
+        init_tool = staticmethod(lambda: None)  # not verl's functor: the method's own name
+
+    assert patches.worker_group_method_name(Group(), "tool_update") == "actor_tool_update"
+    assert patches.worker_group_method_name(Group(), "tool_predict") == "tool_predict"
+    assert patches.worker_group_method_name(Group(), "init_tool") == "init_tool"

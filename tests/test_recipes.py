@@ -105,7 +105,7 @@ def test_gpu_recipe_resolves_and_validates(name: str, tmp_path: Path) -> None:
     grto = GRTOConfig.from_config(cfg.grto)
     assert grto.tool.path == str(tmp_path / "tool_path")
     assert grto.tool.lr == pytest.approx(1e-5) and grto.tool.max_grad_norm == 1.0
-    assert grto.tool.engine_config().loss.resolution == 256
+    assert grto.tool.loss.resolution == 256
     assert grto.trains_tool
 
 

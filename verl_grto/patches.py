@@ -5,6 +5,12 @@ run needs, a narrow wrapper is installed here, and each names the verl file
 and line it works around. ``apply()`` refuses an untested verl version with a
 clear error (set ``VERL_GRTO_ALLOW_UNTESTED_VERL=1`` to try anyway); the tests
 in tests/test_patches.py cover each patch.
+
+Besides the patches, the other places where verl-grto reads or writes verl's
+private state live here too, behind the same version guard: the CPU engines'
+registration (:func:`register_cpu_fsdp_engines`), the rollout server-adapter
+table (:func:`register_rollout_server_adapter`) and the actor-side names of a
+worker group's methods (:func:`worker_group_method_name`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 #: verl versions these patches were written against and tested with.
 TESTED_VERL_VERSIONS = ("0.9.1",)
+#: torch versions (major.minor) the nested-tensor patch was tested with: it exists because of how
+#: torch builds jagged nested tensors (see :func:`_jagged_dim_aware_nested_tensors`).
+TESTED_TORCH_VERSIONS = ("2.14",)
 
 _applied: list[str] = []
 
@@ -40,6 +49,38 @@ def check_verl_version(version: str) -> None:
         f"but verl {version} is installed. Install a tested version (pip install 'verl==0.9.1') "
         "or set VERL_GRTO_ALLOW_UNTESTED_VERL=1 to try at your own risk."
     )
+
+
+def _guard() -> None:
+    """The version guard, for the functions below that touch verl's internals outside ``apply()``."""
+    import verl
+
+    check_verl_version(verl.__version__)
+
+
+def check_torch_version(version: str) -> bool:
+    """Whether the nested-tensor patch was tested on torch ``version`` (False: a warning is logged).
+
+    Why only a warning, unlike verl's guard: the patch builds the tensor verl means to build through
+    torch's public ``nested_tensor_from_jagged(..., jagged_dim=...)``, so it is right on any torch that
+    has that argument (``pyproject.toml`` allows torch >= 2.6); what is untested elsewhere is only
+    whether verl's own function would also have worked. A torch without ``jagged_dim`` is refused."""
+    import inspect
+
+    import torch
+
+    if "jagged_dim" not in inspect.signature(torch.nested.nested_tensor_from_jagged).parameters:
+        raise RuntimeError(
+            f"verl-grto needs torch.nested.nested_tensor_from_jagged(jagged_dim=...), which torch {version} lacks"
+        )
+    if ".".join(version.split("+")[0].split(".")[:2]) in TESTED_TORCH_VERSIONS:
+        return True
+    logger.warning(
+        "verl-grto: torch %s is untested with the nested-tensor patch (tested: %s); applied anyway",
+        version,
+        TESTED_TORCH_VERSIONS,
+    )
+    return False
 
 
 def _gloo_only_process_group() -> None:
@@ -101,11 +142,14 @@ def _jagged_dim_aware_nested_tensors() -> None:
     which dimension is jagged, then sets ``_ragged_idx`` afterwards. With torch 2.14 the
     shape is fixed at construction, so Qwen2.5-VL's (4, seq) mrope position ids come
     back as (B, j, 4*...) and the first mini-batch split fails in ``split_with_sizes``.
-    Passing ``jagged_dim`` builds the same tensor verl intends."""
+    Passing ``jagged_dim`` builds the same tensor verl intends. Depends on torch's
+    behaviour: :func:`check_torch_version` (tested: :data:`TESTED_TORCH_VERSIONS`)."""
     import sys
 
     import torch
     import verl.utils.tensordict_utils as td_utils
+
+    check_torch_version(torch.__version__)
 
     original = td_utils.nested_tensor_from_tensor_list
     if getattr(original, "__verl_grto_patched__", False):
@@ -238,6 +282,105 @@ def _atomic_checkpoint_tracker() -> None:
     _applied.append("trainer_base / ray_trainer: latest_checkpointed_iteration.txt written atomically")
 
 
+#: verl/trainer/main_ppo.py, the file whose ``TaskRunnerV1.run`` dumps the resolved config.
+_MAIN_PPO_FILE = os.path.join("verl", "trainer", "main_ppo.py")
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+
+
+def _called_from_task_runner(depth: int = 2) -> bool:
+    import sys
+
+    code = sys._getframe(depth).f_code
+    return code.co_name == "run" and code.co_filename.endswith(_MAIN_PPO_FILE)
+
+
+def pprint_config_to_file(obj: Any, *args: Any, **kwargs: Any) -> None:
+    """``pprint.pprint``, except for verl's config dump: see ``_config_dump_to_file``."""
+    import pprint as pprint_module
+
+    from verl_grto.console import verbose
+
+    is_config = isinstance(obj, dict) and isinstance(obj.get("trainer"), dict)
+    if verbose() or not is_config or args or kwargs or not _called_from_task_runner():
+        pprint_module.PrettyPrinter(*args, **kwargs).pprint(obj)
+        return
+    from omegaconf import OmegaConf
+
+    from verl_grto.atomic import atomic_file
+
+    out = os.path.join(str(obj["trainer"].get("default_local_dir") or "."), RESOLVED_CONFIG_NAME)
+    text = OmegaConf.to_yaml(OmegaConf.create(obj))
+    with atomic_file(out) as tmp:
+        tmp.write_text(text)
+    print(
+        f"verl config (resolved, {text.count(chr(10))} lines) written to {os.path.abspath(out)}; "
+        "VERL_GRTO_VERBOSE=1 prints it here",
+        flush=True,
+    )
+
+
+def _config_dump_to_file() -> None:
+    """verl/trainer/main_ppo.py:144 (``TaskRunnerV1.run``) pprints the whole resolved config: about
+    960 of the ~1700 lines a tiny CPU run prints. It is written to
+    ``<trainer.default_local_dir>/resolved_config.yaml`` instead, with one line naming the file.
+
+    main_ppo.py:16 binds ``from pprint import pprint`` when it is imported, and importing it always
+    imports the ``verl`` package first, which loads this plugin: so the function installed here
+    at ``pprint.pprint`` is the one that module binds (in the driver and in the task runner's Ray
+    worker). It acts only on a config dict printed from a function ``run`` in verl's main_ppo.py;
+    every other call is the standard ``pprint.pprint``."""
+    import pprint as pprint_module
+
+    if pprint_module.pprint is pprint_config_to_file:
+        return
+    pprint_module.pprint = pprint_config_to_file
+    _applied.append("main_ppo.TaskRunnerV1.run: resolved config to a file, one line on the console")
+
+
+def register_cpu_fsdp_engines() -> list[str]:
+    """Register verl's FSDP engines for the CPU device; returns what is registered.
+
+    verl registers them for cuda/npu only (verl/workers/engine/fsdp/transformer_impl.py:1143, :1594);
+    the same classes run on CPU. ``EngineRegistry.register`` (verl/workers/engine/base.py:351) asserts
+    that a key is new (base.py:389) and verl has no lookup that says whether it is, so its private
+    table ``EngineRegistry._engines`` (base.py:348) is read to register once per process."""
+    _guard()
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+    names = []
+    for model_type, engine_cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
+        if "cpu" not in EngineRegistry._engines.get(model_type, {}).get("fsdp2", {}):
+            EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device="cpu")(engine_cls)
+        names.append(f"{model_type}/fsdp2@cpu")
+    return names
+
+
+def register_rollout_server_adapter(name: str, fqdn: str) -> None:
+    """Make ``rollout.name: <name>`` find its server adapter, the class at ``fqdn`` (module.Class).
+
+    verl/workers/rollout/base.py:89: the server-adapter table ``_ROLLOUT_REGISTRY``, which
+    ``get_rollout_class`` (base.py:96-110) reads, has no register function; the entry is written
+    into it. (The replica has a public registry, ``RolloutReplicaRegistry.register``.)"""
+    _guard()
+    from verl.workers.rollout import base as rollout_base
+
+    rollout_base._ROLLOUT_REGISTRY[(name, "async")] = fqdn
+
+
+def worker_group_method_name(worker_group: Any, method: str) -> str:
+    """The actor-side name of a worker-group method: ``method`` itself on a group of one worker class,
+    ``<role>_<method>`` on a colocated group built by verl's ``create_colocated_worker_cls`` / ``spawn``.
+
+    Why: ``execute_all_async`` needs the actor-side name, which verl exposes nowhere; its
+    ``func_generator`` (verl/single_controller/ray/base.py:49-67) names each bound method's class
+    after the actor method it calls, so the name is read from there."""
+    _guard()
+    bound = getattr(worker_group, method)
+    name = type(bound).__name__
+    return name if name.endswith(method) else method
+
+
 def apply() -> list[str]:
     """Install every patch once per process; returns the names of those installed."""
     import verl
@@ -249,6 +392,7 @@ def apply() -> list[str]:
         _jagged_dim_aware_nested_tensors()
         _rebuild_equal_length_position_ids()
         _atomic_checkpoint_tracker()
+        _config_dump_to_file()
     return list(_applied)
 
 

@@ -12,6 +12,7 @@ a folder marked ``.verl-grto-recipes``) make a missing plugin loud instead.
 from __future__ import annotations
 
 from verl_grto import patches
+from verl_grto.console import quiet_ray_workers
 
 REGISTERED: dict[str, list[str]] = {}
 
@@ -30,19 +31,12 @@ def _register_platform() -> None:
 
 
 def _register_cpu_engines() -> None:
-    """verl's FSDP engines are registered for cuda/npu only
-    (workers/engine/fsdp/transformer_impl.py:1143, :1594); the same classes run on CPU."""
-    from verl.workers.engine.base import EngineRegistry
-    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
-
-    for model_type, engine_cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
-        if "cpu" not in EngineRegistry._engines.get(model_type, {}).get("fsdp2", {}):
-            EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device="cpu")(engine_cls)
-        _note("engine", f"{model_type}/fsdp2@cpu")
+    """verl's FSDP engines on CPU (verl's table is private: registered in :mod:`verl_grto.patches`)."""
+    for name in patches.register_cpu_fsdp_engines():
+        _note("engine", name)
 
 
 def _register_rollout() -> None:
-    from verl.workers.rollout import base as rollout_base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     from verl_grto.rollout.hf_server import ROLLOUT_NAME
@@ -53,8 +47,7 @@ def _register_rollout() -> None:
         return HFReplica
 
     RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
-    # verl/workers/rollout/base.py:89: the server-adapter table has no register function.
-    rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = "verl_grto.rollout.hf_server.HFServerAdapter"
+    patches.register_rollout_server_adapter(ROLLOUT_NAME, "verl_grto.rollout.hf_server.HFServerAdapter")
     _note("rollout", ROLLOUT_NAME)
 
 
@@ -82,6 +75,7 @@ def _register_trainers() -> None:
 def register_all() -> dict[str, list[str]]:
     if REGISTERED:
         return REGISTERED
+    quiet_ray_workers()  # before anything imports verl.workers.engine
     # The platform first: importing verl's engine modules (patches, engines) runs
     # platform detection, which must already see the CPU platform.
     _register_platform()

@@ -141,6 +141,15 @@ class HFRolloutServer:
         self._pad_token_id = int(pad if pad is not None else min(self._eos_ids, default=0))
 
     # ---- generation -------------------------------------------------------------------------
+    def reseed(self, seed: int) -> None:
+        """Restart the server's own sampling stream from ``seed``.
+
+        Why: answers sampled after a reseed depend on the seed and the requests alone, not on what
+        was sampled before (BTO's in-process generator, ``algorithm/bto/build.py: hf_generate_fn``,
+        reseeds per dataset row so that a resumed buffer reproduces an uninterrupted one)."""
+        with self._lock:
+            self._generator.manual_seed(seed)
+
     async def generate(
         self,
         prompt_ids: list[int],

@@ -6,7 +6,7 @@ each distinct image must be encoded once per step, however many rollouts or call
 The caller clears the cache at the start of each step; features depend on the frozen encoder
 only, so they stay valid while the decoder trains within the step.
 
-BTO (`verl_grto.algorithm.bootstrap`) trains the tool for several epochs on a fixed buffer, so
+BTO (`verl_grto.algorithm.bto`) trains the tool for several epochs on a fixed buffer, so
 it keeps the cache for the whole stage and every image is encoded once. A dataset's features
 need not fit in memory (SAM2-L at 1024 px: ~17 MB per image, ~88 MB with raw high-resolution
 features when `conv_s0`/`conv_s1` train), hence the optional `max_bytes` bound, which evicts

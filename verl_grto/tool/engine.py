@@ -76,7 +76,8 @@ class ToolBatch:
 
 @dataclass(frozen=True)
 class ToolEngineConfig:
-    """Optimiser and loss settings of the tool."""
+    """Optimiser and loss settings of the tool: the one place their fields and defaults are written
+    (a recipe sets them as ``grto.tool.*``, through :class:`verl_grto.tool.worker.ToolSettings`)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.01

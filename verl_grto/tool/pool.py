@@ -31,6 +31,7 @@ from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup, ResourcePoolManager
 
+from verl_grto.patches import worker_group_method_name
 from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.worker import ToolWorkerMixin
 
@@ -153,16 +154,6 @@ def create_tool_worker_group(
     )
 
 
-def _worker_method_name(worker_group: RayWorkerGroup, method: str) -> str:
-    """The actor-side name of a group method: ``method`` itself on a :class:`ToolWorker` group,
-    ``<role>_<method>`` on a colocated group built by verl's ``create_colocated_worker_cls``/``spawn``.
-
-    verl's ``func_generator`` names each bound method's class after the actor method it calls."""
-    bound = getattr(worker_group, method)
-    name = type(bound).__name__
-    return name if name.endswith(method) else method
-
-
 def tool_update_async(
     worker_group: RayWorkerGroup, batches: list[ToolBatch], weights: list[list[float]], loss_scale: float = 1.0
 ) -> list[ray.ObjectRef]:
@@ -179,5 +170,5 @@ def tool_update_async(
     world = worker_group.world_size
     if len(batches) != world or len(weights) != world:
         raise ValueError(f"need one batch and one weight list per rank ({world}), got {len(batches)}, {len(weights)}")
-    method = _worker_method_name(worker_group, "tool_update")
+    method = worker_group_method_name(worker_group, "tool_update")
     return worker_group.execute_all_async(method, batches, weights, [float(loss_scale)] * world)

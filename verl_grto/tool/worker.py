@@ -11,7 +11,8 @@ with identical weights, so rank 0 alone writes checkpoints.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,33 +26,35 @@ from verl_grto.tool.losses import LossConfig
 from verl_grto.tool.model import SegmentationTool
 
 
-@dataclass
-class ToolSettings:
-    """What a worker needs to build the tool (a plain dataclass: it travels through Ray)."""
+@dataclass(frozen=True, kw_only=True)
+class ToolSettings(ToolEngineConfig):
+    """The recipe's ``grto.tool`` section: where the tool comes from (``path``, a transformers SAM2
+    directory; ``trainable``, the parts that train) plus its engine's optimiser and loss settings.
+
+    Why a subclass: the engine's settings (fields and defaults) are written once, in
+    :class:`ToolEngineConfig`; the recipe names them flat (``grto.tool.lr``, ``grto.tool.loss.*``), and
+    a worker hands these settings to its :class:`ToolEngine` as they are. A plain frozen dataclass: it
+    travels through Ray."""
 
     path: str
     trainable: str = "mask_decoder"
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    mask_threshold: float = 0.0
-    loss: dict[str, Any] = field(default_factory=dict)  # LossConfig fields
 
-    def engine_config(self) -> ToolEngineConfig:
-        return ToolEngineConfig(
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            max_grad_norm=self.max_grad_norm,
-            mask_threshold=self.mask_threshold,
-            loss=LossConfig(**self.loss),
-        )
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any]) -> ToolSettings:
+        """From the section as a plain dict (``loss`` a dict of :class:`LossConfig` fields)."""
+        raw = dict(raw)
+        if "loss" in raw:
+            raw["loss"] = LossConfig(**(raw["loss"] or {}))
+        if "betas" in raw:
+            raw["betas"] = tuple(raw["betas"])
+        return cls(**raw)
 
 
 class ToolJob(Protocol):
     """Work sent from a layer above the tool to run on every rank with that rank's engine.
 
     Why a callable rather than a method per algorithm: the worker only hosts the engine; training
-    loops such as BTO's off-policy stage (:class:`verl_grto.algorithm.bootstrap.BTORequest`) belong
+    loops such as BTO's off-policy stage (:class:`verl_grto.algorithm.bto.train.BTORequest`) belong
     to the algorithm layer, which the tool layer must not import (docs/architecture.md). A job must
     be picklable (it travels through Ray): a dataclass instance of a module-level class is.
     """
@@ -88,7 +91,7 @@ class ToolWorkerMixin:
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_tool(self, settings: ToolSettings) -> int:
         tool = SegmentationTool.from_pretrained(settings.path, trainable=settings.trainable).to(worker_device())
-        self.tool_engine = ToolEngine(tool, settings.engine_config())
+        self.tool_engine = ToolEngine(tool, settings)
         return sum(p.numel() for p in self.tool_engine.params)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)

@@ -5,10 +5,10 @@ Before the first GRTO step (after verl's initial validation, if any):
 1. **Buffer** -- G answers per training prompt from the initial policy, which is the reference
    policy mu at step 0, sampled through verl's own agent loop and rollout servers
    (:meth:`GRTOTrainer.generate_batch`) and stored by
-   :func:`verl_grto.algorithm.bootstrap.build_buffer` under ``<default_local_dir>/bto/buffer``
+   :func:`verl_grto.algorithm.bto.build.build_buffer` under ``<default_local_dir>/bto/buffer``
    (parquet + sidecar; resumes where a crash stopped it).
 2. **Tool** -- K epochs of off-policy tool training on the buffer in the tool's workers
-   (:class:`~verl_grto.algorithm.bootstrap.BTORequest`, run by :meth:`ToolWorkerMixin.tool_run`),
+   (:class:`~verl_grto.algorithm.bto.train.BTORequest`, run by :meth:`ToolWorkerMixin.tool_run`),
    image features cached for the whole stage; checkpoints under ``bto/checkpoints`` let a crash
    resume inside the stage.
 3. ``bto/report.json`` marks BTO done (written last); a restart before the first GRTO checkpoint
@@ -31,7 +31,8 @@ import numpy as np
 import transfer_queue as tq
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 
-from verl_grto.algorithm.bootstrap import BTORequest, Rollout, build_buffer
+from verl_grto.algorithm.bto.build import Rollout, build_buffer
+from verl_grto.algorithm.bto.train import BTORequest
 from verl_grto.atomic import atomic_file
 from verl_grto.trainer.config import BTOConfig
 from verl_grto.trainer.grto_trainer import GRTOTrainer, as_list

@@ -7,12 +7,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from verl_grto.algorithm.tool_weights import get_weighting
+from verl_grto.algorithm.tool_weights import get_weighting, weighting_names
 from verl_grto.reward.mask_reward import MaskRewardConfig
 from verl_grto.tool.worker import ToolSettings
 from verl_grto.trainer.data_preflight import DATA_CHECK_MODES
 
 PLACEMENTS = ("colocated", "separate")
+#: What the grto trainer can give a tool-loss weighting (``GRTOTrainer._tool_weights``): the step's
+#: sequence advantages and their groups. No target log-probs: ``importance`` is BTO's (library only).
+TRAINER_WEIGHTING_INPUTS = ("advantages", "group_ids")
 
 
 @dataclass
@@ -23,7 +26,8 @@ class GRTOConfig:
     (``ToolEngine.objective``; the weights stay relative), so with SGD the tool's step is linear in
     it, while with the tool's AdamW it is nearly scale-free (the learning rate sets the step); 0
     freezes the tool (plain GRPO with tool rewards: no tool update is made). ``weighting`` picks w_i,
-    by its name in the registry of verl_grto/algorithm/tool_weights.py. ``placement``: ``colocated``
+    by its name in the registry of verl_grto/algorithm/tool_weights.py, among those that read only
+    what the trainer has (:data:`TRAINER_WEIGHTING_INPUTS`: ``uniform``, ``advantage``). ``placement``: ``colocated``
     hosts the tool in the actor's processes (shares their devices); ``separate`` gives
     it a resource pool of its own (``tool_workers_per_node`` devices on each of the trainer's
     nodes), where its update overlaps the actor's. ``min_box_iou`` > 0 trains the tool only on the
@@ -50,9 +54,17 @@ class GRTOConfig:
 
     def __post_init__(self) -> None:
         try:
-            get_weighting(self.weighting)
+            spec = get_weighting(self.weighting)
         except ValueError as exc:  # names the registered weightings
             raise ValueError(f"grto.weighting: {exc}") from None
+        missing = [k for k in spec.needs if k not in TRAINER_WEIGHTING_INPUTS]
+        if missing:
+            usable = [w for w in weighting_names() if set(get_weighting(w).needs) <= set(TRAINER_WEIGHTING_INPUTS)]
+            raise ValueError(
+                f"grto.weighting: {self.weighting!r} needs {' and '.join(missing)}, which the grto trainer does not"
+                f" supply; use one of {usable}. ({self.weighting!r} weights are library-only, for BTO on a buffer of"
+                " another policy: verl_grto.algorithm.bto.train.train_tool_on_buffer(weighting=..., target_logprob_fn=...))"
+            )
         if not 0 <= self.tool_loss_coef < float("inf"):  # also refuses NaN
             raise ValueError(f"grto.tool_loss_coef must be finite and >= 0, got {self.tool_loss_coef}")
         if self.placement not in PLACEMENTS:
@@ -77,7 +89,7 @@ class GRTOConfig:
         if not tool or not tool.get("path"):
             raise ValueError("grto.tool.path is required (a transformers SAM2 directory)")
         reward = raw.pop("reward", {}) or {}
-        return cls(tool=ToolSettings(**tool), reward=MaskRewardConfig(**reward), **raw)
+        return cls(tool=ToolSettings.from_config(tool), reward=MaskRewardConfig(**reward), **raw)
 
 
 @dataclass
@@ -89,7 +101,7 @@ class BTOConfig:
     (None: the whole training set, once); ``epochs`` over the buffer with ``batch_size`` images per
     tool update. Weights are uniform: at BTO time pi_theta = mu, so importance weights are all 1
     (reusing a buffer of another policy with importance weights is
-    :func:`verl_grto.algorithm.bootstrap.train_tool_on_buffer`'s ``weighting="importance"``).
+    :func:`verl_grto.algorithm.bto.train.train_tool_on_buffer`'s ``weighting="importance"``).
     ``min_box_iou`` > 0 trains only on rollouts whose box overlaps the ground truth at least that
     much (a policy that does not localise yet otherwise teaches the tool to predict background).
     ``validate_after`` runs a validation between BTO and GRTO (the bootstrap's own effect).

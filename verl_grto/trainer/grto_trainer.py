@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,14 +30,22 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils import tensordict_utils as tu
 from verl.utils.debug import marked_timer
 
-from verl_grto.algorithm.tool_weights import prompt_points_at_object, tool_loss_weights
+from verl_grto.algorithm.tool_step import (
+    group_by_image,
+    in_rollout_order,
+    mean_mask_iou,
+    rollout_rows,
+    shard_by_image,
+    tool_batch,
+    tool_step_weights,
+)
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle, mask_to_box
 from verl_grto.data.schema import GroundTruth
 from verl_grto.eval.baselines import fill_boxes
-from verl_grto.eval.metrics import IoUAccumulator, intersection_union, sample_iou
+from verl_grto.eval.metrics import IoUAccumulator
 from verl_grto.faults import dump_after_resume
-from verl_grto.reward.answer import ParsedAnswer, parse_answer
+from verl_grto.reward.answer import ParsedAnswer, ToolPrompt, parse_answer
 from verl_grto.reward.box_reward import score_box_answer
 from verl_grto.reward.mask_reward import score_mask_answer
 from verl_grto.tool.engine import ToolBatch
@@ -61,7 +70,7 @@ def as_list(value: Any) -> list[Any]:
     return list(value.tolist() if hasattr(value, "tolist") else value)
 
 
-def _parse_view(view: RolloutView) -> tuple[list[ParsedAnswer], list[np.ndarray], list[list[Any]]]:
+def _parse_view(view: RolloutView) -> tuple[list[ParsedAnswer], list[np.ndarray], list[list[ToolPrompt]]]:
     """Parsed answers, ground-truth masks and tool prompts (empty for an unparseable answer)."""
     parsed = [parse_answer(t, gt.image_size) for t, gt in zip(view.texts, view.ground_truths, strict=True)]
     gt_masks = [decode_rle(gt.mask_rle) for gt in view.ground_truths]
@@ -84,16 +93,34 @@ class RolloutView:
         return len(self.texts)
 
 
+@dataclass
+class ToolPhase:
+    """What phase 1 (the tool's masks and the mask rewards, before verl's advantage) hands to phase 2
+    (the tool's update, after or beside the actor's): the step's rollouts as the tool saw them.
+
+    Why one object: phase 2 must train on exactly the batches phase 1 scored; one value returned by
+    phase 1 and passed along (kept between verl's two calls in ``GRTOTrainer._tool_phase``) cannot be
+    half updated. Per rollout (n of them, TransferQueue order): ``prompts`` (empty when unparseable),
+    ``parse_ok``, ``gt_masks`` (bool HxW), ``masks_before`` (the tool's masks before its update);
+    ``batches[r]`` is tool rank r's :class:`ToolBatch`, holding the rollouts ``shard_rows[r]``.
+    """
+
+    view: RolloutView
+    prompts: list[list[ToolPrompt]]
+    parse_ok: list[bool]
+    gt_masks: list[np.ndarray]
+    batches: list[ToolBatch]
+    shard_rows: list[list[int]]
+    masks_before: list[np.ndarray | None]
+
+
 @register_trainer("grto")
 class GRTOTrainer(PPOTrainerSync):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.grto = GRTOConfig.from_config(config.get("grto"))
         self._tool_ready = False
-        self._view: RolloutView | None = None
-        self._tool_batches: list[ToolBatch] | None = None
-        self._parse_ok: list[bool] = []
-        self._shard_rows: list[list[int]] = []
+        self._tool_phase: ToolPhase | None = None  # phase 1's result, until phase 2 has used it
         self.val_history: list[dict[str, float]] = []  # every validation, with its step
         self.step_seconds: list[float] = []
         self.stage_seconds: dict[str, float] = {}
@@ -187,51 +214,24 @@ class GRTOTrainer(PPOTrainerSync):
 
     # ---- phase 1: tool masks -> mask rewards (before advantages) ----------------------------
     def _shards(
-        self, view: RolloutView, gt_masks: list[np.ndarray] | None, prompts: list[Any]
+        self, view: RolloutView, gt_masks: list[np.ndarray] | None, prompts: list[list[ToolPrompt]]
     ) -> tuple[list[ToolBatch], list[list[int]]]:
         """Split rollouts over the tool's data-parallel ranks, keeping each image's rollouts together;
         returns one batch per rank and the rollout indices each holds."""
-        world = self.tool_wg.world_size
-        by_image: dict[str, list[int]] = defaultdict(list)
-        for i, sid in enumerate(view.sample_ids):
-            by_image[sid].append(i)
-        shard_rows: list[list[int]] = [[] for _ in range(world)]
-        for k, rows in enumerate(by_image.values()):
-            shard_rows[k % world].extend(rows)
-        batches = []
-        for rows in shard_rows:
-            sids = list(dict.fromkeys(view.sample_ids[i] for i in rows))
-            position = {s: j for j, s in enumerate(sids)}
-            batches.append(
-                ToolBatch(
-                    sample_ids=sids,
-                    images=self.image_store.images(sids),
-                    image_index=[position[view.sample_ids[i]] for i in rows],
-                    prompts=[prompts[i] for i in rows],
-                    gt_masks=[gt_masks[i] for i in rows] if gt_masks is not None else None,
-                )
-            )
-        return batches, shard_rows
+        shards = shard_by_image(group_by_image(view.sample_ids), self.tool_wg.world_size)
+        gt_mask_of = (lambda g: gt_masks[g.rows[0]]) if gt_masks is not None else None
+        batches = [
+            tool_batch(shard, self.image_store.images([g.sample_id for g in shard]), prompts.__getitem__, gt_mask_of)
+            for shard in shards
+        ]
+        return batches, [rollout_rows(shard) for shard in shards]
 
     def _predict_masks(self, batches: list[ToolBatch], shard_rows: list[list[int]], n: int) -> list[np.ndarray | None]:
         """The tool's masks for ``n`` rollouts sharded as ``_shards`` made them, in rollout order."""
-        shard_masks = self.tool_wg.tool_predict(batches)
-        masks: list[np.ndarray | None] = [None] * n
-        for rows, out in zip(shard_rows, shard_masks, strict=True):
-            for i, m in zip(rows, out.masks, strict=True):
-                masks[i] = m
-        return masks
+        return in_rollout_order(n, shard_rows, [out.masks for out in self.tool_wg.tool_predict(batches)])
 
-    def _mean_parsed_iou(self, masks: list[np.ndarray | None]) -> float:
-        """Mean mask IoU against the ground truth over the parseable rollouts (the ones the tool trains on)."""
-        ious = [
-            sample_iou(*intersection_union(m, gt))
-            for m, gt, ok in zip(masks, self._gt_masks, self._parse_ok, strict=True)
-            if ok
-        ]
-        return float(np.mean(ious)) if ious else float("nan")
-
-    def _tool_rewards(self, batch: Any, metrics: dict) -> None:
+    def _tool_rewards(self, batch: Any, metrics: dict) -> ToolPhase:
+        """Phase 1: the tool's masks for every rollout, their mask rewards written to ``rm_scores``."""
         data = tq.kv_batch_get(
             keys=batch.keys,
             partition_id=batch.partition_id,
@@ -241,9 +241,8 @@ class GRTOTrainer(PPOTrainerSync):
         parsed, gt_masks, prompts = _parse_view(view)
 
         self.tool_wg.tool_begin_step()
-        self._tool_batches, self._shard_rows = self._shards(view, gt_masks, prompts)
-        masks = self._predict_masks(self._tool_batches, self._shard_rows, len(view))
-        self._masks_before, self._gt_masks = masks, gt_masks
+        batches, shard_rows = self._shards(view, gt_masks, prompts)
+        masks = self._predict_masks(batches, shard_rows, len(view))
 
         breakdowns = [
             score_mask_answer(p, m if p.ok else None, gt, gm, self.grto.reward)
@@ -262,12 +261,7 @@ class GRTOTrainer(PPOTrainerSync):
             keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict({"rm_scores": rm_scores})
         )
 
-        self._view, self._parse_ok = view, [p.ok for p in parsed]
-        self._points_at_object = prompt_points_at_object(
-            [[o.box for o in p.objects if o.box is not None] for p in parsed],
-            [gt.boxes for gt in view.ground_truths],
-            self.grto.min_box_iou,
-        )
+        phase = ToolPhase(view, prompts, [p.ok for p in parsed], gt_masks, batches, shard_rows, masks)
         if self.grto.log_images_every and self.global_steps % self.grto.log_images_every == 0:
             rows = [view.sample_ids.index(s) for s in dict.fromkeys(view.sample_ids)][: self.grto.num_logged_images]
             tb_dir = default_tb_dir(self.config.trainer.project_name, self.config.trainer.experiment_name)
@@ -282,85 +276,90 @@ class GRTOTrainer(PPOTrainerSync):
         for key in ("mask_iou", "format_reward", "box_iou", "points_in_mask", "repeat_fraction"):
             metrics[f"grto/reward/{key}"] = float(np.mean([b.metrics()[key] for b in breakdowns]))
         metrics["grto/reward/score"] = float(np.mean(scores))
-        metrics["grto/unparseable_fraction"] = 1.0 - float(np.mean(self._parse_ok))
+        metrics["grto/unparseable_fraction"] = 1.0 - float(np.mean(phase.parse_ok))
         reasons = defaultdict(int)
         for b in breakdowns:
             if not b.parse_ok:
                 reasons[b.reason.split(":")[0]] += 1
         for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])[:3]:
             logger.info("unparseable rollouts: %d x %s", count, reason)
+        return phase
 
     def _compute_advantage(self, batch: Any, metrics: dict) -> Any:
         with marked_timer("tool_predict", self.timing_raw, color="purple"):
-            self._tool_rewards(batch, metrics)
+            self._tool_phase = self._tool_rewards(batch, metrics)
         return super()._compute_advantage(batch, metrics)
 
     # ---- phase 2: tool update on the same rollouts (after, or beside, the actor update) ------
-    def _tool_weights(self, batch: Any) -> np.ndarray:
+    def _tool_weights(self, phase: ToolPhase, batch: Any) -> np.ndarray:
         """w_i per rollout, from the advantages already in TransferQueue; 0 for the rollouts whose box
-        misses the object when ``grto.min_box_iou`` > 0.
+        misses the object when ``grto.min_box_iou`` > 0 (:func:`tool_step_weights`, as BTO's).
 
         Relative weights only: lambda (``grto.tool_loss_coef``) is not folded in (the tool's
         weighted mean would cancel it) but passed to the update as ``loss_scale`` and applied
         after the mean (``ToolEngine.objective``)."""
-        assert self._view is not None
-        view = self._view
+        view = phase.view
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["advantages"])
         seq_adv = np.array([float(a[0]) if a.numel() else 0.0 for a in data["advantages"].unbind()])
-        weights = tool_loss_weights(
-            self.grto.weighting, n=len(view), advantages=seq_adv, group_ids=view.uids, parse_ok=self._parse_ok
+        return tool_step_weights(
+            self.grto.weighting,
+            phase.prompts,
+            [gt.boxes for gt in view.ground_truths],
+            phase.parse_ok,
+            min_box_iou=self.grto.min_box_iou,
+            advantages=seq_adv,
+            group_ids=view.uids,
         )
-        return weights * self._points_at_object
 
-    def _start_tool_update(self, batch: Any) -> tuple[np.ndarray, list[Any]]:
+    def _start_tool_update(self, phase: ToolPhase, batch: Any) -> tuple[np.ndarray, list[Any]]:
         """Queue the tool's update epochs on its workers without waiting (own pool: they run while
         the actor updates); on the colocated group they run here, one after the other."""
-        assert self._tool_batches is not None
-        weights = self._tool_weights(batch)
-        shard_weights = [[float(weights[i]) for i in rows] for rows in self._shard_rows]
+        weights = self._tool_weights(phase, batch)
+        shard_weights = [[float(weights[i]) for i in rows] for rows in phase.shard_rows]
         scale = float(self.grto.tool_loss_coef)  # lambda, applied after the weighted mean
         if self.separate_tool:
             return weights, [
-                tool_update_async(self.tool_wg, self._tool_batches, shard_weights, scale)
+                tool_update_async(self.tool_wg, phase.batches, shard_weights, scale)
                 for _ in range(self.grto.tool_epochs)
             ]
-        scales = [scale] * len(self._tool_batches)  # Dispatch.DP_COMPUTE: one copy per rank
+        scales = [scale] * len(phase.batches)  # Dispatch.DP_COMPUTE: one copy per rank
         return weights, [
-            self.tool_wg.tool_update(self._tool_batches, shard_weights, scales) for _ in range(self.grto.tool_epochs)
+            self.tool_wg.tool_update(phase.batches, shard_weights, scales) for _ in range(self.grto.tool_epochs)
         ]
 
-    def _finish_tool_update(self, weights: np.ndarray, pending: list[Any], metrics: dict) -> None:
+    def _finish_tool_update(self, phase: ToolPhase, weights: np.ndarray, pending: list[Any], metrics: dict) -> None:
         per_epoch = [ray.get(p) if self.separate_tool else p for p in pending]
         last = per_epoch[-1][0]
         for key in ("loss", "scaled_loss", "bce", "dice", "grad_norm", "skipped", "num_empty"):
             metrics[f"grto/tool/{key}"] = last[key]
-        assert self._tool_batches is not None
-        metrics["grto/tool/iou_before"] = self._mean_parsed_iou(self._masks_before)
-        metrics["grto/tool/iou_after"] = self._mean_parsed_iou(
-            self._predict_masks(self._tool_batches, self._shard_rows, len(self._masks_before))
-        )
+        # the tool's IoU on the rollouts it trains on (the parseable ones), before and after its update
+        metrics["grto/tool/iou_before"] = mean_mask_iou(phase.masks_before, phase.gt_masks, phase.parse_ok)
+        masks_after = self._predict_masks(phase.batches, phase.shard_rows, len(phase.masks_before))
+        metrics["grto/tool/iou_after"] = mean_mask_iou(masks_after, phase.gt_masks, phase.parse_ok)
         metrics["grto/tool/weight_mean"] = float(weights.mean())
         if last["skipped"]:
             logger.warning("tool step skipped at global step %d (non-finite loss or no signal)", self.global_steps)
 
-    def _tool_update(self, batch: Any, metrics: dict) -> None:
+    def _tool_update(self, phase: ToolPhase, batch: Any, metrics: dict) -> None:
         """The tool's update epochs on the step's rollouts, waited for (the colocated path)."""
-        self._finish_tool_update(*self._start_tool_update(batch), metrics)
+        self._finish_tool_update(phase, *self._start_tool_update(phase, batch), metrics)
 
     def _update_actor(self, batch: Any, metrics: dict) -> Any:
+        phase, self._tool_phase = self._tool_phase, None
         if not self.grto.trains_tool:
-            batch = super()._update_actor(batch, metrics)
-        elif self.separate_tool:
+            return super()._update_actor(batch, metrics)
+        if phase is None:
+            raise RuntimeError("the tool update needs phase 1's result (_compute_advantage runs _tool_rewards first)")
+        if self.separate_tool:
             with marked_timer("update_tool_submit", self.timing_raw, color="purple"):
-                weights, pending = self._start_tool_update(batch)
+                weights, pending = self._start_tool_update(phase, batch)
             batch = super()._update_actor(batch, metrics)
             with marked_timer("update_tool", self.timing_raw, color="purple"):  # the wait beyond the actor's
-                self._finish_tool_update(weights, pending, metrics)
+                self._finish_tool_update(phase, weights, pending, metrics)
         else:
             batch = super()._update_actor(batch, metrics)
             with marked_timer("update_tool", self.timing_raw, color="purple"):
-                self._tool_update(batch, metrics)
-        self._view, self._tool_batches = None, None
+                self._tool_update(phase, batch, metrics)
         return batch
 
     # ---- generation outside the training step (validation, BTO's buffer) ---------------------

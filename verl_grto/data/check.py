@@ -20,7 +20,9 @@ What a row must have (the format of :mod:`verl_grto.data.schema`):
 * ``images``: at least one entry, each with bytes that decode completely;
 * ``reward_model.ground_truth``: JSON that :meth:`GroundTruth.from_json` accepts, boxes of 4 finite
   numbers, a mask RLE that decodes to exactly ``image_size``, and an ``image_size`` equal to the
-  first image's;
+  first image's; an ``answer_size``, when given, equal to the size Qwen2.5-VL's processor resizes the
+  first image to under the resize limits its entry names (:mod:`verl_grto.data.frame`: otherwise the
+  policy would be told, and scored in, a frame other than the one it is shown);
 * ``extra_info.sample_id`` (the tool's image store and evaluation key rows by it).
 
 Reading is streamed in small batches, so memory holds a few rows' images, never the file.
@@ -38,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from verl_grto.data.frame import entry_limits
 from verl_grto.data.images import decode_image, image_bytes
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import IMAGE_PLACEHOLDER, GroundTruth
@@ -82,7 +85,21 @@ def _prompt_problems(prompt: Any, n_images: int) -> list[str]:
     return problems
 
 
-def _ground_truth_problems(reward_model: Any, image_hw: tuple[int, int] | None) -> list[str]:
+def _frame_problems(gt: GroundTruth, image_hw: tuple[int, int], entry: Any) -> list[str]:
+    """A stated answer frame that is not the frame the policy is shown (Qwen2.5-VL's resize of the image)."""
+    if gt.answer_size is None:
+        return []
+    limits = entry_limits(entry)
+    shown = limits.size(*image_hw)
+    if gt.answer_size == shown:
+        return []
+    return [
+        f"ground truth answer_size is {_hw(gt.answer_size)} but the policy is shown the image at {_hw(shown)} "
+        f"(min_pixels {limits.min_pixels}, max_pixels {limits.max_pixels}); re-convert the data"
+    ]
+
+
+def _ground_truth_problems(reward_model: Any, image_hw: tuple[int, int] | None, entry: Any = None) -> list[str]:
     """What is wrong with the row's ground truth; sizes are compared with the image when it decoded."""
     raw = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
     if raw is None:
@@ -114,7 +131,7 @@ def _ground_truth_problems(reward_model: Any, image_hw: tuple[int, int] | None) 
         problems.append(f"ground truth mask is {_hw(mask_hw)} but the image is {_hw(image_hw)}")
     if gt.image_size != image_hw:
         problems.append(f"ground truth image_size is {_hw(gt.image_size)} but the image is {_hw(image_hw)}")
-    return problems
+    return problems + _frame_problems(gt, image_hw, entry)
 
 
 def _hw(hw: tuple[int, int]) -> str:
@@ -138,7 +155,8 @@ def check_row(row: dict[str, Any]) -> list[str]:
             if i == 0:
                 image_hw = (image.height, image.width)
         problems += _prompt_problems(row.get("prompt"), len(stored))
-        problems += _ground_truth_problems(row.get("reward_model"), image_hw)
+        entries = row.get("images") or [None]
+        problems += _ground_truth_problems(row.get("reward_model"), image_hw, entries[0])
         info = row.get("extra_info")
         if not isinstance(info, dict) or info.get("sample_id") in (None, ""):
             problems.append("extra_info has no sample_id")

@@ -44,8 +44,9 @@ from verl_grto.data.masks import decode_rle, mask_to_box
 from verl_grto.data.schema import GroundTruth
 from verl_grto.eval.baselines import fill_boxes
 from verl_grto.eval.metrics import IoUAccumulator
-from verl_grto.reward.answer import ParsedAnswer, ToolPrompt, parse_answer
+from verl_grto.reward.answer import ParsedAnswer, ToolPrompt
 from verl_grto.reward.box_reward import score_box_answer
+from verl_grto.reward.frame import parse_policy_answer
 from verl_grto.reward.mask_reward import score_mask_answer
 from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.pool import TOOL_ROLE, create_tool_worker_group, register_tool_pool, tool_update_async
@@ -69,8 +70,8 @@ def as_list(value: Any) -> list[Any]:
 
 
 def _parse_view(view: RolloutView) -> tuple[list[ParsedAnswer], list[np.ndarray], list[list[ToolPrompt]]]:
-    """Parsed answers, ground-truth masks and tool prompts (empty for an unparseable answer)."""
-    parsed = [parse_answer(t, gt.image_size) for t, gt in zip(view.texts, view.ground_truths, strict=True)]
+    """Parsed answers (in the image frame), ground-truth masks and tool prompts (empty when unparseable)."""
+    parsed = [parse_policy_answer(t, gt) for t, gt in zip(view.texts, view.ground_truths, strict=True)]
     gt_masks = [decode_rle(gt.mask_rle) for gt in view.ground_truths]
     return parsed, gt_masks, [list(p.objects) if p.ok else [] for p in parsed]
 

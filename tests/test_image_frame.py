@@ -101,6 +101,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
         run_conversion(name, name, {"val": [Task(path, name, build)]}, tmp / name, progress=False)
         out[name] = pq.read_table(tmp / name / "val.parquet").to_pylist()[0]
+        out[f"{name}_path"] = str(tmp / name / "val.parquet")
     return out
 
 
@@ -243,3 +244,18 @@ def test_the_tiny_scenes_are_a_fixed_point_and_their_answers_are_not_mapped() ->
     text = '<think></think><answer>{"bbox": [10.5, 20, 60, 91]}</answer>'
     assert parse_policy_answer(text, gt) == parse_answer(text, (112, 112))
     assert check_row(row) == []
+
+
+def test_rows_converted_under_other_limits_than_the_recipes_are_refused(rows: dict, tmp_path: Path) -> None:
+    from verl_grto.trainer.data_preflight import BadDataError, preflight_data
+
+    row = rows["large"]
+    assert check_row(row, _recipe_limits()) == []
+    smaller = ResizeLimits(DEFAULT_MIN_PIXELS, 500_000)
+    (problem,) = check_row(row, smaller)
+    assert "is resized again to" in problem and "data.mm_processor_kwargs" in problem
+    path = tmp_path / "train.parquet"
+    pq.write_table(pq.read_table(Path(rows["large_path"])), path)
+    assert preflight_data([str(path)], [], "fail", tmp_path / "run", _recipe_limits()).problems == []
+    with pytest.raises(BadDataError, match="resized again"):  # the cached result is not reused for other limits
+        preflight_data([str(path)], [], "fail", tmp_path / "run", smaller)

@@ -76,6 +76,13 @@ def qwen_vl_utils_defaults(factor: int = QWEN25VL_FACTOR) -> ResizeLimits:
     return ResizeLimits(_QWEN_VL_UTILS_MIN_TOKENS * factor**2, _QWEN_VL_UTILS_MAX_TOKENS * factor**2, factor)
 
 
+def limits_from_kwargs(kwargs: Any, factor: int = QWEN25VL_FACTOR) -> ResizeLimits | None:
+    """A recipe's ``data.mm_processor_kwargs`` as limits (None when it does not set both)."""
+    kwargs = kwargs or {}
+    low, high = kwargs.get("min_pixels"), kwargs.get("max_pixels")
+    return None if low is None or high is None else ResizeLimits(int(low), int(high), factor)
+
+
 def processor_factor(processor: Any) -> int:
     """Patch size x merge size of a Qwen2-VL-style processor (28 for Qwen2.5-VL, 14 for the tiny policy)."""
     image_processor = getattr(processor, "image_processor", processor)

@@ -84,7 +84,7 @@ def test_verl_builds_the_megatron_worker_configs_and_stops_at_the_engine(
     monkeypatch.setenv("MASTER_PORT", "29533")
     worker = ActorRolloutRefToolWorker(config=config.actor_rollout_ref, role="actor_rollout_ref")
     # the tool is hosted by the same worker object
-    settings = ToolSettings(path=str(TINY_TOOL), trainable="mask_decoder", loss={"resolution": 256})
+    settings = ToolSettings.from_config({"path": str(TINY_TOOL), "loss": {"resolution": 256}})
     assert worker.init_tool(settings) > 0
     image = np.zeros((96, 128, 3), dtype=np.uint8)
     masks = worker.tool_predict(ToolBatch(["a"], [image], [0], [[ObjectPrompt((10.0, 10.0, 60.0, 50.0))]]))

@@ -22,4 +22,7 @@ python3 -m venv .venv
 # iopath (what sam2's Hiera imports) is installed with its own dependencies (portalocker).
 .venv/bin/python -m pip install -q -c "$constraints" iopath
 SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q -c "$constraints" --no-deps --no-build-isolation "sam2==1.1.0"
+# megatron-core for the Megatron recipe's test only (tests/test_megatron_with_core.py hands this folder
+# to a child pytest): kept off the venv's path, where it would change the engines verl registers.
+.venv/bin/python -m pip install -q --no-deps --target .venv/megatron-core "megatron-core==0.16.1"
 .venv/bin/verl-grto doctor

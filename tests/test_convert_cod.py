@@ -121,11 +121,11 @@ def test_exception_mid_conversion_leaves_no_output(tmp_path, monkeypatch):
     real_to_record = base._to_record
     calls = []
 
-    def crash_in_test_split(data_source, split, index, sample):
+    def crash_in_test_split(data_source, split, index, sample, *rest):
         calls.append(split)
         if split == "test" and index == 1:
             raise RuntimeError("disk on fire")
-        return real_to_record(data_source, split, index, sample)
+        return real_to_record(data_source, split, index, sample, *rest)
 
     monkeypatch.setattr(base, "_to_record", crash_in_test_split)
     out = tmp_path / "out"

@@ -263,9 +263,9 @@ def test_run_restart_reuses_the_check_until_a_file_changes(tmp_path, split, monk
     calls = []
     import verl_grto.trainer.data_preflight as preflight
 
-    def counting(path):
+    def counting(path, *rest):
         calls.append(str(path))
-        return check_parquet(path)
+        return check_parquet(path, *rest)
 
     monkeypatch.setattr(preflight, "check_parquet", counting)
     again = preflight_data([str(bad)], [str(val)], "skip", run)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from verl_grto.data.frame import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from verl_grto.doctor import run_doctor
@@ -201,11 +203,11 @@ def _flag_prompt(box: str | None, points: str | None, image_hw: tuple[int, int])
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from verl_grto.data.convert.base import RowError, load_image
+    from verl_grto.data.frame import ResizeLimits
     from verl_grto.data.schema import build_instruction, build_short_instruction
     from verl_grto.eval.evaluate import write_prediction
     from verl_grto.eval.inference import PolicyToolPredictor, PromptedToolPredictor, ToolSegmenter, row_rgb
     from verl_grto.eval.overlay import overlay
-    from verl_grto.reward.answer import parse_answer
 
     if not Path(args.image).is_file():
         raise CLIError(f"image {args.image} does not exist")
@@ -218,16 +220,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not prompted and (args.policy is None or args.prompt is None):
         raise CLIError("without --box/--points, predict needs --policy and --prompt")
     _existing(args.tool, "tool")
+    # The policy sees the image resized by these limits and answers in that frame (docs/method.md,
+    # "Image frames"); --box/--points are pixels of the image file.
+    limits = ResizeLimits(args.min_pixels, args.max_pixels)
+    answer_h, answer_w = limits.size(image.height, image.width)
     row = {
         "prompt": [
             {
                 "role": "user",
                 "content": build_short_instruction(args.prompt or "")
                 if args.instruction == "short"
-                else build_instruction(args.prompt or "", image.width, image.height),
+                else build_instruction(args.prompt or "", answer_w, answer_h),
             }
         ],
-        "images": [{"bytes": image.data, "path": None}],
+        "images": [{"bytes": image.data, "path": None, **limits.image_keys()}],
         "extra_info": {"sample_id": Path(args.image).stem},
     }
     if flag_object is not None:  # the policy is not needed, so not loaded
@@ -242,7 +248,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         )
     mask = predictor(row)
     record = predictor.records[-1]
-    objects = [flag_object] if flag_object is not None else parse_answer(record.answer, mask.shape).objects
+    objects = [flag_object] if flag_object is not None else predictor.parse(row, record.answer, mask.shape).objects
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_prediction(out, mask)
@@ -418,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--box", help="x1,y1,x2,y2 in image pixels (x2/y2 exclusive): bypass the policy")
     pr.add_argument("--points", help="x,y;x,y object points in image pixels: bypass the policy")
+    pr.add_argument(
+        "--min-pixels",
+        type=int,
+        default=DEFAULT_MIN_PIXELS,
+        help="the policy's resize limits (default: the full-size recipes'); answers are read in the resized frame",
+    )
+    pr.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     pr.add_argument("--max-new-tokens", type=int, default=256)
     pr.add_argument("--device", help="cpu or cuda (default: cuda when available, cpu for the tool alone)")
     pr.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the policy's dtype")

@@ -9,7 +9,13 @@ Ground-truth JSON (``reward_model.ground_truth``)::
 
     {"mask": {"size": [H, W], "counts": "<COCO RLE string>"},   # union of the referred objects
      "boxes": [[x1, y1, x2, y2], ...],                          # one per referred object, pixels, x2/y2 exclusive
-     "image_size": [H, W]}
+     "image_size": [H, W],
+     "answer_size": [H', W']}                                   # optional: the frame the policy answers in
+
+``answer_size`` is the image's size as the policy's processor resizes it (Qwen2.5-VL's
+``smart_resize``, :mod:`verl_grto.data.frame`): answers are read in it and mapped to ``image_size``
+(:mod:`verl_grto.reward.frame`). Absent (rows written before it, the synthetic scenes, whose 112 px are
+a fixed point of the resize) it equals ``image_size``.
 
 ``extra_info`` holds ``index`` (int, verl reads it), ``sample_id`` (str, unique and
 stable: the key of the tool's embedding cache and of evaluation resume),
@@ -26,7 +32,8 @@ IMAGE_PLACEHOLDER = "<image>"
 ABILITY = "referring_segmentation"
 
 #: The instruction the policy sees in converted benchmark rows (``verl-grto data convert``, hence the
-#: full-size recipes). Coordinates are pixels of the image as given. It asks for the project's keys
+#: full-size recipes). Coordinates are pixels of the image as the policy sees it: ``width`` x ``height`` is
+#: the answer frame (:mod:`verl_grto.data.frame`), not the file's size. It asks for the project's keys
 #: (``bbox`` / ``points``); the parser also accepts Qwen2.5-VL's native ``bbox_2d`` / ``point_2d``
 #: (verl_grto/reward/answer.py), so a pretrained Qwen2.5-VL that answers in its own grounding format
 #: is not scored zero for the key names alone.
@@ -62,9 +69,18 @@ class GroundTruth:
     mask_rle: dict[str, Any]  # {"size": [H, W], "counts": str}
     boxes: list[list[float]]
     image_size: tuple[int, int]  # (H, W)
+    answer_size: tuple[int, int] | None = None  # (H', W'), the policy's frame; None: image_size
+
+    @property
+    def answer_frame(self) -> tuple[int, int]:
+        """``(H', W')``: the frame the policy's answers are in (``image_size`` when the row names none)."""
+        return self.answer_size if self.answer_size is not None else self.image_size
 
     def to_json(self) -> str:
-        return json.dumps({"mask": self.mask_rle, "boxes": self.boxes, "image_size": list(self.image_size)})
+        obj: dict[str, Any] = {"mask": self.mask_rle, "boxes": self.boxes, "image_size": list(self.image_size)}
+        if self.answer_size is not None:
+            obj["answer_size"] = list(self.answer_size)
+        return json.dumps(obj)
 
     @classmethod
     def from_json(cls, text: str | dict) -> GroundTruth:
@@ -87,10 +103,20 @@ class GroundTruth:
         if not isinstance(size, list | tuple) or len(size) != 2:
             raise ValueError(f"ground truth 'image_size' must be [H, W], got {str(size)[:80]}")
         h, w = (int(v) for v in size)
+        answer = obj.get("answer_size")
+        if answer is not None and (
+            not isinstance(answer, list | tuple) or len(answer) != 2 or not all(int(v) > 0 for v in answer)
+        ):
+            raise ValueError(f"ground truth 'answer_size' must be [H, W] of positive sizes, got {str(answer)[:80]}")
         boxes = obj["boxes"]
         if not isinstance(boxes, list) or not all(isinstance(b, list | tuple) and len(b) == 4 for b in boxes):
             raise ValueError(f"ground truth 'boxes' must be a list of [x1, y1, x2, y2], got {str(boxes)[:80]}")
-        return cls(mask_rle=mask, boxes=[[float(v) for v in b] for b in boxes], image_size=(h, w))
+        return cls(
+            mask_rle=mask,
+            boxes=[[float(v) for v in b] for b in boxes],
+            image_size=(h, w),
+            answer_size=None if answer is None else (int(answer[0]), int(answer[1])),
+        )
 
 
 @dataclass
@@ -106,12 +132,14 @@ class RLRow:
     split: str
     expression: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Extra keys of the image entry: the resize limits verl applies (:meth:`ResizeLimits.image_keys`).
+    image_keys: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         return {
             "data_source": self.data_source,
             "prompt": [{"role": "user", "content": self.instruction}],
-            "images": [{"bytes": self.image_png, "path": None}],
+            "images": [{"bytes": self.image_png, "path": None, **self.image_keys}],
             "ability": ABILITY,
             "reward_model": {"style": "rule", "ground_truth": self.ground_truth.to_json()},
             "extra_info": {

@@ -2,8 +2,9 @@
 
 :class:`PolicyToolPredictor` does on a dataset row what a GRTO rollout does, without verl: the
 policy answers the row's prompt greedily (built as verl builds it, :mod:`verl_grto.policy.inputs`),
-:func:`~verl_grto.reward.answer.parse_answer` reads the answer, and the tool segments every object
-of it, their masks OR-ed, at the image's size. An answer that does not parse gives an all-False mask
+:func:`~verl_grto.reward.frame.parse_in_frame` reads the answer in the frame the policy saw and maps it
+to the image's (as training does), and the tool segments every object of it, their masks OR-ed, at the
+image's size. An answer that does not parse gives an all-False mask
 (the empty-mask rule's "missing prediction") and its reason is recorded.
 
 Why per-sample records (:class:`SampleRecord`, appended to a JSON-lines file as they are made): a
@@ -29,8 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from verl_grto.data.frame import processor_factor, row_answer_frame
 from verl_grto.data.images import row_images
-from verl_grto.reward.answer import ToolPrompt, parse_answer
+from verl_grto.reward.answer import ParsedAnswer, ToolPrompt
+from verl_grto.reward.frame import parse_in_frame
 from verl_grto.tool.engine import ToolBatch, ToolEngine
 from verl_grto.tool.model import SegmentationTool
 from verl_grto.tool.prompts import PromptLike
@@ -163,13 +166,20 @@ class PolicyToolPredictor:
     def __call__(self, row: dict[str, Any]) -> np.ndarray:
         return self.predict_batch([row])[0]
 
+    def parse(self, row: dict[str, Any], text: str, image_hw: Sequence[int]) -> ParsedAnswer:
+        """The policy's answer to ``row`` read in the frame it saw, returned in the image's frame (``image_hw``)."""
+        frame = row_answer_frame(row, image_hw, processor_factor(self.policy.processor))
+        return parse_in_frame(text, frame, image_hw)
+
     def predict_batch(self, rows: Sequence[dict[str, Any]]) -> list[np.ndarray]:
         """One bool mask per row, at its image's size; one record per row."""
         images = [row_rgb(row) for row in rows]
         start = time.perf_counter()
         answers = self.policy.answer(rows, self.max_new_tokens)
         generation_s = time.perf_counter() - start
-        parsed = [parse_answer(text, image.shape[:2]) for text, image in zip(answers, images, strict=True)]
+        parsed = [
+            self.parse(row, text, image.shape[:2]) for row, text, image in zip(rows, answers, images, strict=True)
+        ]
         start = time.perf_counter()
         masks, used, issues = self.segmenter.segment(images, [p.objects for p in parsed])
         tool_s = time.perf_counter() - start

@@ -5,7 +5,8 @@ Why one module for all three: evaluation must show the policy what training show
 silently changes what the policy sees. The steps, in verl's order:
 
 1. :func:`build_messages` -- verl's ``RLHFDataset._build_messages``: every ``<image>`` placeholder of
-   a message becomes an image content part (the row's images in order), the text around it text parts;
+   a message becomes an image content part (the row's images in order, with the resize limits their
+   entries name, ``min_pixels`` / ``max_pixels``: :mod:`verl_grto.data.frame`), the text around it text parts;
 2. :func:`render_prompt` -- the agent loop: images resized by ``qwen_vl_utils.process_vision_info``
    (with the processor's patch size), the processor's chat template rendered with
    ``add_generation_prompt=True``, text + images tokenised by the processor (one pad token per merged
@@ -24,14 +25,22 @@ from typing import Any
 import torch
 from PIL import Image
 
+from verl_grto.data.frame import resize_keys
 from verl_grto.data.images import row_images
 from verl_grto.data.schema import IMAGE_PLACEHOLDER
 
 _PLACEHOLDERS = re.compile("(<image>|<video>|<audio>)")
 
 
-def build_messages(prompt: Sequence[dict[str, Any]], images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+def build_messages(
+    prompt: Sequence[dict[str, Any]],
+    images: Sequence[Image.Image],
+    image_keys: Sequence[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Chat messages with each ``<image>`` placeholder replaced by an image content part, as verl's dataset does.
+
+    ``image_keys[i]`` are extra keys of image ``i``'s content part: verl copies a row's image entry into
+    it, and ``qwen_vl_utils`` resizes by the ``min_pixels`` / ``max_pixels`` found there.
 
     Messages are copied (the row is not modified). As in verl, nothing is split when there are no
     images. Video and audio placeholders are refused: this project's rows have none.
@@ -51,7 +60,8 @@ def build_messages(prompt: Sequence[dict[str, Any]], images: Sequence[Image.Imag
                     raise ValueError(
                         f"the prompt has more {IMAGE_PLACEHOLDER} placeholders than its {len(images)} image(s)"
                     )
-                parts.append({"type": "image", "image": images[offset]})
+                keys = image_keys[offset] if image_keys is not None else {}
+                parts.append({"type": "image", "image": images[offset], **keys})
                 offset += 1
             elif _PLACEHOLDERS.fullmatch(segment):
                 raise ValueError(f"{segment} placeholders are not supported")
@@ -78,7 +88,8 @@ def render_prompt(messages: list[dict[str, Any]], processor: Any) -> tuple[list[
 def render_row(row: dict[str, Any], processor: Any) -> tuple[list[int], list[Image.Image]]:
     """A verl parquet row's prompt ids and the images as the policy sees them, rendered as verl's
     agent loop renders them (:func:`build_messages` of its prompt and images, then :func:`render_prompt`)."""
-    return render_prompt(build_messages(row["prompt"], row_images(row)), processor)
+    keys = [resize_keys(entry) for entry in row.get("images") or []]
+    return render_prompt(build_messages(row["prompt"], row_images(row), keys), processor)
 
 
 def model_inputs(

@@ -1,6 +1,6 @@
 """The policy's answer format: parse it without ever raising, and write it (for warm-start targets).
 
-Format (coordinates in pixels of the image as given to the policy, ``x2``/``y2`` exclusive)::
+Format (coordinates in pixels of the image as shown to the policy, ``x2``/``y2`` exclusive)::
 
     <think>...</think><answer>{"bbox": [x1, y1, x2, y2], "points": [[x, y], ...]}</answer>
 
@@ -18,10 +18,10 @@ and Seg-Zero / VisionReasoner train with::
 positive point; ``label`` is an optional string and is ignored. An answer in native keys parses to
 the same :class:`ToolPrompt` as the equivalent answer in the project's keys
 (``{"bbox_2d": b, "point_2d": p}`` == ``{"bbox": b, "points": [p]}``), under the same rules below.
-Coordinates are read in the same frame as the project's keys (the ``image_size`` given to
-:func:`parse_answer`, a row's ground-truth size); a pretrained Qwen2.5-VL grounds in the frame of its
-processor-resized input, which differs from that by the resize to a multiple of the patch size (a
-few pixels) unless the image exceeds the processor's pixel limit.
+Coordinates are read in the same frame as the project's keys, the ``image_size`` given to
+:func:`parse_answer`. For a policy answer that is the frame the policy was shown, its
+processor-resized image (the row's ``answer_frame``), which is where a pretrained Qwen2.5-VL grounds;
+:func:`verl_grto.reward.frame.parse_policy_answer` parses there and maps to the original image.
 
 Why strict: the reward must not be gamed by junk around the answer, and every rejection carries a
 precise human reason so that a rollout dump shows at a glance what the policy gets wrong.

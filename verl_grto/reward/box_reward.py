@@ -9,7 +9,8 @@ the tool rewards. ``score = format_reward + box_iou`` where
   ``max(#answered, #ground truth)`` (see :mod:`verl_grto.reward.geometry`); an answered object without
   a bbox (points only) counts as IoU 0. Points are ignored here: they only matter through the tool.
 
-A malformed ground truth raises: that is a data bug and must be loud. A malformed answer never raises.
+Answers are read in the row's answer frame and scored in its image frame
+(:func:`verl_grto.reward.frame.parse_policy_answer`). A malformed ground truth raises: that is a data bug and must be loud. A malformed answer never raises.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from verl_grto.data.schema import GroundTruth
-from verl_grto.reward.answer import parse_answer
+from verl_grto.reward.frame import parse_policy_answer
 from verl_grto.reward.geometry import matched_mean_iou, pairwise_box_iou
 
 FORMAT_REWARD = 0.1
@@ -40,7 +41,7 @@ def score_box_answer(
 ) -> RewardBreakdown:
     """Score one decoded response against a ground truth (JSON string, dict or :class:`GroundTruth`)."""
     gt = ground_truth if isinstance(ground_truth, GroundTruth) else GroundTruth.from_json(ground_truth)
-    parsed = parse_answer(solution_str, gt.image_size)
+    parsed = parse_policy_answer(solution_str, gt)
     if not parsed.ok:
         return RewardBreakdown(score=0.0, format_reward=0.0, box_iou=0.0, parse_ok=False, reason=parsed.reason)
     format_reward = FORMAT_REWARD if parsed.has_think else 0.0

@@ -39,14 +39,16 @@ from verl_grto.algorithm.tool_step import (
     tool_batch,
     tool_step_weights,
 )
+from verl_grto.data.frame import limits_from_kwargs
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle, mask_to_box
 from verl_grto.data.schema import GroundTruth
 from verl_grto.eval.baselines import fill_boxes
 from verl_grto.eval.metrics import IoUAccumulator
 from verl_grto.faults import dump_after_resume
-from verl_grto.reward.answer import ParsedAnswer, ToolPrompt, parse_answer
+from verl_grto.reward.answer import ParsedAnswer, ToolPrompt
 from verl_grto.reward.box_reward import score_box_answer
+from verl_grto.reward.frame import parse_policy_answer
 from verl_grto.reward.mask_reward import score_mask_answer
 from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.pool import TOOL_ROLE, create_tool_worker_group, register_tool_pool, tool_update_async
@@ -71,8 +73,8 @@ def as_list(value: Any) -> list[Any]:
 
 
 def _parse_view(view: RolloutView) -> tuple[list[ParsedAnswer], list[np.ndarray], list[list[ToolPrompt]]]:
-    """Parsed answers, ground-truth masks and tool prompts (empty for an unparseable answer)."""
-    parsed = [parse_answer(t, gt.image_size) for t, gt in zip(view.texts, view.ground_truths, strict=True)]
+    """Parsed answers (in the image frame), ground-truth masks and tool prompts (empty when unparseable)."""
+    parsed = [parse_policy_answer(t, gt) for t, gt in zip(view.texts, view.ground_truths, strict=True)]
     gt_masks = [decode_rle(gt.mask_rle) for gt in view.ground_truths]
     return parsed, gt_masks, [list(p.objects) if p.ok else [] for p in parsed]
 
@@ -151,6 +153,7 @@ class GRTOTrainer(PPOTrainerSync):
             self._data_files("val_files"),
             self.grto.data_check,
             self.config.trainer.default_local_dir,
+            limits_from_kwargs(self.config.data.get("mm_processor_kwargs")),
         )
         if result.skipped:
             with open_dict(self.config):

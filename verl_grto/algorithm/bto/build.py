@@ -18,7 +18,7 @@ from verl_grto.algorithm.bto.buffer import BufferMeta, BufferRecord, RolloutBuff
 from verl_grto.data.schema import GroundTruth
 from verl_grto.eval.inference import REASONING_ANSWER_MAX_NEW_TOKENS
 from verl_grto.faults import kill_point
-from verl_grto.reward.answer import parse_answer
+from verl_grto.reward.frame import parse_policy_answer
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,12 @@ def _sample_id(row: Mapping[str, Any]) -> str:
 def make_records(row: Mapping[str, Any], rollouts: Sequence[tuple]) -> list[BufferRecord]:
     """Parse one row's answers into buffer records (the parser never raises; failures keep their reason)."""
     gt_json = row["reward_model"]["ground_truth"]
-    image_size = GroundTruth.from_json(gt_json).image_size
+    gt = GroundTruth.from_json(gt_json)
     sid = _sample_id(row)
     records = []
     for k, raw in enumerate(rollouts):
         rollout = Rollout(*raw)
-        parsed = parse_answer(rollout.text, image_size)
+        parsed = parse_policy_answer(rollout.text, gt)  # prompts in the image's frame, as the tool reads them
         records.append(
             BufferRecord(
                 sample_id=sid,

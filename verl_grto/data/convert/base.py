@@ -23,6 +23,11 @@ Images travel as their source bytes when those decode as they are (JPEG or PNG, 
 rotation): re-encoding a JPEG as PNG makes it 5-10x larger for nothing. Anything else (grey,
 palette, CMYK, rotated by EXIF) is decoded, rotated and re-encoded as PNG so that what verl's
 ``PIL.Image.open`` shows the policy is exactly the frame the mask was drawn in.
+
+Every row records the frame the policy answers in (:mod:`verl_grto.data.frame`): the image entry names
+the resize limits (``min_pixels`` / ``max_pixels``, default the full-size recipes'), the ground truth
+holds ``answer_size`` = the resized size, and the instruction names that size. The image and the
+ground truth stay at the original resolution.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from verl_grto.atomic import atomic_file
+from verl_grto.data.frame import ResizeLimits
 from verl_grto.data.masks import encode_rle, mask_to_box
 from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.schema import GroundTruth, RLRow, build_instruction
@@ -221,7 +227,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _to_record(data_source: str, split: str, index: int, sample: Sample) -> dict[str, Any]:
+def _to_record(data_source: str, split: str, index: int, sample: Sample, limits: ResizeLimits) -> dict[str, Any]:
     mask = np.asarray(sample.mask, dtype=bool)
     check_mask_size(mask.shape, sample.image, "ground truth")
     if sample.boxes is not None:
@@ -229,10 +235,16 @@ def _to_record(data_source: str, split: str, index: int, sample: Sample) -> dict
     else:
         box = mask_to_box(mask)
         boxes = [] if box is None else [box]
-    gt = GroundTruth(mask_rle=encode_rle(mask), boxes=boxes, image_size=(sample.image.height, sample.image.width))
+    answer_h, answer_w = limits.size(sample.image.height, sample.image.width)
+    gt = GroundTruth(
+        mask_rle=encode_rle(mask),
+        boxes=boxes,
+        image_size=(sample.image.height, sample.image.width),
+        answer_size=(answer_h, answer_w),
+    )
     row = RLRow(
         data_source=data_source,
-        instruction=build_instruction(sample.expression, sample.image.width, sample.image.height),
+        instruction=build_instruction(sample.expression, answer_w, answer_h),
         image_png=sample.image.data,
         ground_truth=gt,
         index=index,
@@ -240,6 +252,7 @@ def _to_record(data_source: str, split: str, index: int, sample: Sample) -> dict
         split=split,
         expression=sample.expression,
         extra=dict(sample.extra),
+        image_keys=limits.image_keys(),
     )
     return row.to_record()
 
@@ -251,6 +264,7 @@ def _split_records(
     report: ConversionReport,
     seen_ids: set[str],
     progress: bool,
+    limits: ResizeLimits,
 ) -> Iterator[dict[str, Any]]:
     index = 0
     excluded: Counter[str] = Counter()
@@ -260,7 +274,7 @@ def _split_records(
             for s in samples:
                 if s.sample_id in seen_ids:
                     raise RowError(f"duplicate sample id {s.sample_id} (two source files with the same name?)")
-            records = [_to_record(data_source, split, index + k, s) for k, s in enumerate(samples)]
+            records = [_to_record(data_source, split, index + k, s, limits) for k, s in enumerate(samples)]
         except RowError as exc:
             report.skipped.append(SkippedRow(split, str(task.file), task.row, str(exc)))
             continue
@@ -281,8 +295,12 @@ def run_conversion(
     splits: Mapping[str, Sequence[Task]],
     out: Path,
     progress: bool = True,
+    limits: ResizeLimits | None = None,
 ) -> ConversionReport:
     """Convert every split's tasks and publish ``<out>/<split>.parquet`` plus the report, or nothing.
+
+    ``limits``: the policy's resize limits the rows record (default :class:`ResizeLimits`, the
+    full-size recipes'); they must be the ones the training recipe's processor uses.
 
     Each split's rows are generated as the parquet writer consumes them (see the module docstring).
     A split whose every row is skipped or excluded writes no parquet (verl cannot read an empty
@@ -297,7 +315,7 @@ def run_conversion(
     try:
         staged: dict[str, Path] = {}
         for split, tasks in splits.items():
-            records = _split_records(data_source, split, tasks, report, seen_ids, progress)
+            records = _split_records(data_source, split, tasks, report, seen_ids, progress, limits or ResizeLimits())
             first = next(records, None)
             if first is None:
                 continue
@@ -312,6 +330,15 @@ def run_conversion(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def resize_limits(min_pixels: int | None, max_pixels: int | None) -> ResizeLimits:
+    """A converter's ``min_pixels`` / ``max_pixels`` options (None: the full-size recipes' limits)."""
+    default = ResizeLimits()
+    return ResizeLimits(
+        default.min_pixels if min_pixels is None else min_pixels,
+        default.max_pixels if max_pixels is None else max_pixels,
+    )
 
 
 def find_dir(root: Path, candidates: Iterable[str]) -> Path | None:

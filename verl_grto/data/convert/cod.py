@@ -31,6 +31,7 @@ from verl_grto.data.convert.base import (
     check_mask_size,
     load_image,
     load_mask,
+    resize_limits,
     run_conversion,
     safe_id,
     stable_choice,
@@ -114,12 +115,16 @@ def convert_cod(
     splits: list[str] | None = None,
     include_noncam: bool = False,
     prompt_variants: bool | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> ConversionReport:
     """Convert one COD release (``name``: cod10k / camo / nc4k) to ``<out>/<split>.parquet``.
 
     ``splits``: subset of the release's splits (default: all present). ``prompt_variants``: vary the
     prompt per image (None: on the train split only, so test prompts match the published protocol).
+    ``min_pixels`` / ``max_pixels``: the policy's resize limits the rows record (None: the full-size
+    recipes', :mod:`verl_grto.data.frame`).
     """
     if name not in RELEASES:
         raise ValueError(f"unknown COD release {name!r}; one of {sorted(RELEASES)}")
@@ -145,4 +150,4 @@ def convert_cod(
             include_noncam,
             (split == "train") if prompt_variants is None else prompt_variants,
         )
-    return run_conversion(name, name, tasks, Path(out), progress=progress)
+    return run_conversion(name, name, tasks, Path(out), progress=progress, limits=resize_limits(min_pixels, max_pixels))

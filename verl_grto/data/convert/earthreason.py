@@ -32,6 +32,7 @@ from verl_grto.data.convert.base import (
     find_dir,
     load_image,
     load_mask,
+    resize_limits,
     run_conversion,
     safe_id,
     select_queries,
@@ -93,12 +94,16 @@ def convert_earthreason(
     splits: list[str] | None = None,
     keep_empty: bool | None = None,
     all_queries: bool | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> ConversionReport:
     """Convert EarthReason's train / val / test under ``src`` to ``<out>/<split>.parquet``.
 
     ``keep_empty``: keep no-target questions (None: everywhere but train). ``all_queries``: see
     :func:`verl_grto.data.convert.base.select_queries`.
+    ``min_pixels`` / ``max_pixels``: the policy's resize limits the rows record (None: the full-size
+    recipes', :mod:`verl_grto.data.frame`).
     """
     src = Path(src)
     present = {s: d for s in SPLITS if (d := _split_roots(src, s)) is not None}
@@ -122,7 +127,7 @@ def convert_earthreason(
             for qa in sorted(dirs["QAs"].glob("*.json"))
             if qa.stem not in stems
         ]
-    return run_conversion(NAME, NAME, tasks, Path(out), progress=progress)
+    return run_conversion(NAME, NAME, tasks, Path(out), progress=progress, limits=resize_limits(min_pixels, max_pixels))
 
 
 def _no_image(qa_path: Path) -> Iterator[Sample]:

@@ -40,6 +40,7 @@ from verl_grto.data.convert.base import (
     Task,
     find_dir,
     load_image,
+    resize_limits,
     run_conversion,
     safe_id,
     select_queries,
@@ -162,6 +163,8 @@ def convert_reasonseg(
     splits: list[str] | None = None,
     queries: str = "all",
     all_queries: bool | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> ConversionReport:
     """Convert ReasonSeg's ``train/ val/ test/`` folders under ``src`` to ``<out>/<split>.parquet``.
@@ -169,6 +172,8 @@ def convert_reasonseg(
     ``splits``: which of train/val/test (default: those present). ``queries``: "all" | "long" |
     "short". ``all_queries``: one row per query (True), first query only (False), or the official
     protocol (None).
+    ``min_pixels`` / ``max_pixels``: the policy's resize limits the rows record (None: the full-size
+    recipes', :mod:`verl_grto.data.frame`).
     """
     if queries not in QUERY_FILTERS:
         raise ValueError(f"queries must be one of {sorted(QUERY_FILTERS)}, got {queries!r}")
@@ -185,4 +190,4 @@ def convert_reasonseg(
     suffix = "" if queries == "all" else f"_{queries}"
     assert root is not None
     tasks = {f"{s}{suffix}": _tasks(root / s, s, f"{s}{suffix}", QUERY_FILTERS[queries], all_queries) for s in wanted}
-    return run_conversion(NAME, NAME, tasks, Path(out), progress=progress)
+    return run_conversion(NAME, NAME, tasks, Path(out), progress=progress, limits=resize_limits(min_pixels, max_pixels))

@@ -46,6 +46,7 @@ from verl_grto.data.convert.base import (
     Task,
     check_mask_size,
     load_image,
+    resize_limits,
     run_conversion,
     safe_id,
 )
@@ -186,6 +187,8 @@ def convert_refer(
     split_by: str | None = None,
     splits: list[str] | None = None,
     image_dir: Path | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> ConversionReport:
     """Convert one REFER dataset (refcoco / refcoco+ / refcocog) to ``<out>/<split>.parquet``.
@@ -193,6 +196,8 @@ def convert_refer(
     ``split_by``: unc / google / umd (default: unc, unc, umd). ``splits``: subset of the refs'
     split values (default: all). ``image_dir``: COCO train2014 images (default:
     ``src/images/mscoco/images/train2014``).
+    ``min_pixels`` / ``max_pixels``: the policy's resize limits the rows record (None: the full-size
+    recipes', :mod:`verl_grto.data.frame`).
     """
     if dataset not in REFER_DATASETS:
         raise ValueError(f"unknown REFER dataset {dataset!r}; one of {sorted(REFER_DATASETS)}")
@@ -232,7 +237,14 @@ def convert_refer(
             )
             for _, _, pos, ref in sorted(by_split[split], key=lambda t: t[:3])
         ]
-    return run_conversion(f"{dataset}({split_by})", dataset, tasks, Path(out), progress=progress)
+    return run_conversion(
+        f"{dataset}({split_by})",
+        dataset,
+        tasks,
+        Path(out),
+        progress=progress,
+        limits=resize_limits(min_pixels, max_pixels),
+    )
 
 
 def _sort_key(value: Any) -> int:

@@ -1,7 +1,9 @@
 """`python -m verl.trainer.main_ppo --config-path recipes --config-name grpo_tiny_cpu` end to end.
 
 Two GRPO steps of the tiny Qwen2.5-VL through verl's V1 trainer (Ray, FSDP2 actor + reference
-model with KL loss, the plugin's `hf` rollout), a checkpoint, and a second run that resumes from it.
+model with KL loss, the plugin's `hf` rollout) and a checkpoint. Resuming from verl's checkpoint, with
+the rollout server serving the resumed weights, is shown with real SIGKILLs in tests/test_e2e_kill.py
+(a second cold launch here would repeat it at ~70 s of CI).
 """
 
 from __future__ import annotations
@@ -40,14 +42,3 @@ def test_checkpoint_written(first_run):
     assert (step_dir / "actor" / "optim_world_size_1_rank_0.pt").is_file()
     assert (step_dir / "data.pt").is_file()
     assert (root / "runs" / "grpo_tiny_cpu" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-
-
-def test_second_run_resumes_from_checkpoint(first_run):
-    root = first_run[0]
-    out = run_main_ppo(
-        "grpo_tiny_cpu", first_run[2], root / "runs", root / "m2.jsonl", ["trainer.total_training_steps=3"]
-    )
-    assert "Resuming from" in out and "global_step_2" in out
-    metrics = read_metrics(root / "m2.jsonl")
-    assert sorted(metrics) == [3], f"resumed run logged steps {sorted(metrics)}"
-    assert (root / "runs" / "grpo_tiny_cpu" / "global_step_3" / "actor").is_dir()

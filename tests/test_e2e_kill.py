@@ -281,7 +281,10 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
         assert marker is None and not run.processes()
         _same_grto_state(probe / "grto", step2)
         assert "global_step_2" in out and _tracker(run.run_dir) == STEPS
-        assert sorted(read_metrics(tmp_path / f"metrics{run.launches}.jsonl")) == [STEPS]
+        resumed = read_metrics(tmp_path / f"metrics{run.launches}.jsonl")
+        assert sorted(resumed) == [STEPS]
+        # the rollout server samples with the resumed policy: its log-probs are the actor's (fp32: ~2e-6)
+        assert resumed[STEPS]["training/rollout_probs_diff_max"] < 1e-4
         assert (run.run_dir / "grto_summary.json").is_file()
     finally:
         leftover = run.processes()

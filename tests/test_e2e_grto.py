@@ -56,22 +56,3 @@ def test_frozen_tool_baseline_runs_through_the_tool_worker(tmp_path, e2e_home):
     for m in metrics.values():
         assert "grto/reward/mask_iou" in m  # rewards came from the tool's masks
         assert "grto/tool/loss" not in m  # ...and the tool was never updated
-
-
-def test_tool_in_its_own_pool_trains_beside_the_actor(tmp_path, e2e_home):
-    """``grto.placement=separate``: the tool in a resource pool of its own (one more logical GPU on
-    CPU), its update submitted before the actor's and collected after it; checkpointed as before."""
-    overrides = [
-        "grto.placement=separate",
-        "ray_kwargs.ray_init.num_gpus=2",
-        "trainer.total_training_steps=2",
-        "trainer.save_freq=2",
-    ]
-    out = run_main_ppo("grto_tiny_cpu", e2e_home, tmp_path / "runs", tmp_path / "m.jsonl", overrides)
-    assert "tool initialised (separate, 1 ranks)" in out
-    metrics = read_metrics(tmp_path / "m.jsonl")
-    assert sorted(metrics) == [1, 2]
-    for m in metrics.values():
-        assert m["grto/tool/skipped"] == 0.0 and m["grto/tool/grad_norm"] > 0 and m["actor/grad_norm"] > 0
-        assert "timing_s/update_tool_submit" in m and "timing_s/update_tool" in m
-    assert (tmp_path / "runs" / "grto_tiny_cpu" / "global_step_2" / "tool" / "model.safetensors").is_file()

@@ -34,11 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import torch
-from e2e_helpers import read_metrics
-from safetensors.torch import load_file
+from e2e_helpers import kill_until_gone, read_metrics, same_grto_state, same_tool, tagged_processes
 
 from verl_grto.algorithm.bto.buffer import RolloutBuffer
 from verl_grto.algorithm.bto.train import latest_checkpoint
@@ -144,86 +141,14 @@ class Run:
 
     def processes(self) -> list[int]:
         """Live processes of this run: its tag in their environment or its Ray temp dir on their command line."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue  # a zombie is dead, waiting for its parent to reap it
-                environ = (entry / "environ").read_bytes()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue  # gone, or another user's
-            if f"VERL_GRTO_KILL_TEST_TAG={self.tag}".encode() in environ or str(self.ray_tmp).encode() in cmdline:
-                found.append(int(entry.name))
-        return [p for p in found if p != os.getpid()]
+        return tagged_processes(f"VERL_GRTO_KILL_TEST_TAG={self.tag}", (str(self.ray_tmp),))
 
     def kill_tree(self, proc: subprocess.Popen) -> None:
         """SIGKILL the launch's process group and every other process of the run, until none is left."""
-        for _ in range(100):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            alive = self.processes()
-            for pid in alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if proc.poll() is None:
-                proc.wait(timeout=30)
-            if not alive:
-                return
-            time.sleep(0.2)  # the kernel tears the killed processes down; look again
-        raise AssertionError(f"processes of the run survive SIGKILL: {self.processes()}")
+        kill_until_gone(self.processes, proc)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
-def _equal(a: Any, b: Any, where: str) -> None:
-    """Assert ``a == b`` recursively, tensors exactly (dtype, shape, every element)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        a, b = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (a, b))
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and sorted(a, key=str) == sorted(b, key=str), f"{where}: keys differ"
-        for key in a:
-            _equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def _same_tool(probe: Path, saved: Path) -> None:
-    """The tool a run resumed with (``probe``) is the checkpoint's: weights, optimizer + step, RNG."""
-    _equal(load_file(probe / "model.safetensors"), load_file(saved / "model.safetensors"), "tool weights")
-    for name in ("optimizer.pt", "rng.pt"):
-        _equal(torch.load(probe / name, weights_only=True), torch.load(saved / name, weights_only=True), name)
-
-
-def _same_grto_state(probe: Path, step_dir: Path) -> None:
-    """Step, policy (every file of verl's actor checkpoint: weights, optimizer, extra state with its
-    RNG), tool and dataloader position of the resumed run equal the checkpoint's."""
-    assert json.loads((probe / "step.json").read_text())["global_steps"] == int(step_dir.name.split("_")[-1])
-    _same_tool(probe / "tool", step_dir / "tool")
-    actor_files = sorted(p.name for p in (step_dir / "actor").glob("*.pt"))
-    assert actor_files and actor_files == sorted(p.name for p in (probe / "actor").glob("*.pt"))
-    for name in actor_files:
-        _equal(
-            torch.load(probe / "actor" / name, weights_only=False),  # our own files, written by this test's run
-            torch.load(step_dir / "actor" / name, weights_only=False),
-            f"actor/{name}",
-        )
-    _equal(
-        torch.load(probe / "data.pt", weights_only=False),
-        torch.load(step_dir / "data.pt", weights_only=False),
-        "data.pt",
-    )
 
 
 def _tracker(run_dir: Path) -> int | None:
@@ -258,7 +183,7 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
         # 3. GRTO step 2, during the tool update: BTO resumed from its checkpoint, step 1 saved
         _, marker, probe = run.launch("grto.tool_update#2")
         assert marker["point"] == "grto.tool_update" and not run.processes()
-        _same_tool(probe / "bto_tool", bto_ckpt / "tool")
+        same_tool(probe / "bto_tool", bto_ckpt / "tool")
         report = json.loads((bto / "report.json").read_text())
         assert report["tool"]["resumed_from_batch"] == bto_batches
         assert _tracker(run.run_dir) == 1
@@ -268,9 +193,9 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
         stamp = (bto / "report.json").stat().st_mtime_ns
         out, marker, probe = run.launch("checkpoint.tracker_unpublished#2")
         assert marker["point"] == "checkpoint.tracker_unpublished" and not run.processes()
-        _same_grto_state(probe / "grto", step1)
+        same_grto_state(probe / "grto", step1)
         with pytest.raises(AssertionError, match="tool weights"):  # the comparison has teeth: the
-            _same_tool(probe / "grto" / "tool", bto_ckpt / "tool")  # tool moved since BTO's first checkpoint
+            same_tool(probe / "grto" / "tool", bto_ckpt / "tool")  # tool moved since BTO's first checkpoint
         assert (bto / "report.json").stat().st_mtime_ns == stamp
         assert _tracker(run.run_dir) == 2 and (run.run_dir / "global_step_3" / "tool").is_dir()
         assert list(run.run_dir.glob(".latest_checkpointed_iteration.txt.*.tmp"))  # the tracker being written
@@ -279,7 +204,7 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
         # 5. no kill: resumes from step 2 (not the unpublished step 3) and completes
         out, marker, probe = run.launch(None)
         assert marker is None and not run.processes()
-        _same_grto_state(probe / "grto", step2)
+        same_grto_state(probe / "grto", step2)
         assert "global_step_2" in out and _tracker(run.run_dir) == STEPS
         resumed = read_metrics(tmp_path / f"metrics{run.launches}.jsonl")
         assert sorted(resumed) == [STEPS]

@@ -19,8 +19,9 @@ from verl_grto.tool.pool import (
     create_tool_worker_group,
     register_tool_pool,
     tool_update_async,
+    worker_nodes,
 )
-from verl_grto.tool.worker import ToolSettings
+from verl_grto.tool.worker import ToolSettings, fingerprint_metrics
 
 #: The Ray tests start worker processes that each import verl, torch and transformers (~20 s each on
 #: the shared 2-core test machine): marked like the repo's other slow, multi-process tests.
@@ -97,6 +98,19 @@ def test_register_tool_pool_adds_a_pool_to_the_trainers_manager():
         register_tool_pool(manager, n_gpus_per_node=0)
 
 
+def test_fingerprint_metrics_count_what_differs_between_ranks():
+    same = [{"digest": "a", "step": 3, "node": "n0"}, {"digest": "a", "step": 3, "node": "n1"}]
+    assert fingerprint_metrics(same) == {
+        "grto/tool/ranks": 2.0,
+        "grto/tool/distinct_weights": 1.0,
+        "grto/tool/distinct_steps": 1.0,
+        "grto/tool/nodes": 2.0,
+    }
+    drifted = [{"digest": "a", "step": 3, "node": "n0"}, {"digest": "b", "step": 2, "node": "n0"}]
+    m = fingerprint_metrics(drifted)
+    assert (m["grto/tool/distinct_weights"], m["grto/tool/distinct_steps"], m["grto/tool/nodes"]) == (2.0, 2.0, 1.0)
+
+
 @pytest.mark.parametrize("actor_method", ["tool_update", "actor_rollout_tool_update"])
 def test_tool_update_async_targets_the_actor_method(actor_method):
     group = _StubGroup(actor_method)
@@ -119,6 +133,7 @@ def test_two_tool_workers_train_in_sync_and_checkpoint(tool_group, settings, tmp
     assert {i["world_size"] for i in info} == {2} and {i["backend"] for i in info} == {"gloo"}
     assert {i["device"] for i in info} == {"cpu"}
     assert info[0]["digest"] == info[1]["digest"]  # same checkpoint, same weights
+    assert [i["node"] for i in info] == worker_nodes(wg) and len(info[0]["node"]) > 0  # one local Ray node
     initial = info[0]["digest"]
 
     rng = np.random.default_rng(0)

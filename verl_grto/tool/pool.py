@@ -22,13 +22,10 @@ On CPU hosts a "GPU" in a pool is a *logical* Ray GPU, one per worker process (s
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import ray
-import torch
 from verl.single_controller.base import Worker
-from verl.single_controller.base.decorator import Dispatch, register
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup, ResourcePoolManager
 
 from verl_grto.patches import worker_group_method_name
@@ -71,23 +68,19 @@ class ToolWorker(Worker, ToolWorkerMixin):
         if get_device_name() != "cpu":
             get_torch_device().set_device(get_device_id())
 
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def tool_fingerprint(self) -> dict[str, Any]:
-        """Rank, world size, backend, tool step and a SHA-256 of the trainable weights.
 
-        Why: replicas must hold identical weights after every update (rank 0 alone checkpoints);
-        comparing digests across ranks checks that without moving the weights to the driver."""
-        digest = hashlib.sha256()
-        for p in self.tool_engine.params:
-            digest.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return {
-            "rank": torch.distributed.get_rank(),
-            "world_size": torch.distributed.get_world_size(),
-            "backend": str(torch.distributed.get_backend()),
-            "device": str(self.tool_engine.tool.device),
-            "step": self.tool_engine.step,
-            "digest": digest.hexdigest(),
-        }
+def worker_nodes(worker_group: RayWorkerGroup) -> list[str]:
+    """The Ray node id of each rank of ``worker_group`` (any verl worker group, colocated or not).
+
+    Why: verl's resource pools place one placement group per entry of a pool's spec, and Ray decides
+    which node each lands on; a run on several nodes logs where its ranks went, so a reader (and
+    tests/test_e2e_multinode.py) can see that a pool really spans the nodes. Ray's ``__ray_call__``
+    runs the function inside each actor, so this needs no method on the worker classes."""
+
+    def node_id(_worker: Any) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    return ray.get([w.__ray_call__.remote(node_id) for w in worker_group.workers])
 
 
 def register_tool_pool(resource_pool_manager: ResourcePoolManager, n_gpus_per_node: int, nnodes: int = 1) -> None:

@@ -10,6 +10,7 @@ with identical weights, so rank 0 alone writes checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -143,6 +144,44 @@ class ToolWorkerMixin:
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def tool_settings(self) -> dict[str, Any]:
         return asdict(self.tool_engine.config)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def tool_fingerprint(self) -> dict[str, Any]:
+        """Rank, world size, backend, device, Ray node, tool step and a SHA-256 of the trainable weights.
+
+        Why: replicas must hold identical weights after every update (rank 0 alone checkpoints);
+        comparing digests across ranks checks that without moving the weights to the driver. Here,
+        not only on the tool's own pool, so the check holds for both placements."""
+        import ray
+
+        digest = hashlib.sha256()
+        for p in self.tool_engine.params:
+            digest.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        initialized = torch.distributed.is_initialized()
+        return {
+            "rank": _rank(),
+            "world_size": torch.distributed.get_world_size() if initialized else 1,
+            "backend": str(torch.distributed.get_backend()) if initialized else "none",
+            "device": str(self.tool_engine.tool.device),
+            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+            "step": self.tool_engine.step,
+            "digest": digest.hexdigest(),
+        }
+
+
+def fingerprint_metrics(fingerprints: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-step metrics from every rank's :meth:`ToolWorkerMixin.tool_fingerprint`.
+
+    ``grto/tool/ranks``; ``grto/tool/distinct_weights``, the number of different weight digests
+    among the ranks (1 when the data-parallel all-reduce kept the replicas equal; more means rank 0's
+    checkpoint is not what the other ranks trained with); ``grto/tool/distinct_steps`` likewise for
+    the optimiser step; ``grto/tool/nodes``, the Ray nodes the ranks run on."""
+    return {
+        "grto/tool/ranks": float(len(fingerprints)),
+        "grto/tool/distinct_weights": float(len({f["digest"] for f in fingerprints})),
+        "grto/tool/distinct_steps": float(len({f["step"] for f in fingerprints})),
+        "grto/tool/nodes": float(len({f["node"] for f in fingerprints})),
+    }
 
 
 class ActorRolloutRefToolWorker(ActorRolloutRefWorker, ToolWorkerMixin):

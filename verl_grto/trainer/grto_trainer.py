@@ -51,8 +51,14 @@ from verl_grto.reward.box_reward import score_box_answer
 from verl_grto.reward.frame import parse_policy_answer
 from verl_grto.reward.mask_reward import score_mask_answer
 from verl_grto.tool.engine import ToolBatch
-from verl_grto.tool.pool import TOOL_ROLE, create_tool_worker_group, register_tool_pool, tool_update_async
-from verl_grto.tool.worker import ActorRolloutRefToolWorker
+from verl_grto.tool.pool import (
+    TOOL_ROLE,
+    create_tool_worker_group,
+    register_tool_pool,
+    tool_update_async,
+    worker_nodes,
+)
+from verl_grto.tool.worker import ActorRolloutRefToolWorker, fingerprint_metrics
 from verl_grto.trainer.config import GRTOConfig
 from verl_grto.trainer.data_preflight import preflight_data
 from verl_grto.trainer.overlays import default_tb_dir, log_overlays
@@ -191,6 +197,22 @@ class GRTOTrainer(PPOTrainerSync):
             self.tool_wg.world_size,
             sizes[0],
             len(self.image_store),
+        )
+        self._log_placement()
+
+    def _log_placement(self) -> None:
+        """One line naming the Ray node of every actor and tool rank (short node ids).
+
+        Why: which node a pool's placement groups land on is Ray's choice; on a cluster of several
+        nodes this line shows whether the actor's and the tool's ranks really span them."""
+        actor = worker_nodes(self.actor_rollout_wg)
+        tool = actor if self.tool_wg is self.actor_rollout_wg else worker_nodes(self.tool_wg)
+        short = {node: f"n{i}:{node[:8]}" for i, node in enumerate(dict.fromkeys(actor + tool))}
+        logger.info(
+            "placement on %d Ray nodes: actor ranks on [%s]; tool ranks on [%s]",
+            len(short),
+            ", ".join(short[n] for n in actor),
+            ", ".join(short[n] for n in tool),
         )
 
     def _data_files(self, key: str) -> list[str]:
@@ -340,6 +362,8 @@ class GRTOTrainer(PPOTrainerSync):
         masks_after = self._predict_masks(phase.batches, phase.shard_rows, len(phase.masks_before))
         metrics["grto/tool/iou_after"] = mean_mask_iou(masks_after, phase.gt_masks, phase.parse_ok)
         metrics["grto/tool/weight_mean"] = float(weights.mean())
+        # every rank's weights after the update: one digest when the replicas are in sync
+        metrics.update(fingerprint_metrics(self.tool_wg.tool_fingerprint()))
         if last["skipped"]:
             logger.warning("tool step skipped at global step %d (non-finite loss or no signal)", self.global_steps)
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +28,14 @@ def run_main_ppo(
     overrides: list[str],
     timeout: int = 1800,
     cwd: Path = REPO,
+    env: Mapping[str, str] | None = None,
 ) -> str:
     """Run the recipe; return its combined output; raise MainPPOError (with the tail) on failure.
 
     ``home`` is VERL_GRTO_HOME (built assets and data), ``runs`` the checkpoint root,
-    ``metrics`` the JSONL file of verl's file logger."""
+    ``metrics`` the JSONL file of verl's file logger; ``env`` adds to the command's environment (e.g.
+    what a driver needs to join an existing Ray cluster)."""
+    extra = dict(env or {})
     env = {
         **os.environ,
         "VERL_GRTO_HOME": str(home),
@@ -39,6 +43,7 @@ def run_main_ppo(
         "VERL_FILE_LOGGER_PATH": str(metrics),
         "HF_DATASETS_CACHE": str(Path(home) / "hf_datasets"),
         "RAY_DEDUP_LOGS": "0",
+        **extra,
     }
     cmd = [
         sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", "recipes", "--config-name", recipe,

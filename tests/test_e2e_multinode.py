@@ -12,12 +12,16 @@ so the actor (with its reference and rollout) is FSDP2 at world size 2, one rank
 gloo, and the tool has a pool of its own, one rank per node (data-parallel over 2 ranks, gloo).
 Two launches on the same cluster, the fewest that show both a run and a resume:
 
-1. two steps and a checkpoint written by both actor ranks (one FSDP shard each) and the tool;
+1. five steps and a checkpoint written by both actor ranks (one FSDP shard each) and the tool;
 2. a resume from that checkpoint: the step counter, both actor shards (weights, optimizer, RNG)
    and the tool (weights, optimizer and its step, RNG) come back tensor by tensor (the resumed
-   workers write what they loaded, :func:`verl_grto.faults.dump_after_resume`), and a third step runs.
+   workers write what they loaded, :func:`verl_grto.faults.dump_after_resume`), and a sixth step runs.
 
 After every tool update the tool's ranks hold identical weights (``grto/tool/distinct_weights``).
+Over the six steps the pre-trained (plain-domain) tool adapts to the camouflage domain of the
+rollouts: its loss on steps 4-6 is below its loss on step 1's rollouts, before any update. This is
+also the end-to-end test of trainer mode ``grto`` (``grto_tiny_cpu``); the colocated placement runs
+end to end in tests/test_e2e_bgrto.py and tests/test_e2e_kill.py, whose GRTO stage is the same code.
 Both nodes are stopped by the test, and no process of the cluster is left.
 """
 
@@ -28,6 +32,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from e2e_helpers import LocalRayCluster, read_metrics, run_main_ppo, same_grto_state
 
@@ -37,7 +42,7 @@ from verl_grto.trainer.launch import REPO
 pytestmark = pytest.mark.e2e
 
 RECIPE = "grto_tiny_cpu"
-STEPS = 2
+STEPS = 5  #: the first launch; the resumed one runs step STEPS + 1
 #: Logical resources per node: 2 GPUs (one actor rank and one tool rank each), CPUs for verl's
 #: CPU-only actors (task runner, TransferQueue, agent loop, reward) beside the pools' bundles.
 NODE_CPUS, NODE_GPUS = 16, 2
@@ -99,7 +104,7 @@ def test_grto_on_two_nodes_trains_checkpoints_and_resumes(tmp_path, e2e_home):
         cluster.start_node(NODE_CPUS, NODE_GPUS)  # the second node
         assert len(cluster.processes()) > 0  # the tag finds the nodes: the leftover check below has teeth
 
-        # ---- launch 1: two steps, a checkpoint at step 2 ----
+        # ---- launch 1: five steps, a checkpoint at step 5 ----
         t0 = time.perf_counter()
         m1 = tmp_path / "m1.jsonl"
         out = run_main_ppo(
@@ -118,10 +123,12 @@ def test_grto_on_two_nodes_trains_checkpoints_and_resumes(tmp_path, e2e_home):
         assert len(actor_nodes) == 2 and len(set(actor_nodes)) == 2, f"actor ranks: {actor_nodes}"
         assert len(tool_nodes) == 2 and len(set(tool_nodes)) == 2, f"tool ranks: {tool_nodes}"
         metrics = read_metrics(m1)
-        assert sorted(metrics) == [1, 2]
+        assert sorted(metrics) == list(range(1, STEPS + 1))
         for step, m in metrics.items():
+            # sampling at temperature 1 from the warm-started policy: 0-0.06 unparseable measured
+            assert m["grto/unparseable_fraction"] < 0.9, f"step {step}: too few parseable rollouts to train the tool"
             assert m["grto/tool/skipped"] == 0.0, f"step {step}: tool step skipped"
-            assert m["grto/tool/grad_norm"] > 0 and m["actor/grad_norm"] > 0
+            assert np.isfinite(m["grto/tool/loss"]) and m["grto/tool/grad_norm"] > 0 and m["actor/grad_norm"] > 0
             # the tool's update was submitted before the actor's and collected after it
             assert "timing_s/update_tool_submit" in m and "timing_s/update_tool" in m
             _check_tool_in_sync(m, step)
@@ -137,7 +144,7 @@ def test_grto_on_two_nodes_trains_checkpoints_and_resumes(tmp_path, e2e_home):
             assert (step_dir / "tool" / name).is_file(), name
         assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
 
-        # ---- launch 2: the same cluster, resumed from step 2, a third step ----
+        # ---- launch 2: the same cluster, resumed from step 5, a sixth step ----
         t0 = time.perf_counter()
         m2, probe = tmp_path / "m2.jsonl", tmp_path / "probe"
         out = run_main_ppo(
@@ -153,9 +160,22 @@ def test_grto_on_two_nodes_trains_checkpoints_and_resumes(tmp_path, e2e_home):
         assert f"global_step_{STEPS}" in out and "Resumed the tool from" in out
         assert f"(tool step {STEPS})" in out  # the tool's optimiser state came back with its step count
         same_grto_state(probe / "grto", step_dir)  # both actor shards, the tool, the step, the data position
-        metrics = read_metrics(m2)
-        assert sorted(metrics) == [STEPS + 1]
-        _check_tool_in_sync(metrics[STEPS + 1], STEPS + 1)
+        resumed = read_metrics(m2)
+        assert sorted(resumed) == [STEPS + 1]
+        _check_tool_in_sync(resumed[STEPS + 1], STEPS + 1)
+        # the rollout server samples with the resumed policy, gathered from both FSDP shards (~2e-6)
+        assert resumed[STEPS + 1]["training/rollout_probs_diff_max"] < 1e-4
+        # the tool adapted over the six steps, the last one after the resume (losses measured on this
+        # recipe: 0.67 at step 1, 0.54 / 0.49 / 0.52 at steps 4-6)
+        first = metrics[1]["grto/tool/loss"]
+        last = np.mean(
+            [
+                metrics[STEPS - 1]["grto/tool/loss"],
+                metrics[STEPS]["grto/tool/loss"],
+                resumed[STEPS + 1]["grto/tool/loss"],
+            ]
+        )
+        assert last < first, f"tool loss did not fall over 6 steps: {first:.3f} -> {last:.3f}"
         assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS + 1)
     finally:
         cluster.stop()

@@ -82,10 +82,25 @@ def kill_until_gone(find: Callable[[], list[int]], group: subprocess.Popen | Non
     raise AssertionError(f"processes survive SIGKILL: {find()}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int, exclude: set[int] = frozenset()) -> list[int]:
+    """``count`` distinct ports free now, none in ``exclude``.
+
+    The sockets stay bound until all are chosen: asked one at a time, the kernel may hand the same
+    port out twice (seen: Ray refused two of its components on one port and the node did not start)."""
+    held: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+            if port not in exclude and port not in ports:
+                ports.append(port)
+        return ports
+    finally:
+        for sock in held:
+            sock.close()
 
 
 class LocalRayCluster:
@@ -112,7 +127,11 @@ class LocalRayCluster:
         self.env.pop("RAY_ADDRESS", None)  # never join another cluster
         self.nodes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
-        self.address = f"127.0.0.1:{_free_port()}"
+        #: every port handed to a node: a port chosen but not yet bound (the GCS port until the head
+        #: starts, the ports of components a node does not run) must not go to another component
+        self.ports_given: set[int] = set()
+        (gcs_port,) = self._ports(1)
+        self.address = f"127.0.0.1:{gcs_port}"
 
     def start_node(self, num_cpus: int, num_gpus: int, object_store_bytes: int = 500_000_000) -> None:
         """Start the head (first call) or one more node joining it; returns once the node is up."""
@@ -126,11 +145,12 @@ class LocalRayCluster:
             str(Path(sys.executable).with_name("ray")), "start", "--block", "--disable-usage-stats",
             f"--temp-dir={self.temp_dir}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
             f"--object-store-memory={object_store_bytes}", "--node-ip-address=127.0.0.1",
-            *(f"{flag}={_free_port()}" for flag in port_flags),
+            *(f"{flag}={port}" for flag, port in zip(port_flags, self._ports(len(port_flags)), strict=True)),
         ]  # fmt: skip
         if head:
             port = self.address.rsplit(":", 1)[1]
-            cmd += ["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={_free_port()}"]
+            (client_port,) = self._ports(1)
+            cmd += ["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={client_port}"]
         else:
             cmd += [f"--address={self.address}"]
         log = self.temp_dir / f"node{len(self.nodes)}.log"
@@ -139,6 +159,11 @@ class LocalRayCluster:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append(proc)
         self._wait_for_nodes(len(self.nodes), proc, log)
+
+    def _ports(self, count: int) -> list[int]:
+        ports = free_ports(count, exclude=self.ports_given)
+        self.ports_given.update(ports)
+        return ports
 
     def _wait_for_nodes(self, count: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
         """Wait until the cluster reports ``count`` live nodes (``ray status`` against this address only)."""

@@ -362,8 +362,11 @@ class GRTOTrainer(PPOTrainerSync):
         masks_after = self._predict_masks(phase.batches, phase.shard_rows, len(phase.masks_before))
         metrics["grto/tool/iou_after"] = mean_mask_iou(masks_after, phase.gt_masks, phase.parse_ok)
         metrics["grto/tool/weight_mean"] = float(weights.mean())
-        # every rank's weights after the update: one digest when the replicas are in sync
-        metrics.update(fingerprint_metrics(self.tool_wg.tool_fingerprint()))
+        if self.tool_wg.world_size > 1:
+            # every rank's weights after the update: one digest when the replicas are in sync. Not
+            # on one rank, where it could not differ: hashing reads every trainable weight (a few ms
+            # for the tiny tool and SAM2's decoder; ~1 GB when a SAM2-L is trained whole)
+            metrics.update(fingerprint_metrics(self.tool_wg.tool_fingerprint()))
         if last["skipped"]:
             logger.warning("tool step skipped at global step %d (non-finite loss or no signal)", self.global_steps)
 

@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from verl_grto.trainer.launch import read_metrics, run_main_ppo
 __all__ = [
     "LocalRayCluster",
     "assert_equal",
+    "free_ports",
     "kill_until_gone",
     "read_metrics",
     "run_main_ppo",
@@ -82,7 +84,7 @@ def kill_until_gone(find: Callable[[], list[int]], group: subprocess.Popen | Non
     raise AssertionError(f"processes survive SIGKILL: {find()}")
 
 
-def free_ports(count: int, exclude: set[int] = frozenset()) -> list[int]:
+def free_ports(count: int, exclude: AbstractSet[int] = frozenset()) -> list[int]:
     """``count`` distinct ports free now, none in ``exclude``.
 
     The sockets stay bound until all are chosen: asked one at a time, the kernel may hand the same

@@ -35,21 +35,20 @@ def run_main_ppo(
     ``home`` is VERL_GRTO_HOME (built assets and data), ``runs`` the checkpoint root,
     ``metrics`` the JSONL file of verl's file logger; ``env`` adds to the command's environment (e.g.
     what a driver needs to join an existing Ray cluster)."""
-    extra = dict(env or {})
-    env = {
+    child_env = {
         **os.environ,
         "VERL_GRTO_HOME": str(home),
         "VERL_GRTO_RUNS": str(runs),
         "VERL_FILE_LOGGER_PATH": str(metrics),
         "HF_DATASETS_CACHE": str(Path(home) / "hf_datasets"),
         "RAY_DEDUP_LOGS": "0",
-        **extra,
+        **(env or {}),
     }
     cmd = [
         sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", "recipes", "--config-name", recipe,
         "trainer.logger=[console,file]", *overrides,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise MainPPOError(f"main_ppo {recipe} failed (rc={proc.returncode}):\n{out[-6000:]}")

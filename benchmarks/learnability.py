@@ -41,8 +41,12 @@ from verl_grto.eval.policy_probe import probe_policy
 SHIFTED = "camouflage"
 
 
-def policy_curve(root: Path, seed: int, threads: int, phases: list[Phase], every: int, n: int, lr: float) -> dict:
-    """Train the policy through ``phases`` and probe it every ``every`` steps on both domains."""
+def policy_curve(
+    root: Path, seed: int, threads: int, phases: list[Phase], every: int, n: int, lr: float, at: list[int] | None = None
+) -> dict:
+    """Train the policy through ``phases`` and probe it every ``every`` steps on both domains; with ``at``,
+    only at those steps, stopping after the last (the schedule still spans every phase, as the warm
+    start's ``stop_after`` does)."""
     torch.set_num_threads(threads)
     base = build_assets(root / f"seed{seed}", seed=seed).policy
     scratch = Path(tempfile.mkdtemp(prefix="learnability_policy_", dir=root))
@@ -51,7 +55,7 @@ def policy_curve(root: Path, seed: int, threads: int, phases: list[Phase], every
     start = time.perf_counter()
 
     def probe(step: int, model: torch.nn.Module, processor: object) -> None:
-        if step % every and step != total:
+        if (step not in at) if at else (step % every and step != total):
             return
         train_s = time.perf_counter() - start
         save_policy(model, processor, base, scratch)
@@ -77,12 +81,14 @@ def policy_curve(root: Path, seed: int, threads: int, phases: list[Phase], every
             flush=True,
         )
 
-    _, _, losses = train_policy(base, seed, phases, batch_size=16, lr=lr, callback=probe)
+    stop_after = max(at) if at else None
+    _, _, losses = train_policy(base, seed, phases, batch_size=16, lr=lr, callback=probe, stop_after=stop_after)
     return {
         "seed": seed,
         "threads": threads,
         "phases": [asdict(p) for p in phases],
         "lr": lr,
+        "stop_after": stop_after,
         "seconds": round(time.perf_counter() - start, 1),
         "probes": probes,
         "loss_every_50": [round(v, 4) for v in losses[::50]],
@@ -183,6 +189,9 @@ def main() -> int:
     ap.add_argument("--policy-threads", default="1,2")
     ap.add_argument("--phases", default=None, help="DOMAIN:STEPS,... (default: the warm start's; --quick: shorter)")
     ap.add_argument("--policy-every", type=int, default=250)
+    ap.add_argument(
+        "--policy-at", default=None, help="STEP,...: probe only there and stop after the last (e.g. the warm start's stop)"
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--n", type=int, default=64, help="held-out scenes per policy probe")
     ap.add_argument("--tool-steps", type=int, default=4000)
@@ -205,6 +214,7 @@ def main() -> int:
         if domain not in DOMAINS or not steps.isdigit() or int(steps) < 1:
             raise SystemExit(f"--phases: {part!r} is not DOMAIN:STEPS with DOMAIN in {DOMAINS}")
         phases.append(Phase(domain, (1, 1), int(steps)))
+    at = sorted({int(x) for x in args.policy_at.split(",")}) if args.policy_at else None
     stages = set(args.stages.split(","))
     if not stages <= {"tool", "policy"}:
         raise SystemExit(f"--stages: expected tool and/or policy, got {args.stages!r}")
@@ -225,7 +235,7 @@ def main() -> int:
     if "policy" in stages:
         for seed in seeds:
             for t in threads:
-                result["policy"].append(policy_curve(root, seed, t, phases, args.policy_every, args.n, args.lr))
+                result["policy"].append(policy_curve(root, seed, t, phases, args.policy_every, args.n, args.lr, at))
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

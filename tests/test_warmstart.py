@@ -136,3 +136,39 @@ def test_train_policy_runs_its_phases_in_order_and_calls_back_after_every_step(t
     )
     assert plain_losses[:2] == pytest.approx(losses[:2], rel=1e-6)
     assert plain_losses[2] != pytest.approx(losses[2], rel=1e-4)
+
+
+def test_stop_after_gives_the_full_runs_checkpoint(tiny_assets: AssetPaths) -> None:
+    """An early stop is the full run's model at that step: same batches and learning-rate schedule so far."""
+    phases = [warmstart.Phase("plain", (1, 1), 3), warmstart.Phase("camouflage", (1, 1), 2)]
+    seen: list[int] = []
+    _, _, full = warmstart.train_policy(tiny_assets.policy, 0, phases, batch_size=2, lr=1e-3)
+    _, _, stopped = warmstart.train_policy(
+        tiny_assets.policy, 0, phases, batch_size=2, lr=1e-3, stop_after=4, callback=lambda s, m, p: seen.append(s)
+    )
+    assert len(full) == 5 and len(stopped) == 4 and seen == [1, 2, 3, 4]
+    assert stopped == pytest.approx(full[:4], rel=1e-6)  # step 4 is the camouflage phase's first, as in the full run
+    with pytest.raises(ValueError, match="stop_after=6: expected 1..5"):
+        warmstart.train_policy(tiny_assets.policy, 0, phases, batch_size=2, lr=1e-3, stop_after=6)
+
+
+def test_the_default_warm_start_is_the_default_curriculum_stopped_early(
+    tiny_assets: AssetPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[list, int | None]] = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(base_dir: Path, seed: int, phases: list, batch_size: int, lr: float, **kwargs: object) -> None:
+        calls.append((list(phases), kwargs.get("stop_after")))
+        raise Captured
+
+    monkeypatch.setattr(warmstart, "train_policy", capture)
+    with pytest.raises(Captured):
+        warm_start_policy(tiny_assets.policy, tmp_path / "default")
+    with pytest.raises(Captured):
+        warm_start_policy(tiny_assets.policy, tmp_path / "steps", steps=3)
+    assert calls[0] == (list(warmstart.DEFAULT_PHASES), warmstart.DEFAULT_STOP_AFTER)
+    assert calls[1][1] is None  # an explicit curriculum runs to its end unless told otherwise
+    assert sum(p.steps for p in warmstart.DEFAULT_PHASES) > warmstart.DEFAULT_STOP_AFTER > warmstart.DEFAULT_PHASES[0].steps

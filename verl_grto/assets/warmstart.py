@@ -58,7 +58,7 @@ from verl_grto.policy.inputs import build_messages, model_inputs, render_prompt
 from verl_grto.reward.answer import ToolPrompt, format_answer
 
 #: Bump when the defaults or the training change, so cached warm policies are rebuilt.
-WARMSTART_VERSION = 4
+WARMSTART_VERSION = 5
 WARM_POLICY_DIR = "tiny_qwen25vl_warm"
 REPORT_NAME = "warmstart_report.json"
 #: The synthetic stream training scenes are drawn from (disjoint from RL's ``train``/``val`` and the probe's).
@@ -101,6 +101,7 @@ class WarmStartReport:
     probe_referring: ProbeResult | None = None  # held-out 2-4-object scenes, when evaluated
     base_dir: str = ""
     phases: list[dict] | None = None  # the curriculum, in order
+    schedule_steps: int = 0  # steps the learning-rate schedule spans (all phases); > steps when stopped early
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -246,6 +247,15 @@ class Phase:
 #: policy had not localised after 2000 steps.
 DEFAULT_PHASES = (Phase("plain", (1, 1), 2000), Phase("camouflage", (1, 1), 1000))
 
+#: Where the default warm start stops: after this many optimiser steps of :data:`DEFAULT_PHASES`'
+#: 3000-step schedule (100 steps into the camouflage phase, the learning rate still at its peak). Why
+#: not the end: the reference policy must leave RL something to raise. Trained to the end (box IoU 0.76)
+#: its greedy box IoU only fell under 32 GRPO steps, in every setting tried (lr 0 to 5e-4, Adam or SGD,
+#: sampling temperature 1 or 0.5, 64 or 256 answers per step, the box IoU as the only reward;
+#: benchmarks/results/policy_box_iou_probes.json); stopped here (0.56-0.59 on seed 0) the main job's
+#: own 32 steps raised it (0.594 -> 0.624). docs/benchmarks.md, "A reference policy with headroom".
+DEFAULT_STOP_AFTER = 2100
+
 #: ``callback(step, model, processor)`` after optimiser step ``step`` (1-based, counted over all phases).
 StepCallback = Callable[[int, torch.nn.Module, Any], None]
 
@@ -259,9 +269,13 @@ def train_policy(
     callback: StepCallback | None = None,
     progress_bar: bool = True,
     device: str = "cpu",
+    stop_after: int | None = None,
 ) -> tuple[torch.nn.Module, Any, list[float]]:
     """Supervised training of the policy in ``base_dir`` through ``phases``, one learning-rate schedule
     over all of them; returns the model (in eval mode), its processor and the batch losses.
+
+    ``stop_after``: stop after that many optimiser steps; the schedule still spans every phase, so the
+    model is the same as the full run's at that step (an early-stopped checkpoint, not a shorter run).
 
     ``callback`` lets a caller look at the model mid-run (benchmarks/learnability.py probes
     it); the model is put back in train mode after it. ``device``: where the model trains (scenes and
@@ -275,13 +289,18 @@ def train_policy(
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     total = sum(phase.steps for phase in phases)
+    if stop_after is not None and not 0 < stop_after <= total:
+        raise ValueError(f"stop_after={stop_after}: expected 1..{total}, the steps of the phases")
+    stop = total if stop_after is None else stop_after
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total))
     losses: list[float] = []
-    progress = tqdm(total=total, desc="warm start (policy)", unit="step", mininterval=5.0, disable=not progress_bar)
+    progress = tqdm(total=stop, desc="warm start (policy)", unit="step", mininterval=5.0, disable=not progress_bar)
     for phase in phases:
+        if len(losses) >= stop:
+            break
         stream = _TrainingStream(processor, seed, phase.domain, phase.objects)
         progress.set_postfix_str(f"{phase.domain}, {phase.objects[0]}-{phase.objects[1]} objects")
-        for step in range(phase.steps):
+        for step in range(min(phase.steps, stop - len(losses))):
             batch = [stream.example(i) for i in range(step * batch_size, (step + 1) * batch_size)]
             inputs, labels = _collate(batch, processor, model.config)
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -301,6 +320,15 @@ def train_policy(
     return model.eval(), processor, losses
 
 
+def _steps_per_phase(phases: Sequence[Phase], steps: int) -> list[int]:
+    """How many of ``steps`` optimiser steps each phase got (phases run in order; a stop cuts the last)."""
+    out = []
+    for phase in phases:
+        out.append(min(phase.steps, steps))
+        steps -= out[-1]
+    return out
+
+
 def warm_start_policy(
     base_dir: Path,
     out_dir: Path,
@@ -316,13 +344,16 @@ def warm_start_policy(
     eval_n: int = DEFAULT_EVAL_N,
     eval_referring: bool = False,
     eval_max_new_tokens: int = TINY_RESPONSE_LENGTH,
+    stop_after: int | None = None,
 ) -> WarmStartReport:
     """Train the policy in ``base_dir`` on synthetic scenes; save it and ``warmstart_report.json`` into ``out_dir``.
 
     ``phases`` (default :data:`DEFAULT_PHASES`, unless ``steps`` is given): the curriculum. With ``steps``:
     ``steps`` steps on ``domain`` scenes of 1..``max_objects`` objects, then ``referring_steps`` on 2-4-object
     referring scenes. Every example is a fresh scene. The learning rate warms up over 20 steps, stays
-    constant, then decays (cosine) to a tenth over the last fifth. ``num_threads`` sets torch's CPU
+    constant, then decays (cosine) to a tenth over the last fifth of the phases' steps. ``stop_after``
+    stops after that many steps of that schedule (default: :data:`DEFAULT_STOP_AFTER` with the default
+    phases, else none; see :func:`train_policy`). ``num_threads`` sets torch's CPU
     threads for the call (restored afterwards). ``eval_n`` held-out scenes (0: no evaluation) of the
     last phase's domain are answered greedily through the rollout's own code path
     (:func:`verl_grto.eval.policy_probe.probe_policy`) with ``eval_max_new_tokens``; ``eval_referring``
@@ -332,6 +363,7 @@ def warm_start_policy(
     if phases is None:
         if steps is None:
             phases = DEFAULT_PHASES
+            stop_after = DEFAULT_STOP_AFTER if stop_after is None else stop_after
         else:
             phases = [Phase(domain, (1, max_objects), steps), Phase(domain, REFERRING_OBJECTS, referring_steps)]
     phases = [p for p in phases if p.steps > 0]
@@ -345,10 +377,11 @@ def warm_start_policy(
         torch.set_num_threads(num_threads)
     try:
         start, cpu_start = time.perf_counter(), time.process_time()
-        model, processor, losses = train_policy(base_dir, seed, phases, batch_size, lr)
+        model, processor, losses = train_policy(base_dir, seed, phases, batch_size, lr, stop_after=stop_after)
         save_policy(model, processor, base_dir, out_dir)
         train_time, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
+        trained = _steps_per_phase(phases, len(losses))
         start = time.perf_counter()
         probe = probe_referring = None
         if eval_n > 0:
@@ -369,8 +402,8 @@ def warm_start_policy(
         report = WarmStartReport(
             seed=seed,
             steps=len(losses),
-            single_object_steps=sum(p.steps for p in single),
-            referring_steps=sum(p.steps for p in phases if p.objects[0] > 1),
+            single_object_steps=sum(n for p, n in zip(phases, trained) if p.objects[0] == 1),
+            referring_steps=sum(n for p, n in zip(phases, trained) if p.objects[0] > 1),
             batch_size=batch_size,
             lr=lr,
             domain=domain,
@@ -388,6 +421,7 @@ def warm_start_policy(
             probe_referring=probe_referring,
             base_dir=str(base_dir),
             phases=[asdict(p) for p in phases],
+            schedule_steps=sum(p.steps for p in phases),
         )
         (out_dir / REPORT_NAME).write_text(report.to_json())
         return report

@@ -402,8 +402,8 @@ def warm_start_policy(
         report = WarmStartReport(
             seed=seed,
             steps=len(losses),
-            single_object_steps=sum(n for p, n in zip(phases, trained) if p.objects[0] == 1),
-            referring_steps=sum(n for p, n in zip(phases, trained) if p.objects[0] > 1),
+            single_object_steps=sum(n for p, n in zip(phases, trained, strict=True) if p.objects[0] == 1),
+            referring_steps=sum(n for p, n in zip(phases, trained, strict=True) if p.objects[0] > 1),
             batch_size=batch_size,
             lr=lr,
             domain=domain,

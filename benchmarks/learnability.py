@@ -190,7 +190,9 @@ def main() -> int:
     ap.add_argument("--phases", default=None, help="DOMAIN:STEPS,... (default: the warm start's; --quick: shorter)")
     ap.add_argument("--policy-every", type=int, default=250)
     ap.add_argument(
-        "--policy-at", default=None, help="STEP,...: probe only there and stop after the last (e.g. the warm start's stop)"
+        "--policy-at",
+        default=None,
+        help="STEP,...: probe only there and stop after the last (e.g. the warm start's stop)",
     )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--n", type=int, default=64, help="held-out scenes per policy probe")

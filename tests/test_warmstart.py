@@ -171,4 +171,8 @@ def test_the_default_warm_start_is_the_default_curriculum_stopped_early(
         warm_start_policy(tiny_assets.policy, tmp_path / "steps", steps=3)
     assert calls[0] == (list(warmstart.DEFAULT_PHASES), warmstart.DEFAULT_STOP_AFTER)
     assert calls[1][1] is None  # an explicit curriculum runs to its end unless told otherwise
-    assert sum(p.steps for p in warmstart.DEFAULT_PHASES) > warmstart.DEFAULT_STOP_AFTER > warmstart.DEFAULT_PHASES[0].steps
+    assert (
+        sum(p.steps for p in warmstart.DEFAULT_PHASES)
+        > warmstart.DEFAULT_STOP_AFTER
+        > warmstart.DEFAULT_PHASES[0].steps
+    )

@@ -5,11 +5,12 @@ is 0, every advantage is 0 and RL cannot start; and a policy whose boxes do not 
 prompts the tool with boxes that miss, so nothing downstream can be seen working. A supervised run on
 synthetic scenes (plain torch AdamW, in-process, CPU) teaches the format in ~100 steps and, later, to
 localise: the default curriculum (:data:`DEFAULT_PHASES`, 2000 plain + 1000 camouflage single-object
-steps of batch 16) reached box IoU 0.74-0.76 on held-out camouflage scenes against 0.20-0.23 for a
-constant box in seeds 0, 1 and 2 (docs/benchmarks.md; the tiny policy's 64 image tokens are what made
-it reliable, :mod:`verl_grto.assets.qwen25vl`). The result is the
-reference policy of B-GRTO's bootstrap stage; the main job uses a shipped copy
-(:mod:`verl_grto.assets.shipped`).
+steps of batch 16) reached box IoU 0.74-0.76 on held-out camouflage scenes at its end against 0.20-0.23
+for a constant box in seeds 0, 1 and 2 (docs/benchmarks.md; the tiny policy's 64 image tokens are what
+made it reliable, :mod:`verl_grto.assets.qwen25vl`). The default warm start stops it early, after
+:data:`DEFAULT_STOP_AFTER` steps (box IoU about 0.55): a reference policy at its supervised optimum left
+GRPO nothing to raise. The result is the reference policy of B-GRTO's bootstrap stage; the main job
+uses a shipped copy (:mod:`verl_grto.assets.shipped`).
 
 What is trained is exactly what RL later runs:
 

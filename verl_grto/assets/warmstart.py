@@ -251,10 +251,11 @@ DEFAULT_PHASES = (Phase("plain", (1, 1), 2000), Phase("camouflage", (1, 1), 1000
 #: Where the default warm start stops: after this many optimiser steps of :data:`DEFAULT_PHASES`'
 #: 3000-step schedule (100 steps into the camouflage phase, the learning rate still at its peak). Why
 #: not the end: the reference policy must leave RL something to raise. Trained to the end (box IoU 0.76)
-#: its greedy box IoU only fell under 32 GRPO steps, in every setting tried (lr 0 to 5e-4, Adam or SGD,
-#: sampling temperature 1 or 0.5, 64 or 256 answers per step, the box IoU as the only reward;
-#: benchmarks/results/policy_box_iou_probes.json); stopped here (0.56-0.59 on seed 0) the main job's
-#: own 32 steps raised it (0.594 -> 0.624). docs/benchmarks.md, "A reference policy with headroom".
+#: its greedy box IoU only fell under 32 GRPO steps, in every setting tried (lr 5e-5 to 5e-4, AdamW or
+#: SGD, sampling temperature 1 or 0.5, 64 or 256 answers per step, the box IoU as the only reward; with
+#: lr 0 it stayed: benchmarks/results/policy_box_iou_probes.json). Stopped here (box IoU 0.54-0.58 in
+#: seeds 0-2, still above the 0.5 bar) the main job's own 32 steps raise it (0.594 -> 0.61-0.62).
+#: docs/benchmarks.md, "A reference policy with headroom".
 DEFAULT_STOP_AFTER = 2100
 
 #: ``callback(step, model, processor)`` after optimiser step ``step`` (1-based, counted over all phases).

@@ -216,7 +216,13 @@ def main() -> int:
         if domain not in DOMAINS or not steps.isdigit() or int(steps) < 1:
             raise SystemExit(f"--phases: {part!r} is not DOMAIN:STEPS with DOMAIN in {DOMAINS}")
         phases.append(Phase(domain, (1, 1), int(steps)))
-    at = sorted({int(x) for x in args.policy_at.split(",")}) if args.policy_at else None
+    at = None
+    if args.policy_at:
+        parts = args.policy_at.split(",")
+        total = sum(p.steps for p in phases)
+        if not all(x.isdigit() and 0 < int(x) <= total for x in parts):
+            raise SystemExit(f"--policy-at: {args.policy_at!r} is not STEP,... with each STEP in 1..{total}")
+        at = sorted({int(x) for x in parts})
     stages = set(args.stages.split(","))
     if not stages <= {"tool", "policy"}:
         raise SystemExit(f"--stages: expected tool and/or policy, got {args.stages!r}")

@@ -36,9 +36,9 @@ from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 from verl.workers.engine import EngineRegistry  # noqa: E402
 from verl.workers.engine_workers import ActorRolloutRefWorker  # noqa: E402
 
+from verl_grto.data.masks import decode_rle  # noqa: E402
 from verl_grto.tool.engine import ToolBatch  # noqa: E402
 from verl_grto.tool.prompts import ObjectPrompt  # noqa: E402
-from verl_grto.data.masks import decode_rle  # noqa: E402
 from verl_grto.tool.worker import ActorRolloutRefToolWorker, ToolSettings  # noqa: E402
 from verl_grto.trainer.config import GRTOConfig  # noqa: E402
 from verl_grto.trainer.grto_trainer import GRTOTrainer  # noqa: E402

@@ -588,7 +588,15 @@ def ensure_synthetic(
 
     def build(tmp: Path) -> None:
         write_synthetic(
-            tmp, n_train, n_val, seed, domain, size=size, max_objects=max_objects, min_objects=min_objects, coords=coords
+            tmp,
+            n_train,
+            n_val,
+            seed,
+            domain,
+            size=size,
+            max_objects=max_objects,
+            min_objects=min_objects,
+            coords=coords,
         )
 
     build_dir_once(target, stamp, build)

@@ -29,6 +29,7 @@ from verl_grto.reward.answer import ParsedAnswer, ToolPrompt, parse_answer
 
 __all__ = ["FrameMismatchError", "parse_in_frame", "parse_policy_answer", "scale_prompt", "to_image_frame"]
 
+
 def scale_prompt(prompt: ToolPrompt, sx: float, sy: float) -> ToolPrompt:
     """One object's prompt with x scaled by ``sx`` and y by ``sy`` (labels unchanged)."""
     box = None

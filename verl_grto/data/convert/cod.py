@@ -152,4 +152,6 @@ def convert_cod(
             include_noncam,
             (split == "train") if prompt_variants is None else prompt_variants,
         )
-    return run_conversion(name, name, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels))
+    return run_conversion(
+        name, name, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels)
+    )

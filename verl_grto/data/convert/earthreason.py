@@ -129,7 +129,9 @@ def convert_earthreason(
             for qa in sorted(dirs["QAs"].glob("*.json"))
             if qa.stem not in stems
         ]
-    return run_conversion(NAME, NAME, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels))
+    return run_conversion(
+        NAME, NAME, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels)
+    )
 
 
 def _no_image(qa_path: Path) -> Iterator[Sample]:

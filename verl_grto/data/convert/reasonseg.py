@@ -192,4 +192,6 @@ def convert_reasonseg(
     suffix = "" if queries == "all" else f"_{queries}"
     assert root is not None
     tasks = {f"{s}{suffix}": _tasks(root / s, s, f"{s}{suffix}", QUERY_FILTERS[queries], all_queries) for s in wanted}
-    return run_conversion(NAME, NAME, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels))
+    return run_conversion(
+        NAME, NAME, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels)
+    )

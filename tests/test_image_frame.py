@@ -151,7 +151,9 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict
             return [Sample(f"{name}-red", load_image(path), masks["red"], "the red rectangle")]
 
         folder = tmp / f"{name}-{coords}"
-        frame = policy_frame(coords)  # the converters' defaults for the family (verl-grto data convert --opt coords=...)
+        frame = policy_frame(
+            coords
+        )  # the converters' defaults for the family (verl-grto data convert --opt coords=...)
         run_conversion(name, name, {"val": [Task(path, name, build)]}, folder, progress=False, frame=frame)
         out[(name, coords)] = pq.read_table(folder / "val.parquet").to_pylist()[0]
         out[(name, coords, "path")] = str(folder / "val.parquet")

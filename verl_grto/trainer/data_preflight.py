@@ -104,19 +104,19 @@ def _check_file(
         cached is not None
         and stat is not None
         and {k: cached.get(k) for k in stat} == stat
-        and cached.get("processor_limits") == limits
+        and cached.get("policy_frame") == limits
     ):
         problems = [RowProblem(path, p["row"], p["reason"]) for p in cached.get("problems", [])]
         return problems, {
             **stat,
-            "processor_limits": limits,
+            "policy_frame": limits,
             "problems": cached.get("problems", []),
             "copy": cached.get("copy"),
         }
     problems = check_parquet(path, policy)
     entry = {
         **(stat or {}),
-        "processor_limits": limits,
+        "policy_frame": limits,
         "problems": [{"row": p.row, "reason": p.reason} for p in problems],
         "copy": None,
     }

@@ -339,21 +339,25 @@ def run_conversion(
     return report
 
 
-def policy_frame(
-    coords: str = PIXELS, factor: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None
-) -> PolicyFrame:
-    """A converter's frame options: ``coords`` (``pixels`` | ``norm1000``), ``factor`` (None: the family's,
-    28 for ``pixels``, 32 for ``norm1000``) and ``min_pixels`` / ``max_pixels`` (None: the full-size recipes'
+def resize_limits(factor: int, min_pixels: int | None = None, max_pixels: int | None = None) -> ResizeLimits:
+    """``min_pixels`` / ``max_pixels`` options for a policy of ``factor`` (None: the full-size recipes'
     256 / 1280 merged patches of that factor)."""
-    check_coords(coords, "option coords")
-    factor = FAMILY_FACTORS[coords] if factor is None else int(factor)
     default = default_limits(factor)
-    limits = ResizeLimits(
+    return ResizeLimits(
         default.min_pixels if min_pixels is None else min_pixels,
         default.max_pixels if max_pixels is None else max_pixels,
         factor,
     )
-    return PolicyFrame(coords, factor, limits)
+
+
+def policy_frame(
+    coords: str = PIXELS, factor: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None
+) -> PolicyFrame:
+    """A converter's frame options: ``coords`` (``pixels`` | ``norm1000``), ``factor`` (None: the family's,
+    28 for ``pixels``, 32 for ``norm1000``) and the resize limits (:func:`resize_limits`)."""
+    check_coords(coords, "option coords")
+    factor = FAMILY_FACTORS[coords] if factor is None else int(factor)
+    return PolicyFrame(coords, factor, resize_limits(factor, min_pixels, max_pixels))
 
 
 def find_dir(root: Path, candidates: Iterable[str]) -> Path | None:

@@ -433,3 +433,17 @@ def test_rows_converted_under_other_limits_than_the_recipes_are_refused(
     assert preflight_data([str(path)], [], "fail", tmp_path / "run", policy).problems == []
     with pytest.raises(BadDataError, match="resized again"):  # the cached result is not reused for another frame
         preflight_data([str(path)], [], "fail", tmp_path / "run", smaller)
+
+
+def test_the_converters_take_the_policys_convention_from_the_command_line() -> None:
+    """``verl-grto data convert <dataset> --opt coords=norm1000`` converts for Qwen3-VL (factor 32, its limits)."""
+    from verl_grto.data.convert import CONVERTERS
+    from verl_grto.data.convert.options import parse_options
+
+    for name in CONVERTERS:
+        opts = parse_options(CONVERTERS[name], ["coords=norm1000", "factor=32"])
+        assert opts == {"coords": NORM1000, "factor": 32}
+    assert policy_frame(NORM1000) == PolicyFrame(NORM1000, 32, default_limits(32))
+    assert policy_frame(PIXELS, 14) == PolicyFrame(PIXELS, 14, default_limits(14))  # e.g. the tiny Qwen2.5-VL's
+    with pytest.raises(ValueError, match="option coords must be one of pixels, norm1000, got 'percent'"):
+        policy_frame("percent")

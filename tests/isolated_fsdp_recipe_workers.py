@@ -21,24 +21,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import verl  # noqa: F401  (loads the plugin)
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
-from verl.trainer.ppo.utils import Role
+from omegaconf import DictConfig
+from recipe_workers import (
+    TINY_QWEN25VL,
+    assert_the_trainer_runs_the_tool_in_the_actor_worker,
+    compose_recipe,
+    worker_hosting_the_tool,
+)
 from verl.utils.config import omega_conf_to_dataclass
-from verl.workers.engine_workers import ActorRolloutRefWorker
 
-from verl_grto.tool.engine import ToolBatch
-from verl_grto.tool.prompts import ObjectPrompt
-from verl_grto.tool.worker import ActorRolloutRefToolWorker, ToolSettings
-from verl_grto.trainer.config import GRTOConfig
-from verl_grto.trainer.grto_trainer import GRTOTrainer
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_QWEN25VL = ROOT / "verl_grto/assets/shipped/seed0/tiny_qwen25vl_warm"
-TINY_TOOL = ROOT / "verl_grto/assets/shipped/seed0/tiny_sam2_pretrained"
 #: recipe -> the transformers model class its policy (and the tiny stand-in) is built as
 RECIPES = {
     "grto_qwen25vl_7b_sam21_large": "Qwen2_5_VLForConditionalGeneration",
@@ -57,44 +49,18 @@ def tiny_qwen3vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(params=sorted(RECIPES))
 def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DictConfig:
     policy = request.getfixturevalue("tiny_qwen3vl") if "qwen3vl" in request.param else TINY_QWEN25VL
-    monkeypatch.setenv("POLICY_PATH", str(policy))
-    monkeypatch.setenv("TOOL_PATH", str(TINY_TOOL))
-    for name in ("TRAIN_FILES", "VAL_FILES"):
-        monkeypatch.setenv(name, str(tmp_path / f"{name.lower()}.parquet"))
-    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
-    with initialize_config_dir(config_dir=str(ROOT / "recipes"), version_base=None):
-        cfg = compose(config_name=request.param, overrides=CPU_OVERRIDES)
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_recipe(request.param, policy, monkeypatch, tmp_path, CPU_OVERRIDES)
 
 
 def test_the_trainer_runs_the_tool_in_verls_fsdp_worker(config: DictConfig) -> None:
     assert config.actor_rollout_ref.actor.strategy == config.actor_rollout_ref.ref.strategy == "fsdp2"
-    trainer = object.__new__(GRTOTrainer)  # only the worker mapping: no Ray, no datasets
-    trainer.config = config
-    trainer.grto = GRTOConfig.from_config(config.grto)
-    trainer._init_resource_pool_mgr()
-    actor_roles = [r for r in trainer.role_worker_mapping if r in (Role.ActorRollout, Role.ActorRolloutRef)]
-    assert actor_roles
-    for role in actor_roles:
-        worker_cls = trainer.role_worker_mapping[role].__ray_metadata__.modified_class  # ray.remote's subclass
-        assert issubclass(worker_cls, ActorRolloutRefToolWorker)
-    assert issubclass(ActorRolloutRefToolWorker, ActorRolloutRefWorker)
+    assert_the_trainer_runs_the_tool_in_the_actor_worker(config)
 
 
 def test_verl_builds_the_fsdp_engines_and_stops_at_the_rollout(
     config: DictConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_PORT", "29534")
-    worker = ActorRolloutRefToolWorker(config=config.actor_rollout_ref, role="actor_rollout_ref")
-    settings = ToolSettings.from_config({"path": str(TINY_TOOL), "loss": {"resolution": 256}})
-    assert worker.init_tool(settings) > 0
-    image = np.zeros((96, 128, 3), dtype=np.uint8)
-    masks = worker.tool_predict(ToolBatch(["a"], [image], [0], [[ObjectPrompt((10.0, 10.0, 60.0, 50.0))]]))
-    assert masks.masks[0].shape == (96, 128)
-
+    worker = worker_hosting_the_tool(config, monkeypatch, 29534)
     with pytest.raises(AssertionError, match="not divisible by infer_world_size: 2"):
         worker.init_model()
     # the reference and the actor were built by verl's FSDP2 engine, from the recipe's configs

@@ -31,13 +31,12 @@ from PIL import Image
 from transformers import (
     AutoProcessor,
     Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
 )
 
-from verl_grto.assets.tokenizer import CHAT_TEMPLATE
+from verl_grto.assets.qwen25vl import qwen_vl_processor
 from verl_grto.data.check import check_row
 from verl_grto.data.convert.base import Sample, Task, load_image, policy_frame, run_conversion
 from verl_grto.data.frame import (
@@ -92,26 +91,12 @@ def _build_processor(coords: str) -> Any:
     recipe's limits, around the tiny tokenizer."""
     limits = _recipe_limits(coords)
     _, patch = FAMILIES[coords]
-    common = {
-        "min_pixels": limits.min_pixels,
-        "max_pixels": limits.max_pixels,
-        "patch_size": patch,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-    }
+    classes = (
+        (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor) if coords == PIXELS else (Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    )
     tokenizer = AutoProcessor.from_pretrained(SHIPPED_POLICY).tokenizer
-    if coords == PIXELS:
-        return Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(**common),
-            tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(**common),
-            chat_template=CHAT_TEMPLATE,
-        )
-    return Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**common),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(**common),
-        chat_template=CHAT_TEMPLATE,
+    return qwen_vl_processor(
+        *classes, tokenizer, min_pixels=limits.min_pixels, max_pixels=limits.max_pixels, patch_size=patch
     )
 
 

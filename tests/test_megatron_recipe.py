@@ -25,28 +25,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (docs/recipes.md: Megatron on CPU)")
 
-import verl  # noqa: E402,F401  (loads the plugin)
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from verl.trainer.ppo.utils import Role  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from recipe_workers import (  # noqa: E402
+    TINY_QWEN25VL,
+    assert_the_trainer_runs_the_tool_in_the_actor_worker,
+    compose_recipe,
+    worker_hosting_the_tool,
+)
 from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 from verl.workers.engine import EngineRegistry  # noqa: E402
-from verl.workers.engine_workers import ActorRolloutRefWorker  # noqa: E402
 
-from verl_grto.tool.engine import ToolBatch  # noqa: E402
-from verl_grto.tool.prompts import ObjectPrompt  # noqa: E402
-from verl_grto.tool.worker import ActorRolloutRefToolWorker, ToolSettings  # noqa: E402
-from verl_grto.trainer.config import GRTOConfig  # noqa: E402
-from verl_grto.trainer.grto_trainer import GRTOTrainer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_POLICY = ROOT / "verl_grto/assets/shipped/seed0/tiny_qwen25vl_warm"
-TINY_TOOL = ROOT / "verl_grto/assets/shipped/seed0/tiny_sam2_pretrained"
 #: recipe -> (the tiny policy family standing in for its model, the expert-parallel size it asks for)
 RECIPES = {
     "grto_qwen25vl_7b_sam21_large_megatron": ("qwen25vl", 1),
@@ -64,47 +56,19 @@ def tiny_qwen3vl_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(params=sorted(RECIPES))
 def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DictConfig:
     family, _ = RECIPES[request.param]
-    policy = TINY_POLICY if family == "qwen25vl" else request.getfixturevalue("tiny_qwen3vl_moe")
-    monkeypatch.setenv("POLICY_PATH", str(policy))
-    monkeypatch.setenv("TOOL_PATH", str(TINY_TOOL))
-    for name in ("TRAIN_FILES", "VAL_FILES"):
-        monkeypatch.setenv(name, str(tmp_path / f"{name.lower()}.parquet"))
-    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.delenv("NNODES", raising=False)
-    with initialize_config_dir(config_dir=str(ROOT / "recipes"), version_base=None):
-        cfg = compose(config_name=request.param)
-    OmegaConf.resolve(cfg)
-    return cfg
+    policy = TINY_QWEN25VL if family == "qwen25vl" else request.getfixturevalue("tiny_qwen3vl_moe")
+    return compose_recipe(request.param, policy, monkeypatch, tmp_path)
 
 
 def test_the_trainer_runs_the_tool_in_verls_megatron_capable_worker(config: DictConfig) -> None:
     assert config.actor_rollout_ref.actor.strategy == config.actor_rollout_ref.ref.strategy == "megatron"
-    trainer = object.__new__(GRTOTrainer)  # only the worker mapping: no Ray, no datasets
-    trainer.config = config
-    trainer.grto = GRTOConfig.from_config(config.grto)
-    trainer._init_resource_pool_mgr()
-    actor_roles = [r for r in trainer.role_worker_mapping if r in (Role.ActorRollout, Role.ActorRolloutRef)]
-    assert actor_roles
-    for role in actor_roles:
-        worker_cls = trainer.role_worker_mapping[role].__ray_metadata__.modified_class  # ray.remote's subclass
-        assert issubclass(worker_cls, ActorRolloutRefToolWorker)
-    assert issubclass(ActorRolloutRefToolWorker, ActorRolloutRefWorker)
+    assert_the_trainer_runs_the_tool_in_the_actor_worker(config)
 
 
 def test_verl_builds_the_megatron_worker_configs_and_stops_at_the_engine(
     config: DictConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_PORT", "29533")
-    worker = ActorRolloutRefToolWorker(config=config.actor_rollout_ref, role="actor_rollout_ref")
-    # the tool is hosted by the same worker object
-    settings = ToolSettings.from_config({"path": str(TINY_TOOL), "loss": {"resolution": 256}})
-    assert worker.init_tool(settings) > 0
-    image = np.zeros((96, 128, 3), dtype=np.uint8)
-    masks = worker.tool_predict(ToolBatch(["a"], [image], [0], [[ObjectPrompt((10.0, 10.0, 60.0, 50.0))]]))
-    assert masks.masks[0].shape == (96, 128)
-
+    worker = worker_hosting_the_tool(config, monkeypatch, 29533)  # the tool is hosted by the same worker object
     ref_micro_batch = config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu  # init_model moves it
     with pytest.raises(ValueError, match=r"No engine registered for device='cpu'.*backend='megatron'"):
         worker.init_model()

@@ -33,7 +33,6 @@ import torch
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    Qwen2VLImageProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -42,8 +41,8 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-from verl_grto.assets.qwen25vl import tiny_generation_config
-from verl_grto.assets.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, train_tokenizer
+from verl_grto.assets.qwen25vl import qwen_vl_processor, tiny_generation_config, vision_token_ids
+from verl_grto.assets.tokenizer import EOS_TOKEN, PAD_TOKEN, train_tokenizer
 
 #: Qwen3-VL's own vision patch and merge: the resize factor is 32, as in the full-size model.
 PATCH_SIZE = 16
@@ -94,14 +93,9 @@ def tiny_qwen3vl_config(tokenizer: PreTrainedTokenizerFast, moe: bool = False) -
         "num_position_embeddings": 64,
         "deepstack_visual_indexes": [0],
     }
-    return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+    config_cls = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return config_cls(
+        text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **vision_token_ids(tokenizer)
     )
 
 
@@ -111,17 +105,13 @@ def tiny_qwen3vl_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLProcess
     ``Qwen3VLProcessor`` needs a real video processor (``None`` raises), so one is built with the
     same patching though no row of this project holds a video.
     """
-    common = {
-        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
-        "patch_size": PATCH_SIZE,
-        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-        "merge_size": MERGE_SIZE,
-    }
-    return Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**common),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(**common),
-        chat_template=CHAT_TEMPLATE,
+    return qwen_vl_processor(
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+        tokenizer,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        patch_size=PATCH_SIZE,
     )
 
 

@@ -79,3 +79,41 @@ def test_the_hf_rollout_serves_it_with_the_teacher_forced_log_probs(tiny_qwen3vl
     length = inputs["input_ids"].shape[1]
     flat = torch.arange(length)[None, None].expand(3, 1, length)  # 1-D positions on every mrope axis
     assert (torch.tensor(out.log_probs) - teacher_forced(position_ids=flat)).abs().max().item() > 100 * LOGPROB_TOL
+
+
+def test_predict_asks_a_qwen3vl_policy_for_the_grid_and_reads_its_answer_there(
+    tiny_qwen3vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``verl-grto predict --policy <Qwen3-VL>``: the instruction asks for 0-1000 coordinates, the image entry
+    carries 32-px limits, and the answer is read on the grid (the policy's greedy answer is fixed here:
+    the tiny model is untrained)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from verl_grto.cli import main
+    from verl_grto.data.frame import default_limits
+    from verl_grto.policy.generate import GreedyPolicy
+
+    asked: list[dict] = []
+
+    def answer(self: GreedyPolicy, rows: list[dict], max_new_tokens: int) -> list[str]:
+        asked.extend(rows)
+        return ['<think></think><answer>{"bbox": [0, 0, 500, 500]}</answer>'] * len(rows)
+
+    monkeypatch.setattr(GreedyPolicy, "answer", answer)
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.full((300, 400, 3), 128, dtype=np.uint8)).save(image)
+    tool = Path(__file__).resolve().parents[1] / "verl_grto/assets/shipped/seed0/tiny_sam2_pretrained"
+    out = tmp_path / "mask.png"
+    args = ["predict", "--policy", str(tiny_qwen3vl), "--tool", str(tool), "--image", str(image)]
+    assert main([*args, "--prompt", "the grey thing", "--out", str(out), "--device", "cpu"]) == 0
+    (row,) = asked
+    assert "from 0 to 1000 on each axis" in row["prompt"][0]["content"]
+    limits = default_limits(32)
+    assert (row["images"][0]["min_pixels"], row["images"][0]["max_pixels"]) == (limits.min_pixels, limits.max_pixels)
+    report = json.loads(capsys.readouterr().out)
+    assert report["parse_reason"] == "" and report["objects_used"] == 1
+    mask = np.asarray(Image.open(out)) > 0
+    assert mask.shape == (300, 400) and not mask[150:, :].any() and not mask[:, 200:].any()  # the top-left quarter

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl.trainer.ppo.utils import Role
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from verl_grto.data.masks import decode_rle
 from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.prompts import ObjectPrompt
 from verl_grto.tool.worker import ActorRolloutRefToolWorker, ToolSettings
@@ -72,6 +73,9 @@ def worker_hosting_the_tool(
     settings = ToolSettings.from_config({"path": str(TINY_TOOL), "loss": {"resolution": 256}})
     assert worker.init_tool(settings) > 0
     image = np.zeros((96, 128, 3), dtype=np.uint8)
-    masks = worker.tool_predict(ToolBatch(["a"], [image], [0], [[ObjectPrompt((10.0, 10.0, 60.0, 50.0))]]))
-    assert masks.masks[0].shape == (96, 128)
+    gt = np.zeros((96, 128), dtype=bool)
+    gt[10:50, 10:60] = True
+    batch = ToolBatch(["a"], [image], [0], [[ObjectPrompt((10.0, 10.0, 60.0, 50.0))]], [gt])
+    scores = worker.tool_predict(batch, [0])
+    assert decode_rle(scores.masks[0]).shape == (96, 128) and scores.union[0] >= gt.sum()
     return worker

@@ -12,7 +12,8 @@ Ground-truth JSON (``reward_model.ground_truth``)::
      "image_size": [H, W],
      "answer_size": [H', W'],                                   # optional: the size the policy is shown
      "answer_coords": "pixels" | "norm1000",                    # optional: the coordinates asked (default pixels)
-     "resize_factor": 28 | 32}                                  # optional: the factor answer_size was resized with
+     "resize_factor": 28 | 32,                                  # optional: the factor answer_size was resized with
+     "ignore": {"size": [H, W], "counts": "<COCO RLE string>"}} # optional: pixels no score counts
 
 ``answer_size`` is the image's size as the policy's processor resizes it (``smart_resize`` with the
 processor's factor ``resize_factor``, :mod:`verl_grto.data.frame`). ``answer_coords`` is the policy
@@ -21,6 +22,12 @@ family's coordinate convention: ``pixels`` answers are read in ``answer_size``, 
 (:mod:`verl_grto.reward.frame`). Rows written before these keys read as ``pixels``; without
 ``answer_size`` (the synthetic scenes, whose 112 px are a fixed point of the tiny Qwen2.5-VL's resize)
 a ``pixels`` answer is read in ``image_size``; without ``resize_factor`` a row was resized by Qwen2.5-VL's 28.
+
+``ignore`` marks pixels that count in no score, neither as object nor as background (ReasonSeg's
+"ignore" polygons, LISA's protocol): the mask reward, the tool's loss, validation and ``evaluate`` all
+leave them out (:func:`verl_grto.reward.mask_iou.count_overlap`). The ReasonSeg converter writes it as
+``extra_info["ignore_mask"]`` (a JSON string, "" when there is none); :meth:`GroundTruth.from_row` reads
+either place, so every reader gets it through one function.
 
 ``extra_info`` holds ``index`` (int, verl reads it), ``sample_id`` (str, unique and
 stable: the key of the tool's embedding cache and of evaluation resume),
@@ -93,6 +100,7 @@ class GroundTruth:
     answer_size: tuple[int, int] | None = None  # (H', W'), the size the policy is shown; None: image_size
     answer_coords: str = PIXELS  # the coordinate convention asked (verl_grto.data.frame)
     resize_factor: int | None = None  # the factor answer_size was resized with; None: Qwen2.5-VL's 28
+    ignore_rle: dict[str, Any] | None = None  # {"size": [H, W], "counts": str}: pixels no score counts
 
     def __post_init__(self) -> None:
         check_coords(self.answer_coords, "ground truth 'answer_coords'")
@@ -113,7 +121,23 @@ class GroundTruth:
             obj["answer_coords"] = self.answer_coords
         if self.resize_factor is not None:
             obj["resize_factor"] = self.resize_factor
+        if self.ignore_rle is not None:
+            obj["ignore"] = self.ignore_rle
         return json.dumps(obj)
+
+    @classmethod
+    def from_row(cls, ground_truth: str | dict, extra_info: dict[str, Any] | None = None) -> GroundTruth:
+        """A row's ground truth (``reward_model.ground_truth``) with its ignore region, wherever the row
+        keeps it: the ground truth's ``ignore``, or the JSON string ``extra_info["ignore_mask"]`` (the
+        ReasonSeg converter's, "" when there is none)."""
+        gt = cls.from_json(ground_truth)
+        legacy = (extra_info or {}).get("ignore_mask")
+        if gt.ignore_rle is None and legacy:
+            rle = json.loads(legacy) if isinstance(legacy, str) else legacy
+            if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+                raise ValueError(f"extra_info 'ignore_mask' must be a COCO RLE (JSON), got {str(legacy)[:80]}")
+            gt.ignore_rle = rle
+        return gt
 
     @classmethod
     def from_json(cls, text: str | dict) -> GroundTruth:
@@ -146,6 +170,11 @@ class GroundTruth:
         factor = obj.get("resize_factor")
         if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or factor < 1):
             raise ValueError(f"ground truth 'resize_factor' must be a positive integer, got {str(factor)[:40]}")
+        ignore = obj.get("ignore")
+        if ignore is not None and (not isinstance(ignore, dict) or "size" not in ignore or "counts" not in ignore):
+            raise ValueError(
+                f"ground truth 'ignore' must be a COCO RLE dict with size and counts, got {str(ignore)[:80]}"
+            )
         boxes = obj["boxes"]
         if not isinstance(boxes, list) or not all(isinstance(b, list | tuple) and len(b) == 4 for b in boxes):
             raise ValueError(f"ground truth 'boxes' must be a list of [x1, y1, x2, y2], got {str(boxes)[:80]}")
@@ -156,6 +185,7 @@ class GroundTruth:
             answer_size=None if answer is None else (int(answer[0]), int(answer[1])),
             answer_coords=coords,
             resize_factor=factor,
+            ignore_rle=ignore,
         )
 
 

@@ -263,6 +263,7 @@ def test_run_start_checks_the_data_before_verl_builds_datasets(tmp_path, monkeyp
         {"data": {"train_files": str(train), "val_files": []}, "trainer": {"default_local_dir": str(tmp_path / "run")}}
     )
     OmegaConf.set_struct(trainer.config, True)  # as verl's trainer holds it
+    trainer.processor = None  # verl's _init_tokenizer sets it; a text-only policy has none
     trainer.grto = GRTOConfig(tool=ToolSettings(path="unused"), data_check=mode)
     built_from = []  # what verl's own _init_dataloader would build its datasets from
     monkeypatch.setattr(

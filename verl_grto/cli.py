@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from verl_grto.data.frame import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from verl_grto.doctor import run_doctor
@@ -202,8 +200,8 @@ def _flag_prompt(box: str | None, points: str | None, image_hw: tuple[int, int])
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from verl_grto.data.convert.base import RowError, load_image
-    from verl_grto.data.frame import ResizeLimits
+    from verl_grto.data.convert.base import RowError, load_image, resize_limits
+    from verl_grto.data.frame import PolicyFrame
     from verl_grto.data.schema import build_instruction, build_short_instruction
     from verl_grto.eval.evaluate import write_prediction
     from verl_grto.eval.inference import PolicyToolPredictor, PromptedToolPredictor, ToolSegmenter, row_rgb
@@ -220,17 +218,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not prompted and (args.policy is None or args.prompt is None):
         raise CLIError("without --box/--points, predict needs --policy and --prompt")
     _existing(args.tool, "tool")
-    # The policy sees the image resized by these limits and answers in that frame (docs/method.md,
-    # "Image frames"); --box/--points are pixels of the image file.
-    limits = ResizeLimits(args.min_pixels, args.max_pixels)
+    # The policy sees the image resized by these limits with its processor's factor and answers in its
+    # family's convention (docs/method.md, "Image frames"); --box/--points are pixels of the image file.
+    frame = PolicyFrame()
+    if not prompted:
+        from transformers import AutoProcessor
+
+        frame = PolicyFrame.from_processor(AutoProcessor.from_pretrained(_existing(args.policy, "policy")))
+    limits = resize_limits(frame.factor, args.min_pixels, args.max_pixels)
     answer_h, answer_w = limits.size(image.height, image.width)
     row = {
         "prompt": [
             {
                 "role": "user",
-                "content": build_short_instruction(args.prompt or "")
+                "content": build_short_instruction(args.prompt or "", frame.coords)
                 if args.instruction == "short"
-                else build_instruction(args.prompt or "", answer_w, answer_h),
+                else build_instruction(args.prompt or "", answer_w, answer_h, coords=frame.coords),
             }
         ],
         "images": [{"bytes": image.data, "path": None, **limits.image_keys()}],
@@ -427,10 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--min-pixels",
         type=int,
-        default=DEFAULT_MIN_PIXELS,
-        help="the policy's resize limits (default: the full-size recipes'); answers are read in the resized frame",
+        help="the policy's resize limits (default: the full-size recipes' for the policy's processor factor, "
+        "256 to 1280 merged patches); answers are read in the resized frame",
     )
-    pr.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    pr.add_argument("--max-pixels", type=int)
     pr.add_argument("--max-new-tokens", type=int, default=256)
     pr.add_argument("--device", help="cpu or cuda (default: cuda when available, cpu for the tool alone)")
     pr.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the policy's dtype")

@@ -67,3 +67,39 @@ def test_summary_names_scores_baseline_and_times():
     assert "filling the policy's boxes: gIoU 0.250" in text and "policy box IoU 0.550" in text
     assert "bto_buffer 10.0" in text
     assert "BTO wall time / one GRTO epoch: 0.12" in text
+
+
+def test_bto_trains_the_tool_with_the_rollout_replicas_asleep():
+    """Colocated, vLLM and the tool share the actor's GPUs: the replicas sleep while BTO trains the tool
+    and wake (with the policy's weights, verl's update_weights) before anything generates again, also
+    when the stage fails."""
+    from types import SimpleNamespace
+
+    from verl_grto.trainer.bgrto_trainer import BGRTOTrainer
+
+    calls: list[str] = []
+    trainer = object.__new__(BGRTOTrainer)
+    trainer.global_steps = 1
+    trainer.checkpoint_manager = SimpleNamespace(
+        sleep_replicas=lambda: calls.append("sleep"), update_weights=lambda step: calls.append(f"wake@{step}")
+    )
+    trainer.tool_wg = SimpleNamespace(tool_run=lambda request: calls.append(f"train:{request}") or [{"ok": 1}])
+    assert trainer._train_tool_offline("req") == {"ok": 1}
+    assert calls == ["sleep", "train:req", "wake@1"]
+
+    def crash(request):
+        calls.append("crash")
+        raise RuntimeError("tool worker died")
+
+    calls.clear()
+    trainer.tool_wg = SimpleNamespace(tool_run=crash)
+    with pytest.raises(RuntimeError, match="died"):
+        trainer._train_tool_offline("req")
+    assert calls == ["sleep", "crash", "wake@1"]
+
+
+def test_bto_cache_bytes_is_configured_and_checked():
+    cfg = BTOConfig.from_config({"cache_bytes": 123})
+    assert cfg.cache_bytes == 123 and BTOConfig().cache_bytes == 4 << 30
+    with pytest.raises(ValueError, match="bto.cache_bytes"):
+        BTOConfig.from_config({"cache_bytes": -1})

@@ -22,13 +22,20 @@ import torch
 
 from verl_grto.algorithm.bto.buffer import BufferRecord, RolloutBuffer
 from verl_grto.algorithm.bto.build import build_buffer, hf_generate_fn
-from verl_grto.algorithm.bto.train import BTORequest, latest_checkpoint, rollout_weights, train_tool_on_buffer
+from verl_grto.algorithm.bto.train import (
+    BTORequest,
+    epoch_order,
+    latest_checkpoint,
+    rollout_weights,
+    train_tool_on_buffer,
+)
 from verl_grto.algorithm.tool_weights import importance_weights
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.schema import GroundTruth
 from verl_grto.data.synthetic import generate_split
 from verl_grto.reward.answer import ToolPrompt, format_answer, parse_answer
+from verl_grto.tool.cache import EmbeddingCache
 from verl_grto.tool.engine import ToolEngine, ToolEngineConfig
 from verl_grto.tool.model import SegmentationTool
 from verl_grto.tool.worker import ToolWorkerMixin
@@ -212,7 +219,7 @@ def test_importance_weights_are_used_when_asked(data, base_tool):
     update = engine.update
 
     def spy(batch, batch_weights=None):
-        seen.append((list(batch.sample_ids), list(batch_weights)))
+        seen.append((list(batch.image_keys), list(batch_weights)))
         return update(batch, batch_weights)
 
     engine.update = spy
@@ -228,11 +235,11 @@ def test_importance_weights_are_used_when_asked(data, base_tool):
         progress=False,
     )
     usable = {
-        sid: [i for i, r in enumerate(buffer.records) if r.sample_id == sid and r.parse_ok]
+        data["store"].key(sid): [i for i, r in enumerate(buffer.records) if r.sample_id == sid and r.parse_ok]
         for sid in buffer.done_sample_ids()
     }
-    for sample_ids, batch_weights in seen:
-        assert batch_weights == [weights[i] for sid in sample_ids for i in usable[sid]]
+    for image_keys, batch_weights in seen:
+        assert batch_weights == [weights[i] for key in image_keys for i in usable[key]]
     assert sum(len(w) for _, w in seen) == sum(r.parse_ok for r in buffer.records)
 
     with pytest.raises(ValueError, match="needs target_logprob_fn"):
@@ -426,3 +433,59 @@ def test_bto_request_runs_in_the_tool_worker_as_a_direct_call_does(data, base_to
     assert report["epoch_losses"] == direct.epoch_losses and report["batches"] == direct.batches
     assert Path(report["tool_dir"]).parent == latest_checkpoint(tmp_path / "job" / "rank0")
     _assert_states_equal(worker.tool_engine.state_dict(), direct_engine.state_dict())
+
+
+# ---- a buffer larger than the cache -------------------------------------------------------------
+
+
+def test_epoch_order_starts_with_what_the_cache_still_holds():
+    n, window = 10, 4
+    orders = [epoch_order(n, 3, e, window) for e in range(4)]
+    assert all(sorted(o.tolist()) == list(range(n)) for o in orders)  # every image once per epoch
+    for previous, current in zip(orders, orders[1:], strict=False):
+        assert set(current[:window].tolist()) == set(previous[-window:].tolist())  # the cached ones first
+    assert orders[2].tolist() == epoch_order(n, 3, 2, window).tolist()  # a pure function: resumable
+    # when the cache holds everything, each epoch is its own fresh permutation (the order before this rule)
+    assert epoch_order(n, 3, 2, None).tolist() == np.random.default_rng([3, 2]).permutation(n).tolist()
+    assert epoch_order(n, 3, 2, n).tolist() == epoch_order(n, 3, 2, None).tolist()
+
+
+def test_a_buffer_larger_than_the_cache_encodes_each_image_at_most_once_per_epoch(data, base_tool, tmp_path):
+    """6 images, a cache of 2 images' features, 4 epochs: epoch 1 encodes all 6, every later epoch the 4
+    the cache could not keep (the epoch starts with the 2 it holds), never one image twice in an epoch;
+    a stage resumed mid-way orders its epochs the same."""
+    probe = EmbeddingCache(base_tool)
+    probe.get(["x"], [data["store"].image(data["train"][0]["extra_info"]["sample_id"])])
+    two_images = 2 * probe.bytes_per_image
+    engine = fresh_engine(base_tool)
+    counts: list[int] = []
+    encode = engine.tool.encode
+
+    def counting(images):
+        counts.append(len(images))
+        return encode(images)
+
+    engine.tool.encode = counting
+    report = train_tool_on_buffer(
+        engine, data["buffer"], data["store"], epochs=4, batch_size=2, max_cache_bytes=two_images, progress=False
+    )
+    assert report.distinct_images == 6 and report.cache_window == 2
+    assert report.images_encoded == 6 + 3 * 4  # 18 encodes for 24 image visits
+    assert report.images_encoded / (report.distinct_images * report.epochs) == pytest.approx(0.75)
+
+    settings = {"epochs": 4, "batch_size": 2, "max_cache_bytes": two_images, "progress": False, "checkpoint_every": 5}
+    whole = train_tool_on_buffer(
+        fresh_engine(base_tool), data["buffer"], data["store"], checkpoint_dir=tmp_path / "a", **settings
+    )
+    first = train_tool_on_buffer(
+        fresh_engine(base_tool),
+        data["buffer"],
+        data["store"],
+        checkpoint_dir=tmp_path / "b",
+        **{**settings, "epochs": 2},
+    )
+    resumed = train_tool_on_buffer(
+        fresh_engine(base_tool), data["buffer"], data["store"], checkpoint_dir=tmp_path / "b", **settings
+    )
+    assert first.cache_window == resumed.cache_window == 2 and resumed.resumed_from_batch == 6
+    assert resumed.epoch_losses == whole.epoch_losses  # the same batches in the same order

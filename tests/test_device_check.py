@@ -53,7 +53,9 @@ def test_the_dry_run_writes_the_report_without_verl(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["dry_run"] is True and report["device"] == "cpu"
     tool, policy, est = report["tool"], report["policy"], report["estimates"]
-    assert tool["dtype"] == policy["dtype"] == "bfloat16"
+    assert policy["dtype"] == "bfloat16"
+    # the tool as the trainer runs it (the full-size recipe's settings): fp32 decoder, bf16 encoder
+    assert (tool["decoder_dtype"], tool["encoder_dtype"]) == ("float32", "bfloat16")
     assert tool["rollouts"] == tool["images"] * tool["group"]
     assert tool["phase_images_encoded"] == tool["images"]  # the cache: each image encoded once per step
     assert tool["update_skipped"] == 0

@@ -12,6 +12,8 @@ import pytest
 import torch
 import verl  # noqa: F401
 
+from verl_grto.data.image_store import SampleImageStore
+from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.synthetic import generate_split
 from verl_grto.reward.answer import ToolPrompt, format_answer
 from verl_grto.tool.worker import ToolSettings, ToolWorkerMixin
@@ -33,10 +35,15 @@ class LocalWorkerGroup:
         def call(*args):
             # DP_COMPUTE methods get one item per rank; ONE_TO_ALL ones the bare value
             if name in ("tool_predict", "tool_update"):
+                self.sent.append((name, args))
                 return [method(*(a[0] for a in args))]
             return [method(*args)]
 
         return call
+
+    @property
+    def sent(self) -> list:
+        return self.__dict__.setdefault("_sent", [])
 
 
 class FakeTQ:
@@ -78,25 +85,17 @@ def setup(tiny_assets, tmp_path, monkeypatch):
         }
     )
     monkeypatch.setattr(grto_trainer, "tq", tq)
+    files = [str(tmp_path / "train.parquet")]
+    write_rows_atomic([row.to_record() for row in rows], files[0])
     trainer = object.__new__(grto_trainer.GRTOTrainer)
-    trainer.grto = GRTOConfig(tool=ToolSettings(path=str(tiny_assets.tool), lr=1e-3))
+    trainer.grto = GRTOConfig(tool=ToolSettings(path=str(tiny_assets.tool), lr=1e-3), iou_after=True)
     trainer.tokenizer = tokenizer
     trainer.timing_raw = {}
     trainer.global_steps = 1
     trainer.actor_rollout_wg = LocalWorkerGroup()
-    trainer.actor_rollout_wg.init_tool(trainer.grto.tool)
+    trainer.actor_rollout_wg.init_tool(trainer.grto.tool, files)  # the worker reads its images itself
     trainer.tool_wg = trainer.actor_rollout_wg  # colocated placement
-
-    class Store:
-        def images(self, sids):
-            by_id = {row.sample_id: row for row in rows}
-            import io
-
-            from PIL import Image
-
-            return [np.asarray(Image.open(io.BytesIO(by_id[s].image_png)).convert("RGB")) for s in sids]
-
-    trainer.image_store = Store()
+    trainer.image_store = SampleImageStore(files)
     batch = SimpleNamespace(keys=[str(i) for i in range(len(answers))], partition_id="train")
     return trainer, tq, batch
 
@@ -114,6 +113,10 @@ def test_mask_rewards_replace_scores_at_last_token(setup):
     # the two identical good answers of one image get the same mask, hence the same score
     assert last[0] == last[1]
     assert trainer.actor_rollout_wg.worker.tool_engine.cache.images_encoded == 2  # 2 images, 8 rollouts
+    # what travelled to the tool: prompts and RLE ground truths, no image and no decoded mask; back: counts
+    ((name, (batches, mask_rows, fill)),) = trainer.actor_rollout_wg.sent
+    assert name == "tool_predict" and batches[0].images == [None, None] and mask_rows == [[]]
+    assert all(isinstance(t.mask, dict) for t in batches[0].targets)
 
 
 def test_tool_update_weights_skip_unparseable_and_train(setup):
@@ -136,8 +139,8 @@ def test_phase_one_returns_the_state_phase_two_trains_on(setup):
     trainer, tq, batch = setup
     phase = trainer._tool_rewards(batch, {})
     assert sorted(i for rows in phase.shard_rows for i in rows) == list(range(8))
-    assert [len(b.sample_ids) for b in phase.batches] == [2]  # 2 images, one rank
-    assert len(phase.masks_before) == len(phase.gt_masks) == len(phase.parse_ok) == 8
+    assert [len(b.image_keys) for b in phase.batches] == [2]  # 2 images, one rank
+    assert len(phase.iou_before) == len(phase.parse_ok) == 8
     assert phase.parse_ok == [True, True, False, True] * 2 and phase.prompts[2] == []
     trainer._tool_phase = None
     with pytest.raises(RuntimeError, match="phase 1"):
@@ -202,7 +205,14 @@ def test_tool_settings_are_the_engine_config_plus_where_the_tool_comes_from():
     from verl_grto.tool.losses import LossConfig
 
     extra = {f.name for f in fields(ToolSettings)} - {f.name for f in fields(ToolEngineConfig)}
-    assert extra == {"path", "trainable"}
+    assert extra == {
+        "path",
+        "trainable",
+        "freeze_high_res_convs",
+        "stability_fallback",
+        "min_box_size",
+        "encoder_dtype",
+    }
     tool = GRTOConfig.from_config({"tool": {"path": "p", "lr": 1e-3, "loss": {"dice_weight": 2.0}}}).tool
     assert isinstance(tool, ToolEngineConfig) and tool.path == "p" and tool.lr == 1e-3
     assert tool.loss == LossConfig(dice_weight=2.0) and tool.eps == ToolEngineConfig().eps
@@ -266,3 +276,120 @@ def test_run_start_checks_the_data_before_verl_builds_datasets(tmp_path, monkeyp
     trainer._init_dataloader()
     ((filtered,),) = built_from
     assert filtered.startswith(str(tmp_path / "run" / "data_check")) and len(pq.read_table(filtered)) == 2
+
+
+# ---- ignore regions, and validation scored where the masks are made ---------------------------
+
+
+def _ignore_everything_but(gt: np.ndarray, margin: int = 6) -> np.ndarray:
+    """An ignore region over the whole image but a band around the object (ReasonSeg-like)."""
+    ys, xs = np.nonzero(gt)
+    keep = np.zeros_like(gt)
+    keep[max(0, ys.min() - margin) : ys.max() + margin, max(0, xs.min() - margin) : xs.max() + margin] = True
+    return ~keep
+
+
+def _with_ignore(tq, view_rows) -> list[np.ndarray]:
+    """Give every row an ignore region through extra_info["ignore_mask"] (the ReasonSeg converter's field)."""
+    import json
+
+    from verl_grto.data.masks import decode_rle, encode_rle
+    from verl_grto.data.schema import GroundTruth
+
+    ignores = []
+    for k, (extra, rm) in enumerate(zip(tq.fields["extra_info"], tq.fields["reward_model"], strict=True)):
+        gt = decode_rle(GroundTruth.from_json(rm["ground_truth"]).mask_rle)
+        ignore = _ignore_everything_but(gt)
+        tq.fields["extra_info"][k] = {**extra, "ignore_mask": json.dumps(encode_rle(ignore))}
+        ignores.append(ignore)
+    return ignores
+
+
+def test_ignore_regions_leave_the_mask_reward_and_the_tool_loss(setup):
+    """ReasonSeg's ignore pixels count in neither the reward's IoU nor the tool's loss: the rewards equal
+    score_mask_answer (evaluate's rule) on the same masks and differ from those without the region, and
+    the region travels to the tool's update with every target."""
+    from verl_grto.data.masks import decode_rle
+    from verl_grto.reward.frame import parse_policy_answer
+    from verl_grto.reward.mask_reward import score_mask_answer
+
+    trainer, tq, batch = setup
+    trainer._tool_rewards(batch, {})
+    plain_rewards = [float(s[-1]) for s in tq.fields["rm_scores"].unbind()]
+    ignores = _with_ignore(tq, None)
+    phase = trainer._tool_rewards(batch, {})
+    rewards = [float(s[-1]) for s in tq.fields["rm_scores"].unbind()]
+    masks = trainer.actor_rollout_wg.worker.tool_engine.predict(phase.batches[0]).masks  # the batch's order
+    for k, i in enumerate(phase.shard_rows[0]):
+        gt = phase.view.ground_truths[i]
+        assert np.array_equal(decode_rle(gt.ignore_rle), ignores[i])  # GroundTruth.from_row read extra_info
+        parsed = parse_policy_answer(phase.view.texts[i], gt)
+        expected = score_mask_answer(parsed, masks[k].numpy(), gt, decode_rle(gt.mask_rle), trainer.grto.reward)
+        assert rewards[i] == pytest.approx(expected.score)
+    assert rewards != plain_rewards  # the region changed what counts
+    # the update's targets carry it (tests/test_tool_losses.py: the loss leaves those pixels out)
+    batch0 = phase.batches[0]
+    assert all(batch0.target(r).ignore is not None for r in range(batch0.num_rollouts))
+
+
+def test_validation_scores_on_the_tool_workers_as_evaluate_does(setup, monkeypatch):
+    """val-grto/gIoU and cIoU equal IoUAccumulator.add(mask, gt, ignore) (evaluate's scoring) on the same
+    masks; unparseable answers are missing predictions; the cache lives across validation batches."""
+    from verl_grto.data.masks import decode_rle
+    from verl_grto.eval.metrics import IoUAccumulator
+
+    trainer, tq, batch = setup
+    ignores = _with_ignore(tq, None)
+    tq.kv_clear = lambda keys, partition_id: None
+    # two validation batches showing the same two images (as RefCOCO's rows may): one prompt each
+    trainer.val_dataloader = [{"raw_prompt": [0] * 4}, {"raw_prompt": [0] * 4}]
+    halves = [list(range(0, 4)), list(range(4, 8))]
+    full = {k: tq.fields[k] for k in ("responses", "uid", "extra_info", "reward_model")}
+    calls = iter(halves)
+
+    def generate_batch(batch_dict, validate):
+        rows = next(calls)
+        for key, value in full.items():
+            tq.fields[key] = (
+                torch.nested.as_nested_tensor([value.unbind()[r] for r in rows], layout=torch.jagged)
+                if key == "responses"
+                else [value[r] for r in rows]
+            )
+        return SimpleNamespace(keys=[str(r) for r in rows], partition_id="val")
+
+    trainer.generate_batch = generate_batch
+    trainer.val_history, trainer.stage_seconds, trainer.global_steps = [], {}, 0
+    trainer._tool_ready = True
+    engine = trainer.actor_rollout_wg.worker.tool_engine
+    encoded = engine.cache.images_encoded
+    metrics = trainer._validate()
+    assert engine.cache.images_encoded - encoded == 2  # 8 rows over 2 batches, 2 distinct images
+
+    for key, value in full.items():
+        tq.fields[key] = value
+    view = grto_trainer.RolloutView(tq.fields, trainer.tokenizer)
+    parsed, prompts = grto_trainer._parse_view(view)
+    batches, rows = trainer._shards(view, prompts)
+    masks = grto_trainer.in_rollout_order(8, rows, [engine.predict(b).masks for b in batches])
+    acc = IoUAccumulator()
+    for p, m, gt, ig in zip(parsed, masks, view.ground_truths, ignores, strict=True):
+        acc.add(m.numpy() if p.ok else None, decode_rle(gt.mask_rle), ig)
+    assert metrics["val-grto/gIoU"] == pytest.approx(acc.results()["gIoU"])
+    assert metrics["val-grto/cIoU"] == pytest.approx(acc.results()["cIoU"])
+    assert metrics["val-grto/parse_rate"] == pytest.approx(0.75)
+
+
+def test_overlay_masks_are_the_only_masks_that_come_back(setup, monkeypatch):
+    trainer, tq, batch = setup
+    logged = []
+    monkeypatch.setattr(
+        grto_trainer, "log_overlays", lambda step, images, preds, gts, *a: logged.append((images, preds, gts))
+    )
+    trainer.config = SimpleNamespace(trainer=SimpleNamespace(project_name="p", experiment_name="e", logger=[]))
+    trainer.grto = GRTOConfig(tool=trainer.grto.tool, log_images_every=1, num_logged_images=2)
+    trainer._tool_rewards(batch, {})
+    ((images, preds, gts),) = logged
+    assert len(images) == len(preds) == len(gts) == 2
+    assert all(p is not None and p.shape == g.shape for p, g in zip(preds, gts, strict=True))
+    ((_, (_, mask_rows, _)),) = [c for c in trainer.actor_rollout_wg.sent if c[0] == "tool_predict"]
+    assert mask_rows == [[0, 4]]  # the first rollout of each of the two rows, in the rank's batch order

@@ -181,7 +181,8 @@ def test_a_box_in_the_policys_frame_selects_the_object_on_every_path(
         return fill_boxes([box], h, w)
 
     # training rewards and validation (GRTOTrainer._parse_view), and the agent loop's box reward
-    (parsed,), (gt_mask,), _ = _parse_view(SimpleNamespace(texts=[text], ground_truths=[gt]))
+    (parsed,), _ = _parse_view(SimpleNamespace(texts=[text], ground_truths=[gt]))
+    gt_mask = decode_rle(gt.mask_rle)
     assert parsed.ok
     pred = mask_of(parsed.objects[0].box)
     assert gt_mask.shape == (h, w)

@@ -36,6 +36,7 @@ from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 from verl.workers.engine import EngineRegistry  # noqa: E402
 from verl.workers.engine_workers import ActorRolloutRefWorker  # noqa: E402
 
+from verl_grto.data.masks import decode_rle  # noqa: E402
 from verl_grto.tool.engine import ToolBatch  # noqa: E402
 from verl_grto.tool.prompts import ObjectPrompt  # noqa: E402
 from verl_grto.tool.worker import ActorRolloutRefToolWorker, ToolSettings  # noqa: E402
@@ -87,8 +88,11 @@ def test_verl_builds_the_megatron_worker_configs_and_stops_at_the_engine(
     settings = ToolSettings.from_config({"path": str(TINY_TOOL), "loss": {"resolution": 256}})
     assert worker.init_tool(settings) > 0
     image = np.zeros((96, 128, 3), dtype=np.uint8)
-    masks = worker.tool_predict(ToolBatch(["a"], [image], [0], [[ObjectPrompt((10.0, 10.0, 60.0, 50.0))]]))
-    assert masks.masks[0].shape == (96, 128)
+    gt = np.zeros((96, 128), dtype=bool)
+    gt[10:50, 10:60] = True
+    batch = ToolBatch(["a"], [image], [0], [[ObjectPrompt((10.0, 10.0, 60.0, 50.0))]], [gt])
+    scores = worker.tool_predict(batch, [0])
+    assert decode_rle(scores.masks[0]).shape == (96, 128) and scores.union[0] >= gt.sum()
 
     with pytest.raises(ValueError, match=r"No engine registered for device='cpu'.*backend='megatron'"):
         worker.init_model()

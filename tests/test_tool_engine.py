@@ -103,21 +103,30 @@ def test_checkpoint_round_trip_is_bit_exact(scenes, tmp_path):
     engine = fresh_engine(lr=1e-3)
     for batch in batches[:2]:
         engine.update(batch)
+    with engine.own_rng():
+        torch.rand(5)  # the tool's stream moves on after the save...
     engine.save(str(tmp_path))
-    torch.manual_seed(123)  # the RNG state saved above must come back, not this one
-    expected_rand = None
+    with engine.own_rng():
+        expected_rand = torch.rand(3)  # ...and this is what the saved stream draws next
 
-    restored = fresh_engine(seed=7, lr=1e-3)  # different weights until loaded
+    restored = fresh_engine(seed=7, lr=1e-3)  # different weights and RNG until loaded
+    torch.manual_seed(123)
+    global_state = torch.get_rng_state()
     restored.load(str(tmp_path))
-    expected_rand = torch.rand(3)
+    # the process's RNG (verl's, restored per actor rank) is never set by the tool
+    assert torch.equal(torch.get_rng_state(), global_state)
+    with restored.own_rng():
+        assert torch.equal(torch.rand(3), expected_rand)
+    assert torch.equal(torch.get_rng_state(), global_state)
     for (ka, va), (kb, vb) in zip(
         engine.tool.model.state_dict().items(), restored.tool.model.state_dict().items(), strict=True
     ):
         assert ka == kb and torch.equal(va, vb), ka
     assert restored.step == engine.step == 2
 
-    engine.load(str(tmp_path))  # rewind the RNG of the original too
-    assert torch.equal(torch.rand(3), expected_rand)
+    engine.load(str(tmp_path))  # rewind both to the saved state
+    restored.load(str(tmp_path))
+    assert all(torch.equal(engine.rng[d].get_state(), restored.rng[d].get_state()) for d in engine.rng)
     metrics_a = engine.update(batches[2])
     metrics_b = restored.update(batches[2])
     assert metrics_a == metrics_b
@@ -206,9 +215,10 @@ def test_empty_batch_is_a_no_op():
 
 def _iou_and_loss(engine: ToolEngine, batch: ToolBatch) -> tuple[float, float]:
     with torch.no_grad():
-        features = engine.cache.get(batch.sample_ids, batch.images)
+        features = engine.cache.get(batch.image_keys, batch.images)
         out = engine.tool.decode(features, batch.prompts, batch.image_index)
-        losses = segmentation_losses(out.mask_logits, batch.gt_masks, out.iou_pred, LossConfig())
+        gt = [batch.target(r).mask for r in range(batch.num_rollouts)]
+        losses = segmentation_losses(out.mask_logits, gt, out.iou_pred, LossConfig())
     return float(losses.iou.mean()), float(losses.total.mean())
 
 
@@ -239,8 +249,142 @@ def test_training_on_synthetic_shapes_reduces_the_loss():
 def test_batch_validation():
     with pytest.raises(ValueError, match="image indices"):
         ToolBatch(["a"], [None], [0, 0], [[ObjectPrompt((0, 0, 1, 1))]])
-    with pytest.raises(ValueError, match="ground-truth"):
+    with pytest.raises(ValueError, match="2 ground truths for 1 rollouts"):
         ToolBatch(["a"], [None], [0], [[]], [np.zeros((2, 2), bool)] * 2)
+    with pytest.raises(ValueError, match="target_index outside"):
+        ToolBatch(["a"], [None], [0], [[]], [np.zeros((2, 2), bool)], [1])
     engine = fresh_engine()
-    with pytest.raises(ValueError, match="gt_masks"):
+    with pytest.raises(ValueError, match="ground truths"):
         engine.update(ToolBatch(["a"], [np.zeros((8, 8, 3), np.uint8)], [0], [[]]))
+
+
+# ---- bounded memory: chunks, masks scored where they are made, image keys -----------------------
+
+
+def test_chunked_update_takes_the_gradient_of_the_objective(scenes):
+    """update() back-propagates chunk by chunk and all-reduces once; its gradient is objective()'s."""
+    batch = make_batch(scenes, np.random.default_rng(4), group=3)
+    weights = [1.0, 0.0, 2.0, 0.5, 1.0, 3.0, 1.0, 1.0, 0.25]
+    whole = fresh_engine(chunk_images=len(scenes), max_grad_norm=0.0)
+    whole.optimizer.zero_grad(set_to_none=True)
+    whole.objective(batch, weights, loss_scale=0.5).loss.backward()
+    expected = [p.grad.clone() if p.grad is not None else None for p in whole.params]
+
+    chunked = fresh_engine(chunk_images=1, max_grad_norm=0.0)
+    seen = {}
+    chunked.optimizer.step = lambda: seen.update(
+        grads=[p.grad.clone() if p.grad is not None else None for p in chunked.params]
+    )  # type: ignore[method-assign]
+    metrics = chunked.update(batch, weights, loss_scale=0.5)
+    assert metrics["chunks"] == len(scenes) and metrics["skipped"] == 0
+    for got, want in zip(seen["grads"], expected, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_predict_scores_masks_against_ground_truth_and_ignore_like_the_reward(scenes):
+    """The overlap counts from predict() equal intersection_union() of the returned masks (the rule rewards
+    and evaluate use), ignore regions included; the box-fill baseline likewise; masks only where asked."""
+    from verl_grto.data.masks import encode_rle, fill_boxes
+    from verl_grto.reward.mask_iou import intersection_union
+    from verl_grto.tool.engine import ToolTarget
+
+    rng = np.random.default_rng(5)
+    batch = make_batch(scenes, rng, group=2)
+    ignores = []
+    targets = []
+    for r in range(batch.num_rollouts):
+        gt = batch.target(r).mask
+        ignore = np.zeros_like(gt)
+        ignore[:, : gt.shape[1] // 3] = True  # a third of every image is ignored
+        ignores.append(ignore)
+        targets.append(ToolTarget(encode_rle(gt), encode_rle(ignore)))  # as the trainer sends them: RLE
+    batch.targets, batch.target_index = targets, list(range(batch.num_rollouts))
+    engine = fresh_engine(chunk_images=2)
+    full = engine.predict(batch, fill_baseline=True)
+    for r in range(batch.num_rollouts):
+        gt = batch.target(r)
+        from verl_grto.data.masks import decode_rle
+
+        mask = decode_rle(gt.mask)
+        assert (full.intersection[r], full.union[r]) == intersection_union(full.masks[r].numpy(), mask, ignores[r])
+        boxes = [p.box for p in batch.prompts[r]]
+        filled = fill_boxes(boxes, *mask.shape)
+        assert (full.fill_intersection[r], full.fill_union[r]) == intersection_union(filled, mask, ignores[r])
+        with_ignore_counted = intersection_union(full.masks[r].numpy(), mask)
+        assert full.union[r] <= with_ignore_counted[1]
+    some = engine.predict(batch, return_masks=[1])
+    assert [m is not None for m in some.masks] == [r == 1 for r in range(batch.num_rollouts)]
+    assert np.array_equal(some.intersection, full.intersection)
+
+
+def test_rows_sharing_an_image_are_encoded_once():
+    """RefCOCO: several sentences (rows, targets) on one image; the cache is keyed by the image."""
+    rng = np.random.default_rng(6)
+    scene = shape_scene(rng, 96, 128, max_objects=2)
+    prompts = [[scene.prompt(i % len(scene.masks))] for i in range(4)]
+    batch = ToolBatch(["img"], [scene.image], [0, 0, 0, 0], prompts, [scene.masks[0], scene.masks[-1]], [0, 1, 0, 1])
+    engine = fresh_engine()
+    engine.predict(batch)
+    engine.update(batch)
+    assert engine.cache.images_encoded == 1
+
+
+def test_engine_reads_images_it_lacks_through_its_loader(scenes):
+    batch = make_batch(scenes, np.random.default_rng(7))
+    images = dict(zip(batch.image_keys, batch.images, strict=True))
+    reads = []
+    engine = fresh_engine(chunk_images=1, cache_bytes=0)  # nothing survives a chunk
+    engine.image_loader = lambda key: reads.append(key) or images[key]
+    batch.images = [None] * len(batch.images)
+    with_loader = engine.predict(batch)
+    assert sorted(reads) == sorted(batch.image_keys)
+    direct = fresh_engine().predict(make_batch(scenes, np.random.default_rng(7)))
+    assert all(torch.equal(a, b) for a, b in zip(with_loader.masks, direct.masks, strict=True))
+    engine.update(batch)  # the update reads them again: the cache held none
+    assert len(reads) == 2 * len(scenes)
+    no_loader = fresh_engine()
+    with pytest.raises(KeyError, match="not cached and no image"):
+        no_loader.predict(batch)
+
+
+def test_update_does_not_touch_the_global_rng(scenes):
+    batch = make_batch(scenes, np.random.default_rng(8))
+    engine = fresh_engine()
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    engine.update(batch)
+    engine.predict(batch)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_master_weights_are_float32_from_a_bf16_checkpoint(tmp_path):
+    """A bf16 TOOL_PATH (transformers 5 loads the stored dtype by default) still trains fp32 weights: an
+    lr-1e-5 AdamW step would round away on bf16. The frozen encoder may run in bf16 (encoder_dtype)."""
+    from verl_grto.tool.model import SegmentationTool
+
+    tool = tiny_tool(seed=0)
+    tool.model.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert (
+        next(SegmentationTool.from_pretrained.__func__(SegmentationTool, str(tmp_path)).model.parameters()).dtype
+        == torch.float32
+    )
+    loaded = SegmentationTool.from_pretrained(str(tmp_path), encoder_dtype="bfloat16")
+    assert all(p.dtype == torch.float32 for p in loaded.trainable_parameters())
+    assert loaded.encoder_dtype == torch.bfloat16 and loaded.dtype == torch.float32
+    engine = ToolEngine(loaded, ToolEngineConfig(lr=1e-5, weight_decay=0.0))
+    rng = np.random.default_rng(9)
+    batch = make_batch([shape_scene(rng, 64, 64)], rng)
+    before = trainable_snapshot(engine)
+    assert engine.update(batch)["skipped"] == 0
+    after = trainable_snapshot(engine)
+    changed = sum(int((a != b).sum()) for a, b in zip(before, after, strict=True))
+    assert changed > 0.5 * sum(a.numel() for a in before)  # lr 1e-5 moves most fp32 weights
+    # the same step on bf16 weights: most of those updates round away
+    rounded = sum(int((a.bfloat16() != b.bfloat16()).sum()) for a, b in zip(before, after, strict=True))
+    assert rounded < 0.5 * changed
+    feats = engine.cache.get(batch.image_keys, batch.images)
+    assert feats.image_embeddings.dtype == torch.bfloat16  # cached in the encoder's dtype (half the bytes)
+    with pytest.raises(ValueError, match="encoder_dtype"):
+        SegmentationTool.from_pretrained(str(tmp_path), encoder_dtype="int8")

@@ -129,3 +129,25 @@ def test_non_finite_logits_give_detectable_losses():
     logits[1, 0, 0] = float("nan")
     out = segmentation_losses(logits, [np.ones((4, 4), bool)] * 2, None, LossConfig())
     assert torch.isfinite(out.total[0]) and not torch.isfinite(out.total[1])
+
+
+def test_ignored_pixels_count_in_no_loss_term():
+    """ReasonSeg's ignore pixels: a prediction that differs from the target only there has the loss of a
+    perfect one; without an ignore region the terms are the plain ones, bit for bit."""
+    target = torch.zeros(16, 16, dtype=torch.bool)
+    target[4:12, 4:12] = True
+    ignore = torch.zeros_like(target)
+    ignore[:, :4] = True  # at resolution 8 these are whole columns 0-1: no fractional border
+    perfect = torch.where(target, 8.0, -8.0)
+    wrong_in_ignore = perfect.clone()
+    wrong_in_ignore[:, :4] = 8.0  # claims the ignored columns
+    for resolution in ("original", 8):
+        cfg = LossConfig(resolution=resolution)
+        logits = torch.stack([perfect, wrong_in_ignore])
+        with_ignore = segmentation_losses(logits, [target, target], None, cfg, [ignore, ignore])
+        plain = segmentation_losses(logits, [target, target], None, cfg)
+        assert with_ignore.total[1] == pytest.approx(float(with_ignore.total[0]), abs=1e-4)
+        assert plain.total[1] > plain.total[0] + 0.05
+        assert with_ignore.iou[1] == pytest.approx(1.0) and plain.iou[1] < 1.0
+        unset = segmentation_losses(logits, [target, target], None, cfg, [None, None])
+        assert torch.equal(unset.total, plain.total)

@@ -12,6 +12,7 @@ from tool_helpers import make_batch, shape_scene
 from verl.single_controller.ray import RayWorkerGroup
 
 from verl_grto.assets.build import build_tiny_sam2
+from verl_grto.data.masks import decode_rle
 from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.pool import (
     TOOL_POOL,
@@ -142,9 +143,11 @@ def test_two_tool_workers_train_in_sync_and_checkpoint(tool_group, settings, tmp
     batches = [make_batch(scenes[:2], rng, prefix="a"), make_batch(scenes[2:], rng, prefix="b")]
 
     wg.tool_begin_step()
-    masks = wg.tool_predict(batches)
-    assert [len(m.masks) for m in masks] == [4, 2]
-    assert masks[0].masks[0].shape == (96, 128) and masks[0].masks[0].dtype == bool
+    scores = wg.tool_predict(batches, [[0], []], [False, False])
+    assert [s.num_rollouts for s in scores] == [4, 2]
+    assert [len(s.intersection) for s in scores] == [4, 2] and all(s.fill_intersection is None for s in scores)
+    assert list(scores[0].masks) == [0] and scores[1].masks == {}  # masks only where asked, as RLE
+    assert decode_rle(scores[0].masks[0]).shape == (96, 128)
 
     refs = tool_update_async(wg, batches, [[1.0] * 4, [1.0] * 2])  # what the trainer overlaps with the actor
     assert all(isinstance(r, ray.ObjectRef) for r in refs)

@@ -15,16 +15,19 @@ from verl_grto.algorithm.tool_step import (
     ImageGroup,
     group_by_image,
     in_rollout_order,
-    mask_ious,
-    mean_mask_iou,
+    mean_overlap_iou,
+    overlap_ious,
     rollout_rows,
     shard_by_image,
     tool_batch,
     tool_step_weights,
+    tool_target,
 )
 from verl_grto.data.masks import encode_rle
 from verl_grto.data.schema import GroundTruth
 from verl_grto.reward.answer import ToolPrompt
+from verl_grto.reward.mask_iou import count_overlap
+from verl_grto.tool.engine import ToolTarget
 
 # rollouts of three images, interleaved as a batch of verl's may hold them
 SIDS = ["b", "a", "b", "c", "a", "b"]
@@ -40,10 +43,10 @@ def test_rollouts_are_grouped_by_image_in_order_of_first_appearance():
 def test_images_go_round_robin_to_ranks_and_equal_shards_cut_the_remainder():
     groups = group_by_image(SIDS)
     shards = shard_by_image(groups, 2)
-    assert [[g.sample_id for g in shard] for shard in shards] == [["b", "c"], ["a"]]
+    assert [[g.image_key for g in shard] for shard in shards] == [["b", "c"], ["a"]]
     assert sorted(i for shard in shards for i in rollout_rows(shard)) == list(range(len(SIDS)))  # each once
     # BTO: every rank the same number of images (so the same number of updates)
-    assert [[g.sample_id for g in shard] for shard in shard_by_image(groups, 2, equal=True)] == [["b"], ["a"]]
+    assert [[g.image_key for g in shard] for shard in shard_by_image(groups, 2, equal=True)] == [["b"], ["a"]]
     assert shard_by_image(groups[:1], 3) == [[groups[0]], [], []]  # GRTO: a rank may get no image
     with pytest.raises(ValueError, match="world"):
         shard_by_image(groups, 0)
@@ -52,18 +55,31 @@ def test_images_go_round_robin_to_ranks_and_equal_shards_cut_the_remainder():
 def test_tool_batch_lays_out_each_images_rollouts_with_its_image_and_ground_truth():
     groups = group_by_image(SIDS)
     prompts = [[ToolPrompt(box=(float(i), 0.0, float(i) + 4, 4.0))] for i in range(len(SIDS))]
-    masks = {s: np.full((2, 2), s == "a") for s in "abc"}
-    images = [f"img-{g.sample_id}" for g in groups]
-    batch = tool_batch(groups, images, prompts.__getitem__, lambda g: masks[g.sample_id])
+    # two dataset rows show image "b" (RefCOCO: two sentences); rollouts 0 and 5 answer row "b1", 2 row "b2"
+    row_of = ["b1", "a", "b2", "c", "a", "b1"]
+    targets = {r: ToolTarget(np.full((2, 2), r == "a")) for r in set(row_of)}
+    images = [f"img-{g.image_key}" for g in groups]
+    batch = tool_batch(groups, prompts.__getitem__, lambda i: (row_of[i], targets[row_of[i]]), images)
     rows = rollout_rows(groups)
     assert rows == [0, 2, 5, 1, 4, 3]
-    assert batch.sample_ids == ["b", "a", "c"] and batch.images == images
-    assert [batch.sample_ids[j] for j in batch.image_index] == [SIDS[i] for i in rows]
+    assert batch.image_keys == ["b", "a", "c"] and batch.images == images
+    assert [batch.image_keys[j] for j in batch.image_index] == [SIDS[i] for i in rows]
     assert batch.prompts == [prompts[i] for i in rows]
-    assert all(m is masks[SIDS[i]] for m, i in zip(batch.gt_masks, rows, strict=True))
-    assert tool_batch(groups, images, prompts.__getitem__).gt_masks is None  # prediction only
+    # one target per dataset row, sent once, shared by that row's rollouts
+    assert len(batch.targets) == 4
+    assert all(batch.target(k) is targets[row_of[i]] for k, i in enumerate(rows))
+    prediction_only = tool_batch(groups, prompts.__getitem__)
+    assert prediction_only.targets is None and prediction_only.images == [None] * 3  # the engine reads them
     with pytest.raises(ValueError, match="images"):
-        tool_batch(groups, images[:2], prompts.__getitem__)
+        tool_batch(groups, prompts.__getitem__, images=images[:2])
+
+
+def test_tool_target_carries_the_ground_truths_rle_and_ignore_region_undecoded():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[1:3, 1:3] = True
+    gt = GroundTruth(encode_rle(mask), [[1, 1, 3, 3]], (4, 4), ignore_rle=encode_rle(~mask))
+    target = tool_target(gt)
+    assert target.mask == gt.mask_rle and target.ignore == gt.ignore_rle  # RLE dicts: never decoded on the driver
 
 
 def test_batch_outputs_come_back_in_rollout_order():
@@ -116,16 +132,23 @@ def test_bto_weights_are_the_shared_step_weights():
     assert rollout_weights(records, min_box_iou=0.5).tolist() == [1, 0, 0]
 
 
-def test_mask_iou_follows_the_empty_mask_rule():
+def test_overlap_iou_follows_the_empty_mask_rule():
     gt = np.zeros((4, 4), dtype=bool)
     gt[:2, :2] = True
     half = np.zeros_like(gt)
     half[:2, :1] = True
     empty = np.zeros_like(gt)
-    assert mask_ious([gt, half, None, empty], [gt, gt, gt, empty]) == [1.0, 0.5, 0.0, 1.0]
-    # GRTO counts the parseable rollouts only; a missing mask counts as empty
-    assert mean_mask_iou([gt, half, None], [gt, gt, gt], include=[True, True, False]) == pytest.approx(0.75)
-    assert mean_mask_iou([gt, half, None], [gt, gt, gt]) == pytest.approx(0.5)
-    assert math.isnan(mean_mask_iou([gt], [gt], include=[False]))
+    inter, union = (
+        np.array(v)
+        for v in zip(
+            *(count_overlap(p, g) for p, g in [(gt, gt), (half, gt), (empty, gt), (empty, empty)]), strict=True
+        )
+    )
+    # a rollout sent with no prompt was scored as the empty mask: the missing-prediction rule
+    assert overlap_ious(inter, union).tolist() == [1.0, 0.5, 0.0, 1.0]
+    # GRTO counts the parseable rollouts only
+    assert mean_overlap_iou(inter[:3], union[:3], include=[True, True, False]) == pytest.approx(0.75)
+    assert mean_overlap_iou(inter[:3], union[:3]) == pytest.approx(0.5)
+    assert math.isnan(mean_overlap_iou(inter[:1], union[:1], include=[False]))
     with pytest.raises(ValueError, match="include"):
-        mean_mask_iou([gt], [gt], include=[True, True])
+        mean_overlap_iou(inter[:1], union[:1], include=[True, True])

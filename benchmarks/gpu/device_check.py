@@ -10,12 +10,15 @@ no verl, Ray or vLLM. It imports only the plugin's verl-free modules (``verl_grt
 
 What it measures (random weights throughout; the numbers are times, not quality):
 
-* **tool** -- SAM2.1-L (``sam2.1_hiera_l``, 1024 px) in bf16 on the device, the recipe's loss
-  (BCE + Dice at 256 px, mask decoder trained):
+* **tool** -- SAM2.1-L (``sam2.1_hiera_l``, 1024 px) on the device, built as the trainer builds it:
+  ``ToolSettings.build_tool`` with the full-size recipe's ``grto.tool`` settings (read from
+  ``recipes/qwen25vl_7b_sam21_large_base.yaml``: fp32 decoder and AdamW, the frozen encoder in the
+  recipe's ``encoder_dtype``, its loss, ``chunk_images`` and ``cache_bytes``), mask decoder trained:
 
   - ``encoder_s_per_image``: the frozen image encoder alone, batches of 8 pre-resized images;
-  - ``decoder_fwd_bwd_s_per_rollout``: the mask decoder forward + loss + backward from cached
-    features, one box per rollout, in shards of ``--shard-images`` images x G rollouts;
+  - ``decoder_fwd_bwd_s_per_rollout``: the tool objective's forward + backward from cached features
+    (``ToolEngine.objective``, what ``update`` differentiates), one box per rollout, in shards of
+    ``--shard-images`` images x G rollouts;
   - ``phase_s``: a GRTO tool phase of ``--images`` (128) images x G (8) rollouts through
     ``ToolEngine`` with its embedding cache, as a step does it: masks for the rewards
     (``predict``), then the update (``update``: forward, loss, backward, clipping, AdamW), each
@@ -59,11 +62,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: verl_grto
 
 from verl_grto.tool.configs import meta_sam2_config, tiny_sam2_config  # noqa: E402
-from verl_grto.tool.engine import ToolBatch, ToolEngine, ToolEngineConfig  # noqa: E402
-from verl_grto.tool.losses import LossConfig, segmentation_losses  # noqa: E402
+from verl_grto.tool.engine import ToolBatch, ToolEngine  # noqa: E402
 from verl_grto.tool.model import SegmentationTool  # noqa: E402
 from verl_grto.tool.preprocess import images_to_pixels  # noqa: E402
 from verl_grto.tool.prompts import ObjectPrompt  # noqa: E402
+from verl_grto.tool.settings import ToolSettings  # noqa: E402
+
+#: The full-size recipe whose ``grto.tool`` settings the tool section runs with.
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "qwen25vl_7b_sam21_large_base.yaml"
 
 SCHEMA = "verl_grto/device_check/1"
 #: The recipe's frame of a 2000 x 1300 image (``verl_grto.data.frame.ResizeLimits().size(1300, 2000)``;
@@ -139,14 +145,29 @@ def _shards(images: int, group: int, shard_images: int) -> list[tuple[list[int],
     return out
 
 
+def recipe_tool_settings(path: str) -> ToolSettings:
+    """The full-size recipe's ``grto.tool`` section with the tool read from ``path`` (PyYAML: no hydra
+    or verl on the GPU machines)."""
+    import yaml
+
+    section = dict(yaml.safe_load(RECIPE.read_text())["grto"]["tool"])
+    section["path"] = path
+    return ToolSettings.from_config(section)
+
+
 def tool_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Encoder, decoder fwd+bwd, the GRTO tool phase and its ratio to the compute floor."""
+    """Encoder, decoder fwd+bwd, the GRTO tool phase and its ratio to the compute floor, for the tool as
+    the trainer builds and runs it (``dtype`` is the policy's; the tool's come from the recipe)."""
+    import tempfile
+
     config = tiny_sam2_config() if args.dry_run else meta_sam2_config(TOOL_CONFIG)
-    tool = SegmentationTool.from_config(config, seed=0)
-    tool.model.to(device=device, dtype=dtype)
-    engine = ToolEngine(tool, ToolEngineConfig(lr=1e-5, loss=LossConfig(resolution=256)))
-    side = tool.image_size
+    checkpoint = tempfile.mkdtemp(prefix="device_check_tool_")
+    SegmentationTool.from_config(config, seed=0).model.save_pretrained(checkpoint)  # random weights, as TOOL_PATH
+    settings = recipe_tool_settings(checkpoint)
+    tool = settings.build_tool(device)
     pictures, boxes, masks = _workload(np.random.default_rng(0), args.images, args.group, args.tool_image_hw)
+    engine = ToolEngine(tool, settings, image_loader=lambda key: pictures[int(str(key)[3:])])
+    side = tool.image_size
     shards = _shards(args.images, args.group, args.shard_images)
 
     def batch(ids: list[int], rollouts: list[int], with_images: bool = True) -> ToolBatch:
@@ -175,20 +196,15 @@ def tool_section(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         encode_s += seconds
     encoder_s_per_image = encode_s / args.images
 
-    # 2. the decoder forward + loss + backward alone, from cached features, shard by shard
-    engine.begin_step()
-    for ids, _ in shards:
-        engine.cache.get([f"img{i}" for i in ids], [pictures[i] for i in ids])
-    tool.train(True)
+    # 2. the objective's forward + backward alone, from cached features, shard by shard
     decode_s = 0.0
     for ids, rollouts in shards:
         b = batch(ids, rollouts, with_images=False)
+        engine.begin_step()
+        engine.cache.get([f"img{i}" for i in ids], [pictures[i] for i in ids])
 
         def fwd_bwd(b: ToolBatch = b) -> None:
-            features = engine.cache.get(b.sample_ids)
-            out = tool.decode(features, b.prompts, b.image_index)
-            losses = segmentation_losses(out.mask_logits, b.gt_masks, out.iou_pred, engine.config.loss)
-            losses.total.float().mean().backward()
+            engine.objective(b).loss.backward()
 
         seconds, _ = timed(fwd_bwd, device)
         decode_s += seconds
@@ -203,17 +219,22 @@ def tool_section(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     encoded_before = engine.cache.images_encoded
 
     def phase() -> list[dict[str, float]]:
-        engine.begin_step()
-        for ids, rollouts in shards:  # rewards: masks under no-grad
-            engine.predict(batch(ids, rollouts))
-        return [engine.update(batch(ids, rollouts, with_images=False)) for ids, rollouts in shards]
+        out = []
+        for ids, rollouts in shards:  # one rank's step after another: its rewards, then its update
+            engine.begin_step()
+            engine.predict(batch(ids, rollouts, with_images=False), return_masks=False)  # scored on the device
+            out.append(engine.update(batch(ids, rollouts, with_images=False)))
+        return out
 
     phase_s, metrics = timed(phase, device)
     floor_s = args.images * encoder_s_per_image + rollouts_total * decoder_s_per_rollout
     return {
         "config": "tiny" if args.dry_run else TOOL_CONFIG,
         "model_image_size": side,
-        "dtype": str(dtype).removeprefix("torch."),
+        "decoder_dtype": str(tool.dtype).removeprefix("torch."),
+        "encoder_dtype": str(tool.encoder_dtype).removeprefix("torch."),
+        "chunk_images": settings.chunk_images,
+        "cache_bytes": settings.cache_bytes,
         "parameters": sum(p.numel() for p in tool.model.parameters()),
         "trainable_parameters": sum(p.numel() for p in engine.params),
         "images": args.images,

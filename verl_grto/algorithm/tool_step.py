@@ -6,27 +6,30 @@ and do them here:
 
 * **group** the rollouts by image and cut the images into :class:`~verl_grto.tool.engine.ToolBatch`es
   (:func:`group_by_image`, :func:`shard_by_image`, :func:`tool_batch`): an image's rollouts stay in
-  one batch, so the tool encodes the image once for all of them;
+  one batch, so the tool encodes the image once for all of them, and rows that show the same image
+  (RefCOCO's sentences) are one group: the key is the image's, not the row's;
 * **weigh** them (:func:`tool_step_weights`): the registered weighting, 0 for unparseable answers,
   and, with ``min_box_iou`` > 0, 0 for answers whose box misses the object;
-* **score** the tool's masks (:func:`mask_ious`, :func:`mean_mask_iou`): IoU under the empty-mask rule.
+* **score** the tool's masks from their overlap counts (:func:`overlap_ious`, :func:`mean_overlap_iou`): IoU
+  under the empty-mask rule.
 
 Pure functions of their inputs (no workers, no files), so both callers and the tests use them alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
 from verl_grto.algorithm.tool_weights import prompt_points_at_object, tool_loss_weights
+from verl_grto.data.schema import GroundTruth
 from verl_grto.reward.answer import ToolPrompt
 from verl_grto.reward.geometry import Box
-from verl_grto.reward.mask_iou import intersection_union, sample_iou
-from verl_grto.tool.engine import ToolBatch
+from verl_grto.reward.mask_iou import sample_iou
+from verl_grto.tool.engine import ToolBatch, ToolTarget
 from verl_grto.tool.preprocess import ImageLike
 
 T = TypeVar("T")
@@ -36,19 +39,25 @@ T = TypeVar("T")
 class ImageGroup:
     """One image's rollouts: ``rows`` are their indices into the caller's list of rollouts, in order."""
 
-    sample_id: str
+    image_key: str
     rows: tuple[int, ...]
 
 
-def group_by_image(sample_ids: Sequence[str], keep: Sequence[bool] | np.ndarray | None = None) -> list[ImageGroup]:
-    """Rollout ``i`` (of image ``sample_ids[i]``) grouped with the other rollouts of its image, images in
+def group_by_image(image_keys: Sequence[str], keep: Sequence[bool] | np.ndarray | None = None) -> list[ImageGroup]:
+    """Rollout ``i`` (of image ``image_keys[i]``) grouped with the other rollouts of its image, images in
     order of first appearance. ``keep[i]`` False leaves rollout i out (BTO: a weight-0 rollout adds
     nothing to a weighted mean, so it is not decoded); an image with no rollout kept has no group."""
     rows: dict[str, list[int]] = {}
-    for i, sid in enumerate(sample_ids):
+    for i, key in enumerate(image_keys):
         if keep is None or keep[i]:
-            rows.setdefault(str(sid), []).append(i)
-    return [ImageGroup(sid, tuple(r)) for sid, r in rows.items()]
+            rows.setdefault(str(key), []).append(i)
+    return [ImageGroup(key, tuple(r)) for key, r in rows.items()]
+
+
+def tool_target(gt: GroundTruth) -> ToolTarget:
+    """A row's ground truth as the tool receives it: the mask and ignore region as COCO RLE (decoded on the
+    tool's workers, once per row), never decoded on the driver."""
+    return ToolTarget(gt.mask_rle, gt.ignore_rle)
 
 
 def shard_by_image(groups: Sequence[ImageGroup], world: int, equal: bool = False) -> list[list[ImageGroup]]:
@@ -71,31 +80,38 @@ def rollout_rows(groups: Sequence[ImageGroup]) -> list[int]:
 
 def tool_batch(
     groups: Sequence[ImageGroup],
-    images: Sequence[ImageLike | None],
     prompt_of: Callable[[int], Sequence[ToolPrompt]],
-    gt_mask_of: Callable[[ImageGroup], np.ndarray] | None = None,
+    target_of: Callable[[int], tuple[Hashable, ToolTarget]] | None = None,
+    images: Sequence[ImageLike | None] | None = None,
 ) -> ToolBatch:
     """The :class:`ToolBatch` of ``groups``' rollouts, in :func:`rollout_rows` order.
 
-    ``images[j]`` is ``groups[j]``'s image (HxWx3, or None when the engine's cache already holds its
-    features); ``prompt_of(i)`` rollout i's parsed prompts; ``gt_mask_of(group)`` the image's
-    ground-truth mask (bool HxW), shared by its rollouts (they answer one dataset row). Without
-    ``gt_mask_of`` the batch can be predicted but not trained on."""
-    if len(images) != len(groups):
+    ``prompt_of(i)`` is rollout i's parsed prompts; ``target_of(i)`` its dataset row's key (e.g. the
+    sample id) and ground truth (:func:`tool_target`): the rollouts of one row share one target, sent
+    once. ``images[j]`` is ``groups[j]``'s image (HxWx3), None (or no ``images`` at all) where the
+    engine reads it itself (its cache, or its ``image_loader`` on the tool's workers). Without
+    ``target_of`` the batch can be predicted but neither scored nor trained on."""
+    if images is not None and len(images) != len(groups):
         raise ValueError(f"{len(images)} images for {len(groups)} image groups")
-    image_index = [j for j, g in enumerate(groups) for _ in g.rows]
-    gt_masks = None
-    if gt_mask_of is not None:
-        gt_masks = []
-        for g in groups:
-            mask = gt_mask_of(g)
-            gt_masks += [mask] * len(g.rows)
+    rows = rollout_rows(groups)
+    targets: list[ToolTarget] | None = None
+    target_index: list[int] | None = None
+    if target_of is not None:
+        position: dict[Hashable, int] = {}
+        targets, target_index = [], []
+        for i in rows:
+            key, target = target_of(i)
+            if key not in position:
+                position[key] = len(targets)
+                targets.append(target)
+            target_index.append(position[key])
     return ToolBatch(
-        sample_ids=[g.sample_id for g in groups],
-        images=list(images),
-        image_index=image_index,
-        prompts=[prompt_of(i) for i in rollout_rows(groups)],
-        gt_masks=gt_masks,
+        image_keys=[g.image_key for g in groups],
+        images=list(images) if images is not None else [None] * len(groups),
+        image_index=[j for j, g in enumerate(groups) for _ in g.rows],
+        prompts=[prompt_of(i) for i in rows],
+        targets=targets,
+        target_index=target_index,
     )
 
 
@@ -130,18 +146,20 @@ def tool_step_weights(
     return weights * prompt_points_at_object(boxes, gt_boxes, min_box_iou)
 
 
-def mask_ious(masks: Sequence[np.ndarray | None], gt_masks: Sequence[np.ndarray]) -> list[float]:
-    """The IoU of each of the tool's masks (bool HxW) against its ground truth, under the empty-mask rule
-    (:mod:`verl_grto.reward.mask_iou`: a None mask is a missing prediction, a union of 0 scores 1)."""
-    return [sample_iou(*intersection_union(m, gt)) for m, gt in zip(masks, gt_masks, strict=True)]
+def overlap_ious(intersection: Sequence[int] | np.ndarray, union: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The IoU of each of the tool's masks from its pixel overlap with the ground truth (what the tool's
+    workers send back, :class:`~verl_grto.tool.worker.ToolScores`), under the empty-mask rule
+    (:mod:`verl_grto.reward.mask_iou`: a union of 0 scores 1; a rollout sent with no prompt was scored as
+    the empty mask, a missing prediction). Shape ``(n,)``."""
+    return np.array([sample_iou(int(i), int(u)) for i, u in zip(intersection, union, strict=True)], dtype=np.float64)
 
 
-def mean_mask_iou(
-    masks: Sequence[np.ndarray | None], gt_masks: Sequence[np.ndarray], include: Sequence[bool] | None = None
+def mean_overlap_iou(
+    intersection: Sequence[int] | np.ndarray, union: Sequence[int] | np.ndarray, include: Sequence[bool] | None = None
 ) -> float:
-    """Mean of :func:`mask_ious` (gIoU) over the rollouts with ``include`` True (None: all); NaN when none."""
-    if include is not None and len(include) != len(masks):
-        raise ValueError(f"include has {len(include)} entries for {len(masks)} masks")
-    ious = mask_ious(masks, gt_masks)
-    counted = [v for k, v in enumerate(ious) if include is None or include[k]]
-    return float(np.mean(counted)) if counted else float("nan")
+    """Mean of :func:`overlap_ious` (gIoU) over the rollouts with ``include`` True (None: all); NaN when none."""
+    ious = overlap_ious(intersection, union)
+    if include is not None and len(include) != len(ious):
+        raise ValueError(f"include has {len(include)} entries for {len(ious)} rollouts")
+    counted = ious if include is None else ious[np.asarray(include, dtype=bool)]
+    return float(counted.mean()) if len(counted) else float("nan")

@@ -1,7 +1,9 @@
-"""Binary masks <-> COCO RLE, boxes from masks. pycocotools does the encoding."""
+"""Binary masks <-> COCO RLE, boxes <-> masks. pycocotools does the encoding."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -96,3 +98,18 @@ def mask_to_box(mask: np.ndarray) -> list[float] | None:
     if len(xs) == 0:
         return None
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def fill_boxes(boxes: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
+    """Bool HxW mask covering every pixel a box ``[x1, y1, x2, y2]`` (x2/y2 exclusive) touches.
+
+    Why in the data layer: the trivial "fill the box" baseline is scored where the tool's masks are
+    made (the tool's workers, :mod:`verl_grto.tool.engine`) and in evaluation
+    (:mod:`verl_grto.eval.baselines`), which sit in different layers above this one."""
+    mask = np.zeros((height, width), dtype=bool)
+    for x1, y1, x2, y2 in boxes:
+        c1, r1 = max(0, math.floor(x1)), max(0, math.floor(y1))
+        c2, r2 = min(width, math.ceil(x2)), min(height, math.ceil(y2))
+        if c2 > c1 and r2 > r1:
+            mask[r1:r2, c1:c2] = True
+    return mask

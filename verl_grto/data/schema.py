@@ -10,12 +10,19 @@ Ground-truth JSON (``reward_model.ground_truth``)::
     {"mask": {"size": [H, W], "counts": "<COCO RLE string>"},   # union of the referred objects
      "boxes": [[x1, y1, x2, y2], ...],                          # one per referred object, pixels, x2/y2 exclusive
      "image_size": [H, W],
-     "answer_size": [H', W']}                                   # optional: the frame the policy answers in
+     "answer_size": [H', W'],                                   # optional: the frame the policy answers in
+     "ignore": {"size": [H, W], "counts": "<COCO RLE string>"}} # optional: pixels no score counts
 
 ``answer_size`` is the image's size as the policy's processor resizes it (Qwen2.5-VL's
 ``smart_resize``, :mod:`verl_grto.data.frame`): answers are read in it and mapped to ``image_size``
 (:mod:`verl_grto.reward.frame`). Absent (rows written before it, the synthetic scenes, whose 112 px are
 a fixed point of the resize) it equals ``image_size``.
+
+``ignore`` marks pixels that count in no score, neither as object nor as background (ReasonSeg's
+"ignore" polygons, LISA's protocol): the mask reward, the tool's loss, validation and ``evaluate`` all
+leave them out (:func:`verl_grto.reward.mask_iou.count_overlap`). The ReasonSeg converter writes it as
+``extra_info["ignore_mask"]`` (a JSON string, "" when there is none); :meth:`GroundTruth.from_row` reads
+either place, so every reader gets it through one function.
 
 ``extra_info`` holds ``index`` (int, verl reads it), ``sample_id`` (str, unique and
 stable: the key of the tool's embedding cache and of evaluation resume),
@@ -70,6 +77,7 @@ class GroundTruth:
     boxes: list[list[float]]
     image_size: tuple[int, int]  # (H, W)
     answer_size: tuple[int, int] | None = None  # (H', W'), the policy's frame; None: image_size
+    ignore_rle: dict[str, Any] | None = None  # {"size": [H, W], "counts": str}: pixels no score counts
 
     @property
     def answer_frame(self) -> tuple[int, int]:
@@ -80,7 +88,23 @@ class GroundTruth:
         obj: dict[str, Any] = {"mask": self.mask_rle, "boxes": self.boxes, "image_size": list(self.image_size)}
         if self.answer_size is not None:
             obj["answer_size"] = list(self.answer_size)
+        if self.ignore_rle is not None:
+            obj["ignore"] = self.ignore_rle
         return json.dumps(obj)
+
+    @classmethod
+    def from_row(cls, ground_truth: str | dict, extra_info: dict[str, Any] | None = None) -> GroundTruth:
+        """A row's ground truth (``reward_model.ground_truth``) with its ignore region, wherever the row
+        keeps it: the ground truth's ``ignore``, or the JSON string ``extra_info["ignore_mask"]`` (the
+        ReasonSeg converter's, "" when there is none)."""
+        gt = cls.from_json(ground_truth)
+        legacy = (extra_info or {}).get("ignore_mask")
+        if gt.ignore_rle is None and legacy:
+            rle = json.loads(legacy) if isinstance(legacy, str) else legacy
+            if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+                raise ValueError(f"extra_info 'ignore_mask' must be a COCO RLE (JSON), got {str(legacy)[:80]}")
+            gt.ignore_rle = rle
+        return gt
 
     @classmethod
     def from_json(cls, text: str | dict) -> GroundTruth:
@@ -108,6 +132,11 @@ class GroundTruth:
             not isinstance(answer, list | tuple) or len(answer) != 2 or not all(int(v) > 0 for v in answer)
         ):
             raise ValueError(f"ground truth 'answer_size' must be [H, W] of positive sizes, got {str(answer)[:80]}")
+        ignore = obj.get("ignore")
+        if ignore is not None and (not isinstance(ignore, dict) or "size" not in ignore or "counts" not in ignore):
+            raise ValueError(
+                f"ground truth 'ignore' must be a COCO RLE dict with size and counts, got {str(ignore)[:80]}"
+            )
         boxes = obj["boxes"]
         if not isinstance(boxes, list) or not all(isinstance(b, list | tuple) and len(b) == 4 for b in boxes):
             raise ValueError(f"ground truth 'boxes' must be a list of [x1, y1, x2, y2], got {str(boxes)[:80]}")
@@ -116,6 +145,7 @@ class GroundTruth:
             boxes=[[float(v) for v in b] for b in boxes],
             image_size=(h, w),
             answer_size=None if answer is None else (int(answer[0]), int(answer[1])),
+            ignore_rle=ignore,
         )
 
 

@@ -13,28 +13,16 @@ Both take the row's ground truth and ``extra_info``, so they run without images 
 from __future__ import annotations
 
 import json
-import math
 import zlib
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from verl_grto.data.masks import fill_boxes
 from verl_grto.data.schema import GroundTruth
 
 BOX_FILL = "box_fill"
 RANDOM_OBJECT_BOX = "random_object_box"
-
-
-def fill_boxes(boxes: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """Bool HxW mask covering every pixel a box ``[x1, y1, x2, y2]`` (x2/y2 exclusive) touches."""
-    mask = np.zeros((height, width), dtype=bool)
-    for x1, y1, x2, y2 in boxes:
-        c1, r1 = max(0, math.floor(x1)), max(0, math.floor(y1))
-        c2, r2 = min(width, math.ceil(x2)), min(height, math.ceil(y2))
-        if c2 > c1 and r2 > r1:
-            mask[r1:r2, c1:c2] = True
-    return mask
 
 
 def box_fill(gt: GroundTruth, extra: dict[str, Any]) -> np.ndarray:

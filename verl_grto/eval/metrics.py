@@ -63,7 +63,11 @@ class IoUAccumulator:
 
     def add(self, pred: np.ndarray | None, gt: np.ndarray, ignore: np.ndarray | None = None) -> float:
         """Score one sample (``pred`` None = missing prediction); returns its IoU."""
-        inter, union = intersection_union(pred, gt, ignore)
+        return self.add_counts(*intersection_union(pred, gt, ignore))
+
+    def add_counts(self, inter: int, union: int) -> float:
+        """Score one sample from its pixel counts (as the tool's workers send them,
+        :func:`~verl_grto.reward.mask_iou.count_overlap`); returns its IoU."""
         self.intersection += inter
         self.union += union
         iou = sample_iou(inter, union)

@@ -1,16 +1,18 @@
-"""Cache of image features keyed by sample id: per step in GRTO, across epochs in BTO.
+"""Cache of image features keyed by image: per step in GRTO, across epochs in BTO.
 
 Why: a GRTO step has G rollouts per prompt image, and the tool is called for prediction
 (reward) and again for the update. Encoding is by far the most expensive part of SAM2, so
-each distinct image must be encoded once per step, however many rollouts or calls use it.
-The caller clears the cache at the start of each step; features depend on the frozen encoder
-only, so they stay valid while the decoder trains within the step.
+each distinct image must be encoded once per step, however many rollouts, calls or dataset rows
+(RefCOCO: one row per sentence) use it: the key is the image's
+(:class:`verl_grto.data.image_store.SampleImageStore`), not the row's. The caller clears the cache
+at the start of each step; features depend on the frozen encoder only, so they stay valid while the
+decoder trains within the step.
 
 BTO (`verl_grto.algorithm.bto`) trains the tool for several epochs on a fixed buffer, so
-it keeps the cache for the whole stage and every image is encoded once. A dataset's features
-need not fit in memory (SAM2-L at 1024 px: ~17 MB per image, ~88 MB with raw high-resolution
-features when `conv_s0`/`conv_s1` train), hence the optional `max_bytes` bound, which evicts
-the least recently used images.
+it keeps the cache for the whole stage: every image is encoded once when the buffer's features fit,
+and at most once per epoch otherwise (its epoch order is cache-aware). A dataset's features need not
+fit in memory (SAM2-L at 1024 px: ~17 MB per image, ~88 MB with raw high-resolution features when
+`conv_s0`/`conv_s1` train), hence the `max_bytes` bound, which evicts the least recently used images.
 """
 
 from __future__ import annotations
@@ -69,11 +71,16 @@ class EmbeddingCache:
                 self.nbytes -= features_nbytes(self._features.pop(sid))
                 self.evictions += 1
 
-    def get(self, sample_ids: Sequence[Hashable], images: Sequence[ImageLike | None] | None = None) -> ImageFeatures:
-        """Features for `sample_ids`, in order; `images[i]` is needed only for ids not yet cached.
+    @property
+    def bytes_per_image(self) -> int | None:
+        """Bytes of one image's cached features (all images have the same), None before the first encode."""
+        return self.nbytes // len(self._features) if self._features else None
 
-        Repeated ids in one call are encoded once. A cached id given an image of another size
-        raises, since that means two different images share an id.
+    def get(self, sample_ids: Sequence[Hashable], images: Sequence[ImageLike | None] | None = None) -> ImageFeatures:
+        """Features for the image keys `sample_ids`, in order; `images[i]` is needed only for keys not yet cached.
+
+        Repeated keys in one call are encoded once. A cached key given an image of another size
+        raises, since that means two different images share a key.
         """
         if images is not None and len(images) != len(sample_ids):
             raise ValueError(f"{len(sample_ids)} sample ids but {len(images)} images")

@@ -11,6 +11,12 @@ Resolution choices (`LossConfig.resolution`):
 - "original": logits upsampled bilinearly to each ground-truth mask's own size (what the
   reward sees), against the exact binary mask.
 - an int S: logits upsampled and ground truth area-resized to S x S.
+
+Ignore regions (ReasonSeg's "ignore" polygons): pixels that count in no score are left out of every
+term. A per-pixel *valid* weight v = 1 - ignore (area-averaged, so fractional at the loss resolution's
+borders) multiplies the BCE, which is then the mean over valid pixels (sum v * bce / sum v), and the
+Dice sums (P -> v P, T -> v T); the IoU of the thresholded prediction counts only pixels with v > 0.5.
+Without an ignore region the terms are exactly the plain ones.
 """
 
 from __future__ import annotations
@@ -54,27 +60,39 @@ class SegLosses:
     iou: torch.Tensor
 
 
-def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean binary cross-entropy per mask: (R, H, W) logits and targets in [0, 1] -> (R,)."""
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(1)
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean binary cross-entropy per mask: (R, H, W) logits and targets in [0, 1] -> (R,); with ``valid``
+    (R, H, W) weights in [0, 1], the mean over valid pixels (0 for a mask with none)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1)
+    if valid is None:
+        return bce.mean(1)
+    v = valid.flatten(1)
+    return (bce * v).sum(1) / v.sum(1).clamp(min=torch.finfo(v.dtype).tiny)
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss per mask, 1 - (2|P.T| + s) / (|P| + |T| + s) with P = sigmoid(logits): (R, H, W) -> (R,).
+def dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Soft Dice loss per mask, 1 - (2|P.T| + s) / (|P| + |T| + s) with P = sigmoid(logits): (R, H, W) -> (R,);
+    with ``valid`` weights, P and T are first multiplied by them (ignored pixels add to no sum).
 
     The smoothing term keeps empty-vs-empty masks at 0 loss and the gradient finite.
     """
     probs = torch.sigmoid(logits).flatten(1)
     targets = targets.flatten(1)
+    if valid is not None:
+        probs, targets = probs * valid.flatten(1), targets * valid.flatten(1)
     inter = (probs * targets).sum(1)
     return 1.0 - (2.0 * inter + smooth) / (probs.sum(1) + targets.sum(1) + smooth)
 
 
-def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU per mask of boolean (R, H, W) masks; two empty masks have IoU 1."""
+def mask_iou(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """IoU per mask of boolean (R, H, W) masks, counting only ``valid`` (bool) pixels; an empty union has IoU 1."""
     pred, target = pred.flatten(1), target.flatten(1)
-    inter = (pred & target).sum(1).float()
-    union = (pred | target).sum(1).float()
+    inter, union = pred & target, pred | target
+    if valid is not None:
+        inter, union = inter & valid.flatten(1), union & valid.flatten(1)
+    inter, union = inter.sum(1).float(), union.sum(1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
@@ -115,24 +133,37 @@ def _area_resize(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask[None, None], size=size, mode="area")[0, 0]
 
 
+def _at_resolution(
+    logits: torch.Tensor, mask: torch.Tensor | np.ndarray, resolution: Resolution
+) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """One rollout's (h, w) logits at the loss resolution, and the size masks must be area-resized to
+    (None: they stay at their own, original size)."""
+    if resolution == "low_res":
+        return logits, tuple(logits.shape)
+    size = tuple(np.shape(mask)) if resolution == "original" else (int(resolution), int(resolution))
+    up = F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return up, None if resolution == "original" else size
+
+
 def _pairs_at_resolution(
-    mask_logits: torch.Tensor, gt_masks: Sequence[torch.Tensor | np.ndarray], resolution: Resolution
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(logits, soft target) per rollout at the configured resolution."""
+    mask_logits: torch.Tensor,
+    gt_masks: Sequence[torch.Tensor | np.ndarray],
+    resolution: Resolution,
+    ignore_masks: Sequence[torch.Tensor | np.ndarray | None] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(logits, soft target, valid weights or None) per rollout at the configured resolution."""
     device = mask_logits.device
-    pairs = []
-    for logits, gt in zip(mask_logits, gt_masks, strict=True):
+    ignores = ignore_masks if ignore_masks is not None else [None] * len(gt_masks)
+    out = []
+    for logits, gt, ignore in zip(mask_logits, gt_masks, ignores, strict=True):
+        at, resize = _at_resolution(logits, gt, resolution)
         target = _as_float_mask(gt, device)
-        if resolution == "low_res":
-            pairs.append((logits, _area_resize(target, tuple(logits.shape))))
-        elif resolution == "original":
-            up = F.interpolate(logits[None, None], size=tuple(target.shape), mode="bilinear", align_corners=False)
-            pairs.append((up[0, 0], target))
-        else:
-            size = (int(resolution), int(resolution))
-            up = F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=False)
-            pairs.append((up[0, 0], _area_resize(target, size)))
-    return pairs
+        valid = None if ignore is None else 1.0 - _as_float_mask(ignore, device)
+        if resize is not None:
+            target = _area_resize(target, resize)
+            valid = None if valid is None else _area_resize(valid, resize)
+        out.append((at, target, valid))
+    return out
 
 
 def segmentation_losses(
@@ -140,11 +171,13 @@ def segmentation_losses(
     gt_masks: Sequence[torch.Tensor | np.ndarray],
     iou_pred: torch.Tensor | None,
     config: LossConfig,
+    ignore_masks: Sequence[torch.Tensor | np.ndarray | None] | None = None,
 ) -> SegLosses:
     """BCE + Dice (+ optional IoU-head MSE) per rollout.
 
     `mask_logits` is the decoder's (R, h, w) output, `gt_masks[r]` the boolean HxW mask of
-    rollout r at its image's original size. The IoU-head target is the IoU of the prediction
+    rollout r at its image's original size, `ignore_masks[r]` (None, or bool HxW) the pixels of it
+    no term counts (see the module docstring). The IoU-head target is the IoU of the prediction
     thresholded at logit 0 against the target thresholded at 0.5, and is not differentiated.
     """
     if len(gt_masks) != mask_logits.shape[0]:
@@ -153,11 +186,12 @@ def segmentation_losses(
         raise ValueError("iou_weight > 0 needs iou_pred")
     bce, dice, iou = [], [], []
     # Rollouts at the same size could be batched; per-rollout keeps mixed image sizes simple and R is small.
-    for logits, target in _pairs_at_resolution(mask_logits, gt_masks, config.resolution):
+    for logits, target, valid in _pairs_at_resolution(mask_logits, gt_masks, config.resolution, ignore_masks):
         logits, target = logits[None], target[None]
-        bce.append(bce_loss(logits, target))
-        dice.append(dice_loss(logits, target, config.dice_smooth))
-        iou.append(mask_iou(logits.detach() > 0, target > 0.5))
+        valid = None if valid is None else valid[None]
+        bce.append(bce_loss(logits, target, valid))
+        dice.append(dice_loss(logits, target, config.dice_smooth, valid))
+        iou.append(mask_iou(logits.detach() > 0, target > 0.5, None if valid is None else valid > 0.5))
     if not bce:
         empty = mask_logits.new_zeros(0)
         return SegLosses(empty, empty, empty, empty, empty)

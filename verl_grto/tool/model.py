@@ -11,6 +11,13 @@ Decoding is always single-mask (`multimask_output=False`). Transformers (like Me
 predictor) silently swaps in the best multimask output for unstable masks, but only in eval
 mode; that would make `predict` (eval) and `update` (train) score different outputs, so it
 is off unless `stability_fallback=True` is asked for.
+
+Precision: the weights are float32 whatever dtype a checkpoint is stored in (`from_pretrained` asks
+transformers for float32; with transformers 5's default `dtype="auto"` a bf16 checkpoint would load as
+bf16, and AdamW steps of lr 1e-5 would round away on bf16 weights). Only the frozen image encoder may
+run in a lower precision (`encoder_dtype`, e.g. bfloat16 on GPUs): it takes no optimiser step, and its
+cached features are then stored in that dtype (half the cache's bytes) and cast to float32 where the
+decoder reads them.
 """
 
 from __future__ import annotations
@@ -93,6 +100,16 @@ class DecodeOutput:
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
+def _as_dtype(value: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name ("bfloat16", "float16", "float32")."""
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"encoder_dtype must name a floating-point torch dtype, got {value!r}")
+    return dtype
+
+
 class SegmentationTool(nn.Module):
     """SAM2 with a frozen image encoder and a configurable trainable part, decoding one (OR-ed) mask per rollout."""
 
@@ -103,10 +120,16 @@ class SegmentationTool(nn.Module):
         freeze_high_res_convs: bool = False,
         stability_fallback: bool = False,
         min_box_size: float = 1.0,
+        encoder_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         if trainable not in TRAINABLE_CHOICES:
             raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {trainable!r}")
+        if min_box_size <= 0:
+            raise ValueError(f"min_box_size must be > 0 pixels, got {min_box_size}")
+        model.float()  # master weights: float32 whatever the checkpoint's dtype (see the module docstring)
+        if encoder_dtype is not None:
+            model.vision_encoder.to(_as_dtype(encoder_dtype))
         self.model = model
         self.trainable = trainable
         self.min_box_size = min_box_size
@@ -139,12 +162,22 @@ class SegmentationTool(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> SegmentationTool:
-        """Load a transformers-format SAM2 directory (e.g. the output of `convert_meta_checkpoint`)."""
-        return cls(Sam2Model.from_pretrained(path), **kwargs)
+        """Load a transformers-format SAM2 directory (e.g. the output of `convert_meta_checkpoint`), in
+        float32 whatever dtype it is stored in."""
+        return cls(Sam2Model.from_pretrained(path, dtype=torch.float32), **kwargs)
 
     @property
     def device(self) -> torch.device:
         return self.model.no_memory_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The decoder's (and the optimiser's) dtype: float32."""
+        return self.model.no_memory_embedding.dtype
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return next(self.model.vision_encoder.parameters()).dtype
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser should see (everything else is frozen)."""
@@ -158,13 +191,14 @@ class SegmentationTool(nn.Module):
     def encode_pixels(self, pixels: torch.Tensor, original_sizes: list[tuple[int, int]]) -> ImageFeatures:
         """Run the frozen encoder on normalised (B, 3, S, S) pixels."""
         model = self.model
-        dtype = model.no_memory_embedding.dtype
-        out = model.vision_encoder(pixels.to(self.device, dtype), return_dict=True)
+        store = self.encoder_dtype  # the features are cached in the encoder's dtype
+        out = model.vision_encoder(pixels.to(self.device, store), return_dict=True)
         s0, s1, last = out.fpn_hidden_states
-        embeddings = last + model.no_memory_embedding.view(1, -1, 1, 1)
+        embeddings = (last.to(self.dtype) + model.no_memory_embedding.view(1, -1, 1, 1)).to(store)
         projected = not self._convs_trainable()
         if projected:
-            s0, s1 = model.mask_decoder.conv_s0(s0), model.mask_decoder.conv_s1(s1)
+            s0 = model.mask_decoder.conv_s0(s0.to(self.dtype)).to(store)
+            s1 = model.mask_decoder.conv_s1(s1.to(self.dtype)).to(store)
         return ImageFeatures(embeddings, (s0, s1), projected, list(original_sizes))
 
     def encode(self, images: Sequence[ImageLike]) -> ImageFeatures:
@@ -173,17 +207,17 @@ class SegmentationTool(nn.Module):
         return self.encode_pixels(pixels, [original_size(image) for image in images])
 
     def _project(self, features: ImageFeatures) -> ImageFeatures:
-        """Apply `conv_s0`/`conv_s1` if the cache holds raw features (with gradients, as they are trainable then).
+        """Apply `conv_s0`/`conv_s1` if the cache holds raw features (with gradients, as they are trainable
+        then), and cast the features to the decoder's dtype.
 
         Done once per image, before features are repeated per object.
         """
-        if features.high_res_projected:
-            return features
-        decoder = self.model.mask_decoder
-        s0, s1 = features.high_res_features
-        return ImageFeatures(
-            features.image_embeddings, (decoder.conv_s0(s0), decoder.conv_s1(s1)), True, features.original_sizes
-        )
+        dtype = self.dtype
+        s0, s1 = (f.to(dtype) for f in features.high_res_features)
+        if not features.high_res_projected:
+            decoder = self.model.mask_decoder
+            s0, s1 = decoder.conv_s0(s0), decoder.conv_s1(s1)
+        return ImageFeatures(features.image_embeddings.to(dtype), (s0, s1), True, features.original_sizes)
 
     def _to_model_frame(self, coords: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
         """Scale (N, K, 2) pixel coordinates, row n belonging to an image of size sizes[n]."""
@@ -226,7 +260,7 @@ class SegmentationTool(nn.Module):
 
     def empty_output(self) -> DecodeOutput:
         """The decode result for zero rollouts (e.g. an empty data-parallel shard), without touching features."""
-        dtype = self.model.no_memory_embedding.dtype
+        dtype = self.dtype
         side = self.image_size // 4  # the decoder's low-resolution mask size
         empty = torch.empty(0, side, side, dtype=dtype, device=self.device)
         return DecodeOutput(empty, torch.empty(0, dtype=dtype, device=self.device), torch.zeros(0, dtype=torch.long))
@@ -267,7 +301,7 @@ class SegmentationTool(nn.Module):
 
         num_rollouts = len(prompts)
         h, w = features.high_res_features[0].shape[-2:]
-        dtype = features.image_embeddings.dtype
+        dtype = self.dtype
         device = self.device
         object_logits: list[torch.Tensor | None] = [None] * len(clean)
         object_iou: list[torch.Tensor | None] = [None] * len(clean)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -21,34 +20,11 @@ import torch
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from verl_grto.data.image_store import SampleImageStore
+from verl_grto.data.masks import encode_rle
 from verl_grto.faults import kill_point
-from verl_grto.tool.engine import ToolBatch, ToolEngine, ToolEngineConfig
-from verl_grto.tool.losses import LossConfig
-from verl_grto.tool.model import SegmentationTool
-
-
-@dataclass(frozen=True, kw_only=True)
-class ToolSettings(ToolEngineConfig):
-    """The recipe's ``grto.tool`` section: where the tool comes from (``path``, a transformers SAM2
-    directory; ``trainable``, the parts that train) plus its engine's optimiser and loss settings.
-
-    Why a subclass: the engine's settings (fields and defaults) are written once, in
-    :class:`ToolEngineConfig`; the recipe names them flat (``grto.tool.lr``, ``grto.tool.loss.*``), and
-    a worker hands these settings to its :class:`ToolEngine` as they are. A plain frozen dataclass: it
-    travels through Ray."""
-
-    path: str
-    trainable: str = "mask_decoder"
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, Any]) -> ToolSettings:
-        """From the section as a plain dict (``loss`` a dict of :class:`LossConfig` fields)."""
-        raw = dict(raw)
-        if "loss" in raw:
-            raw["loss"] = LossConfig(**(raw["loss"] or {}))
-        if "betas" in raw:
-            raw["betas"] = tuple(raw["betas"])
-        return cls(**raw)
+from verl_grto.tool.engine import ToolBatch, ToolEngine, ToolPrediction
+from verl_grto.tool.settings import ToolSettings
 
 
 class ToolJob(Protocol):
@@ -64,12 +40,46 @@ class ToolJob(Protocol):
 
 
 @dataclass
-class ToolMasks:
-    """One rank's predictions: boolean masks (original image size), predicted IoU, prompt issues."""
+class ToolScores:
+    """One rank's predictions as they travel back to the driver: per rollout (R of them) the pixel
+    overlap of its mask with its ground truth (``intersection``, ``union``: int64 ``(R,)``, ignore
+    regions left out; None when the batch had no ground truth), the same for its boxes filled when
+    asked (``fill_*``), the predicted IoU and objects decoded ``(R,)``; prompt issues and masks (COCO
+    RLE, original size) only for the rollouts that have issues / were asked for.
 
-    masks: list[np.ndarray]
-    iou_pred: list[float]
-    prompt_issues: list[list[str]]
+    Why no masks: a mask is 1-3 MB at 1-3 MP, a step has ~1000 rollouts, and the driver only needs
+    their scores; a few RLE masks feed the logged overlays."""
+
+    intersection: np.ndarray | None
+    union: np.ndarray | None
+    fill_intersection: np.ndarray | None
+    fill_union: np.ndarray | None
+    iou_pred: np.ndarray
+    num_objects: np.ndarray
+    prompt_issues: dict[int, list[str]]
+    masks: dict[int, dict[str, Any]]
+
+    @property
+    def num_rollouts(self) -> int:
+        return len(self.iou_pred)
+
+    @classmethod
+    def empty(cls) -> ToolScores:
+        zeros = np.zeros(0, dtype=np.int64)
+        return cls(zeros, zeros, None, None, np.zeros(0, np.float32), np.zeros(0, np.int32), {}, {})
+
+    @classmethod
+    def from_prediction(cls, pred: ToolPrediction, mask_rows: list[int]) -> ToolScores:
+        return cls(
+            pred.intersection,
+            pred.union,
+            pred.fill_intersection,
+            pred.fill_union,
+            pred.iou.numpy().astype(np.float32),
+            pred.num_objects.numpy().astype(np.int32),
+            {r: list(p) for r, p in enumerate(pred.prompt_issues) if p},
+            {r: encode_rle(pred.masks[r].numpy()) for r in mask_rows if pred.masks[r] is not None},
+        )
 
 
 def worker_device() -> torch.device:
@@ -90,9 +100,11 @@ class ToolWorkerMixin:
     tool_engine: ToolEngine
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def init_tool(self, settings: ToolSettings) -> int:
-        tool = SegmentationTool.from_pretrained(settings.path, trainable=settings.trainable).to(worker_device())
-        self.tool_engine = ToolEngine(tool, settings)
+    def init_tool(self, settings: ToolSettings, image_files: list[str] | None = None) -> int:
+        """Build the tool on this worker's device; with ``image_files`` (the run's parquet files) the
+        engine reads the images it needs itself, by key, so they never travel through the driver."""
+        loader = SampleImageStore(image_files).image_by_key if image_files else None
+        self.tool_engine = ToolEngine(settings.build_tool(worker_device()), settings, image_loader=loader)
         return sum(p.numel() for p in self.tool_engine.params)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -101,15 +113,16 @@ class ToolWorkerMixin:
         self.tool_engine.begin_step()
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
-    def tool_predict(self, batch: ToolBatch) -> ToolMasks:
+    def tool_predict(
+        self, batch: ToolBatch, mask_rows: list[int] | None = None, fill_baseline: bool = False
+    ) -> ToolScores:
+        """Score this rank's shard (:class:`ToolScores`); ``mask_rows``: the rollouts whose masks come back.
+        ``Dispatch.DP_COMPUTE``: the driver passes one value per rank for every argument."""
         if batch.num_rollouts == 0:
-            return ToolMasks([], [], [])
-        pred = self.tool_engine.predict(batch)
-        return ToolMasks(
-            masks=[m.cpu().numpy().astype(bool) for m in pred.masks],
-            iou_pred=[float(v) for v in pred.iou],
-            prompt_issues=[list(p) for p in pred.prompt_issues],
-        )
+            return ToolScores.empty()
+        rows = list(mask_rows or [])
+        pred = self.tool_engine.predict(batch, return_masks=rows, fill_baseline=fill_baseline)
+        return ToolScores.from_prediction(pred, rows)
 
     @register(dispatch_mode=Dispatch.DP_COMPUTE)
     def tool_update(self, batch: ToolBatch, weights: list[float], loss_scale: float = 1.0) -> dict[str, float]:

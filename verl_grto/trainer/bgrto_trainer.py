@@ -147,8 +147,9 @@ class BGRTOTrainer(GRTOTrainer):
             checkpoint_every=self.bto.checkpoint_every,
             seed=self.bto.seed,
             min_box_iou=self.bto.min_box_iou,
+            cache_bytes=self.bto.cache_bytes,
         )
-        tool_report = self.tool_wg.tool_run(request)[0]
+        tool_report = self._train_tool_offline(request)
         tool_s = time.perf_counter() - start
 
         parse_rate = float(np.mean([r.parse_ok for r in buffer.records])) if len(buffer) else float("nan")
@@ -185,6 +186,19 @@ class BGRTOTrainer(GRTOTrainer):
             [round(v, 4) for v in tool_report["epoch_losses"]],
         )
         return report
+
+    def _train_tool_offline(self, request: BTORequest) -> dict[str, Any]:
+        """Run BTO's tool stage on the tool's workers with the rollout replicas asleep, then wake them with
+        the current policy weights (verl's ``update_weights``, as after every step).
+
+        Why: colocated, the replicas (vLLM at ``gpu_memory_utilization`` of each GPU) and the tool share
+        the actor's devices; the buffer is built by then, so nothing generates until the validation
+        after BTO. verl's sync trainer sleeps them after each rollout the same way (``on_sample_end``)."""
+        self.checkpoint_manager.sleep_replicas()
+        try:
+            return self.tool_wg.tool_run(request)[0]
+        finally:
+            self.checkpoint_manager.update_weights(self.global_steps)
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()

@@ -7,9 +7,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from verl_grto.algorithm.bto.train import DEFAULT_CACHE_BYTES
 from verl_grto.algorithm.tool_weights import get_weighting, weighting_names
 from verl_grto.reward.mask_reward import MaskRewardConfig
-from verl_grto.tool.worker import ToolSettings
+from verl_grto.tool.settings import ToolSettings
 from verl_grto.trainer.data_preflight import DATA_CHECK_MODES
 
 PLACEMENTS = ("colocated", "separate")
@@ -36,14 +37,16 @@ class GRTOConfig:
     rewards and advantages are unchanged. ``data_check`` says what a bad row of ``data.train_files`` /
     ``data.val_files`` does when the run starts (verl_grto/trainer/data_preflight.py): ``fail`` stops
     the run listing file, row and reason; ``skip`` trains on copies without the bad rows (written to
-    the run's ``data_check/`` folder, with a report); ``off`` checks nothing.
+    the run's ``data_check/`` folder, with a report); ``off`` checks nothing. ``iou_after`` predicts the
+    step's rollouts a second time after the tool's update, to log ``grto/tool/iou_after`` beside
+    ``iou_before`` (one more pass of the decoder over every rollout: the tiny recipes turn it on).
+    The tool's memory is set in ``tool`` (``chunk_images``, ``cache_bytes``; :class:`ToolSettings`).
     """
 
     tool: ToolSettings
     reward: MaskRewardConfig = field(default_factory=MaskRewardConfig)
     tool_loss_coef: float = 1.0
     weighting: str = "uniform"
-    importance_clip: float = 2.0
     tool_epochs: int = 1
     placement: str = "colocated"
     tool_workers_per_node: int = 1
@@ -51,6 +54,7 @@ class GRTOConfig:
     log_images_every: int = 0
     num_logged_images: int = 4
     data_check: str = "fail"
+    iou_after: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -105,6 +109,8 @@ class BTOConfig:
     ``min_box_iou`` > 0 trains only on rollouts whose box overlaps the ground truth at least that
     much (a policy that does not localise yet otherwise teaches the tool to predict background).
     ``validate_after`` runs a validation between BTO and GRTO (the bootstrap's own effect).
+    ``cache_bytes`` bounds the stage's image-feature cache (None: unbounded); when the buffer's images do
+    not fit, each is encoded at most once per epoch (:func:`verl_grto.algorithm.bto.train.epoch_order`).
     ``prompts_per_generate`` prompts are sent to verl's rollout at once while the buffer is built
     (None: ``data.train_batch_size``); the buffer is saved after each such chunk, so a crash loses
     at most one. Larger chunks let the rollout servers batch more answers per forward pass.
@@ -119,8 +125,11 @@ class BTOConfig:
     seed: int = 0
     min_box_iou: float = 0.0
     validate_after: bool = True
+    cache_bytes: int | None = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            raise ValueError(f"bto.cache_bytes must be >= 0 or null, got {self.cache_bytes}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"bto.group_size must be >= 1 or null, got {self.group_size}")
         if self.max_prompts is not None and self.max_prompts < 1:

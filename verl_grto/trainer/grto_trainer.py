@@ -33,23 +33,24 @@ from verl.utils.debug import marked_timer
 from verl_grto.algorithm.tool_step import (
     group_by_image,
     in_rollout_order,
-    mean_mask_iou,
+    mean_overlap_iou,
+    overlap_ious,
     rollout_rows,
     shard_by_image,
     tool_batch,
     tool_step_weights,
+    tool_target,
 )
 from verl_grto.data.frame import limits_from_kwargs
 from verl_grto.data.image_store import SampleImageStore
-from verl_grto.data.masks import decode_rle, mask_to_box
+from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import GroundTruth
-from verl_grto.eval.baselines import fill_boxes
 from verl_grto.eval.metrics import IoUAccumulator
 from verl_grto.faults import dump_after_resume
 from verl_grto.reward.answer import ParsedAnswer, ToolPrompt
 from verl_grto.reward.box_reward import score_box_answer
 from verl_grto.reward.frame import parse_policy_answer
-from verl_grto.reward.mask_reward import score_mask_answer
+from verl_grto.reward.mask_reward import score_tool_overlap
 from verl_grto.tool.engine import ToolBatch
 from verl_grto.tool.pool import (
     TOOL_ROLE,
@@ -58,7 +59,7 @@ from verl_grto.tool.pool import (
     tool_update_async,
     worker_nodes,
 )
-from verl_grto.tool.worker import ActorRolloutRefToolWorker, fingerprint_metrics
+from verl_grto.tool.worker import ActorRolloutRefToolWorker, ToolScores, fingerprint_metrics
 from verl_grto.trainer.config import GRTOConfig
 from verl_grto.trainer.data_preflight import preflight_data
 from verl_grto.trainer.overlays import default_tb_dir, log_overlays
@@ -78,11 +79,43 @@ def as_list(value: Any) -> list[Any]:
     return list(value.tolist() if hasattr(value, "tolist") else value)
 
 
-def _parse_view(view: RolloutView) -> tuple[list[ParsedAnswer], list[np.ndarray], list[list[ToolPrompt]]]:
-    """Parsed answers (in the image frame), ground-truth masks and tool prompts (empty when unparseable)."""
+def _parse_view(view: RolloutView) -> tuple[list[ParsedAnswer], list[list[ToolPrompt]]]:
+    """Parsed answers (in the image frame) and tool prompts (empty when unparseable: the tool's workers
+    then score the empty mask, the missing-prediction rule)."""
     parsed = [parse_policy_answer(t, gt) for t, gt in zip(view.texts, view.ground_truths, strict=True)]
-    gt_masks = [decode_rle(gt.mask_rle) for gt in view.ground_truths]
-    return parsed, gt_masks, [list(p.objects) if p.ok else [] for p in parsed]
+    return parsed, [list(p.objects) if p.ok else [] for p in parsed]
+
+
+@dataclass
+class StepScores:
+    """The tool's scores of a step's ``n`` rollouts in rollout order, gathered from every rank's
+    :class:`ToolScores`: overlap counts ``(n,)`` (``fill_*`` when asked), predicted IoU, and the few
+    masks asked for (COCO RLE, by rollout index)."""
+
+    intersection: np.ndarray
+    union: np.ndarray
+    fill_intersection: np.ndarray | None
+    fill_union: np.ndarray | None
+    masks: dict[int, dict[str, Any]]
+
+    @property
+    def ious(self) -> np.ndarray:
+        return overlap_ious(self.intersection, self.union)
+
+    @classmethod
+    def gather(cls, n: int, shard_rows: list[list[int]], per_rank: list[ToolScores]) -> StepScores:
+        def column(name: str) -> np.ndarray | None:
+            values = [getattr(s, name) for s in per_rank]
+            if any(v is None for v, rows in zip(values, shard_rows, strict=True) if rows):
+                return None
+            ordered = in_rollout_order(n, shard_rows, [list(v) if v is not None else [] for v in values])
+            return np.array([0 if v is None else v for v in ordered], dtype=np.int64)
+
+        masks = {rows[k]: rle for rows, s in zip(shard_rows, per_rank, strict=True) for k, rle in s.masks.items()}
+        inter, union = column("intersection"), column("union")
+        if inter is None or union is None:
+            raise RuntimeError("the tool's workers returned no overlap counts (the batches carried no ground truth)")
+        return cls(inter, union, column("fill_intersection"), column("fill_union"), masks)
 
 
 class RolloutView:
@@ -95,7 +128,10 @@ class RolloutView:
         self.uids = [str(u) for u in as_list(data["uid"])]
         extra = as_list(data["extra_info"])
         self.sample_ids = [str(e["sample_id"]) for e in extra]
-        self.ground_truths = [GroundTruth.from_json(rm["ground_truth"]) for rm in as_list(data["reward_model"])]
+        self.ground_truths = [
+            GroundTruth.from_row(rm["ground_truth"], e)
+            for rm, e in zip(as_list(data["reward_model"]), extra, strict=True)
+        ]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -109,17 +145,17 @@ class ToolPhase:
     Why one object: phase 2 must train on exactly the batches phase 1 scored; one value returned by
     phase 1 and passed along (kept between verl's two calls in ``GRTOTrainer._tool_phase``) cannot be
     half updated. Per rollout (n of them, TransferQueue order): ``prompts`` (empty when unparseable),
-    ``parse_ok``, ``gt_masks`` (bool HxW), ``masks_before`` (the tool's masks before its update);
-    ``batches[r]`` is tool rank r's :class:`ToolBatch`, holding the rollouts ``shard_rows[r]``.
+    ``parse_ok``, ``iou_before`` (the IoU of the tool's mask before its update, ``(n,)``);
+    ``batches[r]`` is tool rank r's :class:`ToolBatch` (prompts and ground truths as RLE, no image, no
+    mask), holding the rollouts ``shard_rows[r]``.
     """
 
     view: RolloutView
     prompts: list[list[ToolPrompt]]
     parse_ok: list[bool]
-    gt_masks: list[np.ndarray]
     batches: list[ToolBatch]
     shard_rows: list[list[int]]
-    masks_before: list[np.ndarray | None]
+    iou_before: np.ndarray
 
 
 @register_trainer("grto")
@@ -188,15 +224,17 @@ class GRTOTrainer(PPOTrainerSync):
             )
         else:
             self.tool_wg = self.actor_rollout_wg
-        sizes = self.tool_wg.init_tool(self.grto.tool)
-        self.image_store = SampleImageStore(self._data_files("train_files") + self._data_files("val_files"))
+        files = self._data_files("train_files") + self._data_files("val_files")
+        self.image_store = SampleImageStore(files)
+        sizes = self.tool_wg.init_tool(self.grto.tool, files)  # the workers read their images themselves
         self._tool_ready = True
         logger.info(
-            "tool initialised (%s, %d ranks): %d trainable parameters; %d images indexed",
+            "tool initialised (%s, %d ranks): %d trainable parameters; %d rows, %d distinct images indexed",
             self.grto.placement,
             self.tool_wg.world_size,
             sizes[0],
             len(self.image_store),
+            self.image_store.num_images,
         )
         self._log_placement()
 
@@ -238,22 +276,34 @@ class GRTOTrainer(PPOTrainerSync):
         super()._save_checkpoint()
 
     # ---- phase 1: tool masks -> mask rewards (before advantages) ----------------------------
-    def _shards(
-        self, view: RolloutView, gt_masks: list[np.ndarray] | None, prompts: list[list[ToolPrompt]]
-    ) -> tuple[list[ToolBatch], list[list[int]]]:
-        """Split rollouts over the tool's data-parallel ranks, keeping each image's rollouts together;
-        returns one batch per rank and the rollout indices each holds."""
-        shards = shard_by_image(group_by_image(view.sample_ids), self.tool_wg.world_size)
-        gt_mask_of = (lambda g: gt_masks[g.rows[0]]) if gt_masks is not None else None
-        batches = [
-            tool_batch(shard, self.image_store.images([g.sample_id for g in shard]), prompts.__getitem__, gt_mask_of)
-            for shard in shards
-        ]
+    def _shards(self, view: RolloutView, prompts: list[list[ToolPrompt]]) -> tuple[list[ToolBatch], list[list[int]]]:
+        """Split rollouts over the tool's data-parallel ranks, keeping each image's rollouts together (rows
+        that show one image too: the groups are keyed by image); returns one batch per rank and the
+        rollout indices each holds. The batches carry prompts and RLE ground truths, no image."""
+        groups = group_by_image(self.image_store.keys(view.sample_ids))
+        shards = shard_by_image(groups, self.tool_wg.world_size)
+
+        def target_of(i: int) -> tuple[str, Any]:
+            return view.sample_ids[i], tool_target(view.ground_truths[i])
+
+        batches = [tool_batch(shard, prompts.__getitem__, target_of) for shard in shards]
         return batches, [rollout_rows(shard) for shard in shards]
 
-    def _predict_masks(self, batches: list[ToolBatch], shard_rows: list[list[int]], n: int) -> list[np.ndarray | None]:
-        """The tool's masks for ``n`` rollouts sharded as ``_shards`` made them, in rollout order."""
-        return in_rollout_order(n, shard_rows, [out.masks for out in self.tool_wg.tool_predict(batches)])
+    def _score(
+        self,
+        batches: list[ToolBatch],
+        shard_rows: list[list[int]],
+        n: int,
+        mask_rows: list[int] = (),  # type: ignore[assignment]
+        fill_baseline: bool = False,
+    ) -> StepScores:
+        """The tool's scores of ``n`` rollouts sharded as ``_shards`` made them, in rollout order; the masks
+        of ``mask_rows`` (rollout indices) come back too."""
+        wanted = set(mask_rows)
+        local_rows = [[k for k, i in enumerate(rows) if i in wanted] for rows in shard_rows]
+        world = len(batches)
+        per_rank = self.tool_wg.tool_predict(batches, local_rows, [fill_baseline] * world)
+        return StepScores.gather(n, shard_rows, per_rank)
 
     def _tool_rewards(self, batch: Any, metrics: dict) -> ToolPhase:
         """Phase 1: the tool's masks for every rollout, their mask rewards written to ``rm_scores``."""
@@ -263,44 +313,49 @@ class GRTOTrainer(PPOTrainerSync):
             select_fields=[*VIEW_FIELDS, "rm_scores"],
         )
         view = RolloutView(data, self.tokenizer)
-        parsed, gt_masks, prompts = _parse_view(view)
+        parsed, prompts = _parse_view(view)
 
+        log_images = bool(self.grto.log_images_every) and self.global_steps % self.grto.log_images_every == 0
+        overlay_rows = _first_rows(view.sample_ids, self.grto.num_logged_images) if log_images else []
         self.tool_wg.tool_begin_step()
-        batches, shard_rows = self._shards(view, gt_masks, prompts)
-        masks = self._predict_masks(batches, shard_rows, len(view))
+        batches, shard_rows = self._shards(view, prompts)
+        scores = self._score(batches, shard_rows, len(view), overlay_rows)
 
+        reward = self.grto.reward
+        gt_masks = [decode_rle(gt.mask_rle) for gt in view.ground_truths] if reward.points_weight else None
         breakdowns = [
-            score_mask_answer(p, m if p.ok else None, gt, gm, self.grto.reward)
-            for p, m, gt, gm in zip(parsed, masks, view.ground_truths, gt_masks, strict=True)
+            score_tool_overlap(p, int(i), int(u), gt, reward, gt_masks[k] if gt_masks is not None else None)
+            for k, (p, i, u, gt) in enumerate(
+                zip(parsed, scores.intersection, scores.union, view.ground_truths, strict=True)
+            )
         ]
-        scores = [b.score for b in breakdowns]
+        rewards = [b.score for b in breakdowns]
         old = data["rm_scores"]
         new_scores = []
         for i, row in enumerate(old.unbind()):
             row = torch.zeros_like(row, dtype=torch.float32)
             if row.numel():
-                row[-1] = scores[i]
+                row[-1] = rewards[i]
             new_scores.append(row)
         rm_scores = torch.nested.as_nested_tensor(new_scores, layout=torch.jagged)
         tq.kv_batch_put(
             keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict({"rm_scores": rm_scores})
         )
 
-        phase = ToolPhase(view, prompts, [p.ok for p in parsed], gt_masks, batches, shard_rows, masks)
-        if self.grto.log_images_every and self.global_steps % self.grto.log_images_every == 0:
-            rows = [view.sample_ids.index(s) for s in dict.fromkeys(view.sample_ids)][: self.grto.num_logged_images]
+        phase = ToolPhase(view, prompts, [p.ok for p in parsed], batches, shard_rows, scores.ious)
+        if overlay_rows:
             tb_dir = default_tb_dir(self.config.trainer.project_name, self.config.trainer.experiment_name)
             log_overlays(
                 self.global_steps,
-                self.image_store.images([view.sample_ids[i] for i in rows]),
-                [masks[i] for i in rows],
-                [gt_masks[i] for i in rows],
+                self.image_store.images([view.sample_ids[i] for i in overlay_rows]),
+                [decode_rle(scores.masks[i]) if i in scores.masks else None for i in overlay_rows],
+                [decode_rle(view.ground_truths[i].mask_rle) for i in overlay_rows],
                 self.config.trainer.logger,
                 tb_dir,
             )
-        for key in ("mask_iou", "format_reward", "box_iou", "points_in_mask", "repeat_fraction"):
+        for key in reward.logged_parts():  # a part whose weight is 0 is not computed, so not logged
             metrics[f"grto/reward/{key}"] = float(np.mean([b.metrics()[key] for b in breakdowns]))
-        metrics["grto/reward/score"] = float(np.mean(scores))
+        metrics["grto/reward/score"] = float(np.mean(rewards))
         metrics["grto/unparseable_fraction"] = 1.0 - float(np.mean(phase.parse_ok))
         reasons = defaultdict(int)
         for b in breakdowns:
@@ -354,13 +409,16 @@ class GRTOTrainer(PPOTrainerSync):
 
     def _finish_tool_update(self, phase: ToolPhase, weights: np.ndarray, pending: list[Any], metrics: dict) -> None:
         per_epoch = [ray.get(p) if self.separate_tool else p for p in pending]
-        last = per_epoch[-1][0]
-        for key in ("loss", "scaled_loss", "bce", "dice", "grad_norm", "skipped", "num_empty"):
+        last = per_epoch[-1][0]  # the engine reduces its metrics over all ranks: every rank returns the same
+        for key in ("loss", "scaled_loss", "bce", "dice", "grad_norm", "skipped", "num_empty", "num_rollouts"):
             metrics[f"grto/tool/{key}"] = last[key]
-        # the tool's IoU on the rollouts it trains on (the parseable ones), before and after its update
-        metrics["grto/tool/iou_before"] = mean_mask_iou(phase.masks_before, phase.gt_masks, phase.parse_ok)
-        masks_after = self._predict_masks(phase.batches, phase.shard_rows, len(phase.masks_before))
-        metrics["grto/tool/iou_after"] = mean_mask_iou(masks_after, phase.gt_masks, phase.parse_ok)
+        # the tool's IoU on the rollouts it trains on (the parseable ones), before and (asked) after its update
+        parse_ok = np.asarray(phase.parse_ok, dtype=bool)
+        metrics["grto/tool/iou_before"] = float(phase.iou_before[parse_ok].mean()) if parse_ok.any() else float("nan")
+        if self.grto.iou_after:  # a second prediction pass over the step's rollouts: off at full size
+            after = self._score(phase.batches, phase.shard_rows, len(phase.iou_before))
+            metrics["grto/tool/iou_after"] = mean_overlap_iou(after.intersection, after.union, phase.parse_ok)
+        self.tool_wg.tool_begin_step()  # the step's features are not needed again: free them before the rollout
         metrics["grto/tool/weight_mean"] = float(weights.mean())
         if self.tool_wg.world_size > 1:
             # every rank's weights after the update: one digest when the replicas are in sync. Not
@@ -434,24 +492,28 @@ class GRTOTrainer(PPOTrainerSync):
         parsed_ok: list[bool] = []
         box_ious: list[float] = []
         area_ratios: list[float] = []
+        # one cache for the whole pass (bounded by grto.tool.cache_bytes), not one per batch: rows that
+        # show an image another batch showed (RefCOCO's sentences) reuse its features
+        self.tool_wg.tool_begin_step()
         for batch_dict in self.val_dataloader:
             meta = self.generate_batch(batch_dict, validate=True)
             data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=VIEW_FIELDS)
             tq.kv_clear(keys=meta.keys, partition_id=meta.partition_id)
             view = RolloutView(data, self.tokenizer)
-            parsed, gt_masks, prompts = _parse_view(view)
+            parsed, prompts = _parse_view(view)
             # the policy alone, before the tool: how well its boxes match the referred objects' boxes
             box_ious += [score_box_answer(t, gt).box_iou for t, gt in zip(view.texts, view.ground_truths, strict=True)]
             area_ratios += [
-                r for p, gt in zip(parsed, gt_masks, strict=True) if (r := _box_area_ratio(p, gt)) is not None
+                r for p, gt in zip(parsed, view.ground_truths, strict=True) if (r := _box_area_ratio(p, gt)) is not None
             ]
-            self.tool_wg.tool_begin_step()
-            batches, rows = self._shards(view, None, prompts)
-            masks = self._predict_masks(batches, rows, len(view))
-            for p, mask, gt in zip(parsed, masks, gt_masks, strict=True):
-                boxes = [o.box for o in p.objects if o.box is not None]
-                tool_acc.add(mask if p.ok else None, gt)
-                fill_acc.add(fill_boxes(boxes, *gt.shape) if p.ok else None, gt)
+            batches, rows = self._shards(view, prompts)
+            # counts from the tool's workers: an unparseable answer reached them with no prompt and
+            # scored as the empty mask (a missing prediction), its filled boxes as the empty mask too
+            scores = self._score(batches, rows, len(view), fill_baseline=True)
+            assert scores.fill_intersection is not None and scores.fill_union is not None
+            for k, p in enumerate(parsed):
+                tool_acc.add_counts(int(scores.intersection[k]), int(scores.union[k]))
+                fill_acc.add_counts(int(scores.fill_intersection[k]), int(scores.fill_union[k]))
                 parsed_ok.append(p.ok)
         self.tool_wg.tool_begin_step()  # drop the validation images' features
         tool, fill = tool_acc.results(), fill_acc.results()
@@ -501,14 +563,27 @@ class GRTOTrainer(PPOTrainerSync):
         print(format_summary(summary), flush=True)
 
 
-def _box_area_ratio(parsed: ParsedAnswer, gt_mask: np.ndarray) -> float | None:
-    """Area of the answer's boxes (summed) over the area of the box around the ground-truth mask; None
-    when the answer has no box or the mask is empty. Tells a policy whose boxes grow looser under RL
-    (its box IoU falls while the tool's mask IoU holds) from one that loses the object."""
-    gt_box = mask_to_box(gt_mask)
+def _first_rows(sample_ids: list[str], k: int) -> list[int]:
+    """The first rollout of each of the first ``k`` distinct dataset rows (the overlays' samples)."""
+    first: dict[str, int] = {}
+    for i, sid in enumerate(sample_ids):
+        first.setdefault(sid, i)
+    return list(first.values())[:k]
+
+
+def _box_area_ratio(parsed: ParsedAnswer, gt: GroundTruth) -> float | None:
+    """Area of the answer's boxes (summed) over the area of the box around the referred objects' boxes;
+    None when the answer has no box or the ground truth none. Tells a policy whose boxes grow looser under
+    RL (its box IoU falls while the tool's mask IoU holds) from one that loses the object."""
     boxes = [o.box for o in parsed.objects if o.box is not None] if parsed.ok else []
-    if gt_box is None or not boxes:
+    if not gt.boxes or not boxes:
         return None
+    gt_box = [
+        min(b[0] for b in gt.boxes),
+        min(b[1] for b in gt.boxes),
+        max(b[2] for b in gt.boxes),
+        max(b[3] for b in gt.boxes),
+    ]
     area = sum(max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) for b in boxes)
     return area / ((gt_box[2] - gt_box[0]) * (gt_box[3] - gt_box[1]))
 

@@ -18,7 +18,9 @@ servers):
   itself.
 * :mod:`.train`: :func:`~.train.train_tool_on_buffer`, K epochs of :meth:`ToolEngine.update` over the
   buffer, each image's rollouts in one batch; image features are cached for the whole stage (the
-  encoder is frozen), so each image is encoded once, not once per epoch; ``uniform`` or
+  encoder is frozen) in a cache bounded in bytes: each image is encoded once when the buffer's
+  features fit, and otherwise at most once per epoch (the epoch order starts with what the cache still
+  holds, :func:`~.train.epoch_order`); ``uniform`` or
   ``importance`` weights (:mod:`verl_grto.algorithm.tool_weights`), unparseable rollouts weight 0;
   checkpoints every M batches and at each epoch end, so an interrupted stage resumes where it
   stopped (bit-exact on CPU). :class:`~.train.BTORequest` runs it in the tool's verl workers, one

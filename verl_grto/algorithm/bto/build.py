@@ -41,9 +41,11 @@ def _sample_id(row: Mapping[str, Any]) -> str:
 
 
 def make_records(row: Mapping[str, Any], rollouts: Sequence[tuple]) -> list[BufferRecord]:
-    """Parse one row's answers into buffer records (the parser never raises; failures keep their reason)."""
-    gt_json = row["reward_model"]["ground_truth"]
-    gt = GroundTruth.from_json(gt_json)
+    """Parse one row's answers into buffer records (the parser never raises; failures keep their reason).
+    The records keep the row's ground truth with its ignore region, wherever the row held it
+    (:meth:`GroundTruth.from_row`), so BTO's tool loss leaves those pixels out as GRTO's does."""
+    gt = GroundTruth.from_row(row["reward_model"]["ground_truth"], row.get("extra_info"))
+    gt_json = gt.to_json()
     sid = _sample_id(row)
     records = []
     for k, raw in enumerate(rollouts):

@@ -22,11 +22,12 @@ from verl_grto.algorithm.bto.buffer import BufferRecord, RolloutBuffer
 from verl_grto.algorithm.tool_step import (
     ImageGroup,
     group_by_image,
-    mask_ious,
+    overlap_ious,
     rollout_rows,
     shard_by_image,
     tool_batch,
     tool_step_weights,
+    tool_target,
 )
 from verl_grto.algorithm.tool_weights import get_weighting, weighting_names
 from verl_grto.atomic import build_dir_once, read_stamp
@@ -34,8 +35,9 @@ from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import GroundTruth
 from verl_grto.faults import dump_after_resume, kill_point
+from verl_grto.reward.mask_iou import count_overlap, sample_iou
 from verl_grto.tool.cache import EmbeddingCache
-from verl_grto.tool.engine import ToolBatch, ToolEngine
+from verl_grto.tool.engine import ToolBatch, ToolEngine, ToolTarget
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +47,12 @@ CHECKPOINT_PREFIX = "bto-"
 
 
 class ImageSource(Protocol):
-    """Where training images come from (e.g. :class:`verl_grto.data.image_store.SampleImageStore`)."""
+    """Where training images come from (e.g. :class:`verl_grto.data.image_store.SampleImageStore`): a row's
+    image key (rows showing one image share it) and an image by key."""
 
-    def image(self, sample_id: str) -> np.ndarray: ...
+    def key(self, sample_id: str) -> str: ...
+
+    def image_by_key(self, key: str) -> np.ndarray: ...
 
 
 #: ``target_logprob_fn(records)``: per-token log-probs of each record's ``response_ids`` under the target policy.
@@ -56,7 +61,8 @@ TargetLogprobFn = Callable[[Sequence[BufferRecord]], Sequence[Sequence[float]]]
 #: The weighting inputs a buffer can supply (behaviour log-probs stored, target ones from ``target_logprob_fn``).
 _LOGPROB_INPUTS = ("target_logprobs", "behaviour_logprobs")
 
-#: Default bound of the stage's feature cache: all features of a dataset need not fit in (GPU) memory.
+#: Default bound of the stage's feature cache (``bto.cache_bytes``): all features of a dataset need not
+#: fit in (GPU) memory. 4 GiB: ~46 SAM2.1-L images with trainable high-resolution convs, ~250 without.
 DEFAULT_CACHE_BYTES = 4 << 30
 
 
@@ -129,49 +135,89 @@ def _logprob_inputs(
     return {"target_logprobs": target, "behaviour_logprobs": behaviour}
 
 
-def _gt_mask(record: BufferRecord) -> np.ndarray:
-    return decode_rle(GroundTruth.from_json(record.ground_truth).mask_rle)
+class _Targets:
+    """The records' ground truths as the tool receives them, parsed once per dataset row."""
+
+    def __init__(self, records: Sequence[BufferRecord]) -> None:
+        self.records = records
+        self._parsed: dict[str, GroundTruth] = {}
+
+    def ground_truth(self, i: int) -> GroundTruth:
+        record = self.records[i]
+        if record.sample_id not in self._parsed:
+            self._parsed[record.sample_id] = GroundTruth.from_json(record.ground_truth)
+        return self._parsed[record.sample_id]
+
+    def __call__(self, i: int) -> tuple[str, ToolTarget]:
+        return self.records[i].sample_id, tool_target(self.ground_truth(i))
 
 
-def _tool_batch(
-    groups: Sequence[ImageGroup], records: Sequence[BufferRecord], images: ImageSource, cache: EmbeddingCache
-) -> ToolBatch:
-    """The groups' rollouts as one batch; images whose features ``cache`` holds are not read again."""
-    return tool_batch(
-        groups,
-        [None if g.sample_id in cache else images.image(g.sample_id) for g in groups],
-        lambda i: records[i].objects(),
-        lambda g: _gt_mask(records[g.rows[0]]),
-    )
+def _tool_batch(groups: Sequence[ImageGroup], records: Sequence[BufferRecord], targets: _Targets) -> ToolBatch:
+    """The groups' rollouts as one batch, without images: the engine reads those its cache lacks through
+    its ``image_loader`` (:func:`_engine_cache`)."""
+    return tool_batch(groups, lambda i: records[i].objects(), targets)
+
+
+def _image_keys(records: Sequence[BufferRecord], images: ImageSource) -> list[str]:
+    return [images.key(r.sample_id) for r in records]
 
 
 @contextlib.contextmanager
-def _engine_cache(engine: ToolEngine, cache: EmbeddingCache) -> Iterator[EmbeddingCache]:
-    """Let the engine read features from ``cache`` (the stage's, or the held-out set's) for a while."""
-    previous = engine.cache
-    engine.cache = cache
+def _engine_cache(engine: ToolEngine, cache: EmbeddingCache, images: ImageSource) -> Iterator[EmbeddingCache]:
+    """Let the engine read features from ``cache`` (the stage's, or the held-out set's), and the images
+    the cache lacks from ``images``, for a while."""
+    previous = engine.cache, engine.image_loader
+    engine.cache, engine.image_loader = cache, images.image_by_key
     try:
         yield cache
     finally:
-        engine.cache = previous
+        engine.cache, engine.image_loader = previous
+
+
+def _missing_prediction_iou(gt: GroundTruth) -> float:
+    """IoU of a missing prediction (an unparseable answer) under the empty-mask rule: 1 when the ground
+    truth has no pixel outside its ignore region, else 0."""
+    mask = decode_rle(gt.mask_rle)
+    ignore = decode_rle(gt.ignore_rle) if gt.ignore_rle is not None else None
+    inter, union = count_overlap(np.zeros_like(mask), mask, ignore)
+    return sample_iou(int(inter), int(union))
 
 
 def rollout_iou(
     engine: ToolEngine, records: Sequence[BufferRecord], images: ImageSource, cache: EmbeddingCache, batch_size: int = 8
 ) -> float:
     """gIoU of the tool's masks from the records' prompts, under the empty-mask rule (an unparseable
-    answer is a missing prediction). ``cache`` holds the images' features between calls; the masks
-    are scored batch by batch, never all held at once."""
+    answer is a missing prediction; ignore regions left out). ``cache`` holds the images' features
+    between calls; the masks are scored where they are made (:meth:`ToolEngine.predict`), never held."""
     ious = np.zeros(len(records))
-    unparsed = [i for i, r in enumerate(records) if not r.parse_ok]
-    ious[unparsed] = mask_ious([None] * len(unparsed), [_gt_mask(records[i]) for i in unparsed])
-    groups = group_by_image([r.sample_id for r in records], [r.parse_ok for r in records])
-    with _engine_cache(engine, cache):
+    targets = _Targets(records)
+    for i, r in enumerate(records):
+        if not r.parse_ok:
+            ious[i] = _missing_prediction_iou(targets.ground_truth(i))
+    groups = group_by_image(_image_keys(records, images), [r.parse_ok for r in records])
+    with _engine_cache(engine, cache, images):
         for chunk in chunks(groups, batch_size):
-            batch = _tool_batch(chunk, records, images, cache)
-            masks = [m.cpu().numpy() for m in engine.predict(batch).masks]
-            ious[rollout_rows(chunk)] = mask_ious(masks, batch.gt_masks or [])
+            pred = engine.predict(_tool_batch(chunk, records, targets), return_masks=False)
+            ious[rollout_rows(chunk)] = overlap_ious(pred.intersection, pred.union)
     return float(ious.mean()) if len(records) else float("nan")
+
+
+def epoch_order(n: int, seed: int, epoch: int, window: int | None) -> np.ndarray:
+    """The order in which an epoch visits the ``n`` image groups (a permutation of ``range(n)``).
+
+    Each epoch's order is drawn from (``seed``, ``epoch``). When the feature cache holds only
+    ``window`` < n images (``window`` None: all of them), the images the previous epoch visited last,
+    which the LRU cache still holds, come first (in the drawn order), then the rest: every image is
+    encoded at most once per epoch, and after the first epoch only ``n - window`` are. A pure function
+    of its arguments, so a resumed stage visits the same order."""
+    order = np.random.default_rng([seed, 0]).permutation(n)
+    if window is None or window >= n:
+        return order if epoch == 0 else np.random.default_rng([seed, epoch]).permutation(n)
+    for e in range(1, epoch + 1):
+        cached = set(order[n - window :].tolist()) if window > 0 else set()
+        drawn = np.random.default_rng([seed, e]).permutation(n)
+        order = np.concatenate([[k for k in drawn if k in cached], [k for k in drawn if k not in cached]]).astype(int)
+    return order
 
 
 @dataclass
@@ -189,6 +235,7 @@ class BTOReport:
     images_encoded: int
     encoder_calls: int
     cache_evictions: int
+    cache_window: int | None  # images the stage's cache holds (None: the whole buffer's images fit)
     weighting: str
     weight_mean: float
     effective_sample_fraction: float  # (sum w)^2 / (n sum w^2) over usable rollouts: 1 = uniform
@@ -254,10 +301,12 @@ def train_tool_on_buffer(
 
     Each update takes ``batch_size`` images with all their usable rollouts (one encoding serves an
     image's G rollouts), the loss being the weighted mean over those rollouts (``weighting`` as in
-    :func:`rollout_weights`). Images are visited in a fresh order each epoch, drawn from
-    (``seed``, epoch), so the position (epoch, batch) is the whole sampler state. Features are
-    cached for the whole stage, bounded by ``max_cache_bytes`` (None: unbounded); when every image
-    fits, each is encoded exactly once.
+    :func:`rollout_weights`). Images are visited in a fresh order each epoch (:func:`epoch_order`,
+    drawn from (``seed``, epoch)), so the position (epoch, batch) is the whole sampler state. Features
+    are cached for the whole stage, bounded by ``max_cache_bytes`` (None: unbounded): when every image
+    fits, each is encoded exactly once; otherwise at most once per epoch, and after the first epoch
+    only those the cache could not keep (the cache's capacity in images is fixed at the end of the
+    first epoch and saved with the progress).
 
     With ``checkpoint_dir``, a checkpoint (``engine.save`` + ``progress.json``: epoch, next batch,
     losses so far, seed; torch's RNG is in the tool's ``rng.pt``) is published every
@@ -279,7 +328,7 @@ def train_tool_on_buffer(
     rank, world = shard
     if not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
-    groups = shard_by_image(group_by_image([r.sample_id for r in records], weights > 0), world, equal=True)[rank]
+    groups = shard_by_image(group_by_image(_image_keys(records, image_store), weights > 0), world, equal=True)[rank]
     if not groups:
         raise ValueError(
             f"the buffer has no usable rollouts for rank {rank} of {world}: every answer is unparseable"
@@ -305,6 +354,7 @@ def train_tool_on_buffer(
         "epoch_loss_sum": 0.0,
         "epoch_loss_count": 0,
         "iou_before": None,
+        "cache_window": None,
     }
 
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -326,7 +376,7 @@ def train_tool_on_buffer(
         elif latest is not None:
             _prune_checkpoints(ckpt_root, keep=None)
 
-    heldout_cache = EmbeddingCache(engine.tool)
+    heldout_cache = EmbeddingCache(engine.tool, max_bytes=max_cache_bytes)
     heldout_images = heldout_store if heldout_store is not None else image_store
     if heldout and resumed_from is None:
         state["iou_before"] = rollout_iou(engine, heldout, heldout_images, heldout_cache)
@@ -341,13 +391,14 @@ def train_tool_on_buffer(
         disable=not progress,
         mininterval=PROGRESS_INTERVAL_S,
     )
-    with _engine_cache(engine, cache):
+    targets = _Targets(records)
+    with _engine_cache(engine, cache, image_store):
         while state["epoch"] < epochs:
             epoch = state["epoch"]
-            order = np.random.default_rng([seed, epoch]).permutation(len(groups))
+            order = epoch_order(len(groups), seed, epoch, state.get("cache_window"))
             for b in range(state["next_batch"], n_batches):
                 chosen = [groups[k] for k in order[b * batch_size : (b + 1) * batch_size]]
-                batch = _tool_batch(chosen, records, image_store, cache)
+                batch = _tool_batch(chosen, records, targets)
                 metrics = engine.update(batch, [float(weights[i]) for i in rollout_rows(chosen)])
                 state["batches_done"] += 1
                 state["next_batch"] = b + 1
@@ -362,6 +413,9 @@ def train_tool_on_buffer(
                     _save_checkpoint(ckpt_root, engine, state)
                     last_saved = state["batches_done"]
                     kill_point("bto.tool.checkpoint_saved")
+            if epoch == 0 and max_cache_bytes is not None and cache.bytes_per_image:
+                # how many images the cache holds, fixed once (and saved) so a resumed stage orders alike
+                state["cache_window"] = max_cache_bytes // cache.bytes_per_image
             count = state["epoch_loss_count"]
             state["epoch_losses"].append(state["epoch_loss_sum"] / count if count else float("nan"))
             state.update(epoch=epoch + 1, next_batch=0, epoch_loss_sum=0.0, epoch_loss_count=0)
@@ -384,6 +438,7 @@ def train_tool_on_buffer(
         images_encoded=cache.images_encoded,
         encoder_calls=cache.encoder_calls,
         cache_evictions=cache.evictions,
+        cache_window=state.get("cache_window"),
         weighting=weighting,
         weight_mean=float(used.mean()) if len(used) else float("nan"),
         effective_sample_fraction=float(used.sum() ** 2 / (len(used) * (used**2).sum())) if len(used) else float("nan"),
@@ -415,6 +470,7 @@ class BTORequest:
     seed: int = 0
     min_box_iou: float = 0.0
     progress: bool = True
+    cache_bytes: int | None = DEFAULT_CACHE_BYTES
 
     def __call__(self, engine: ToolEngine, rank: int, world_size: int) -> dict[str, Any]:
         """Train ``engine`` on rank ``rank``'s shard; returns the rank's :class:`BTOReport` as a dict.
@@ -431,5 +487,6 @@ class BTORequest:
             progress=self.progress and rank == 0,
             shard=(rank, world_size),
             min_box_iou=self.min_box_iou,
+            max_cache_bytes=self.cache_bytes,
         )
         return asdict(report)

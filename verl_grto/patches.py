@@ -143,7 +143,9 @@ def _merged_lora_sync_in_compute_dtype() -> None:
     then samples from bf16-rounded weights, and its log-probs drift from the actor's by ~1e-2. Cast
     to the actor's compute dtype instead (``fsdp_config.mixed_precision.param_dtype``, which the engine
     keeps as ``_autocast_dtype``): bf16 unless a recipe says otherwise, i.e. unchanged on GPU. The
-    rest of the method is verl's, line for line."""
+    tensors are copies, as verl's cast made them (at world size 1 ``full_tensor()`` is the live
+    parameter, restored to its unmerged value when the merge context exits). The rest of the method
+    is verl's, line for line."""
     import torch
     import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
 
@@ -167,7 +169,9 @@ def _merged_lora_sync_in_compute_dtype() -> None:
                 for name, param in params.items():
                     yield (
                         name,
-                        param.to(device, non_blocking=True).full_tensor().to(dtype, non_blocking=True)
+                        # copy=True: at world size 1 full_tensor() is the live parameter, which the
+                        # context restores to the unmerged weights on exit (verl's bf16 cast copied)
+                        param.to(device, non_blocking=True).full_tensor().to(dtype, copy=True)
                         if isinstance(param, DTensor)
                         else param.detach().clone(),
                     )

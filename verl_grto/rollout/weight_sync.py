@@ -35,8 +35,10 @@ class WeightSyncError(KeyError):
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is wrapped by PEFT (has an adapter config)."""
-    return hasattr(model, "peft_config")
+    """Whether ``model`` is wrapped by PEFT (the wrapped model itself gets a ``peft_config`` attribute too)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:

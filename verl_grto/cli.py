@@ -154,6 +154,25 @@ def _models(args: argparse.Namespace, merge_dir: Path) -> tuple[Path, Path | Non
     return policy, adapter, tool, described
 
 
+def _policy_predictor(
+    args: argparse.Namespace, merge_dir: Path, records_path: Path | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The policy + tool predictor the flags name (:func:`_models`), and what the report records of it."""
+    from verl_grto.eval.inference import PolicyToolPredictor
+
+    policy, adapter, tool, described = _models(args, merge_dir)
+    predictor = PolicyToolPredictor(
+        policy,
+        tool,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        records_path=records_path,
+        adapter_dir=adapter,
+    )
+    return predictor, described
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from verl_grto.eval.evaluate import evaluate_predictions, format_table, run_predictions, sample_ids, suite_for
 
@@ -171,19 +190,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     suite = suite_for(split) if args.suite == "auto" else args.suite
     sections: dict[str, Any] = {}  # added to the report
     if use_policy:
-        from verl_grto.eval.inference import PolicyToolPredictor, read_records, summarize_records
+        from verl_grto.eval.inference import read_records, summarize_records
 
-        policy, adapter, tool, sections["models"] = _models(args, Path(args.merge_dir or out / "policy"))
         predictions_dir, records_path = out / "predictions", out / "records.jsonl"
-        predictor = PolicyToolPredictor(
-            policy,
-            tool,
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-            dtype=_dtype(args.dtype),
-            records_path=records_path,
-            adapter_dir=adapter,
-        )
+        predictor, sections["models"] = _policy_predictor(args, Path(args.merge_dir or out / "policy"), records_path)
         run_predictions(split, predictor, predictions_dir, batch_size=args.batch_size, limit=args.limit)
         sections["policy"] = summarize_records(read_records(records_path), sample_ids(split, args.limit))
     else:
@@ -248,7 +258,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from verl_grto.data.frame import ResizeLimits
     from verl_grto.data.schema import build_instruction, build_short_instruction
     from verl_grto.eval.evaluate import write_prediction
-    from verl_grto.eval.inference import PolicyToolPredictor, PromptedToolPredictor, ToolSegmenter, row_rgb
+    from verl_grto.eval.inference import PromptedToolPredictor, ToolSegmenter, row_rgb
     from verl_grto.eval.overlay import overlay
 
     if not Path(args.image).is_file():
@@ -284,16 +294,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             tool = _existing(args.tool, "tool") if args.tool is not None else _checkpoint_tool(args.checkpoint)
             predictor: Any = PromptedToolPredictor(ToolSegmenter(tool, device=args.device or "cpu"), [flag_object])
         else:
-            merge_dir = Path(args.merge_dir) if args.merge_dir else Path(scratch) / "policy"
-            policy, adapter, tool, _ = _models(args, merge_dir)
-            predictor = PolicyToolPredictor(
-                policy,
-                tool,
-                max_new_tokens=args.max_new_tokens,
-                device=args.device,
-                dtype=_dtype(args.dtype),
-                adapter_dir=adapter,
-            )
+            predictor, _ = _policy_predictor(args, Path(args.merge_dir) if args.merge_dir else Path(scratch) / "policy")
         mask = predictor(row)
     record = predictor.records[-1]
     objects = [flag_object] if flag_object is not None else predictor.parse(row, record.answer, mask.shape).objects

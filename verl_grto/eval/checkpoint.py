@@ -212,8 +212,9 @@ def _refuse_adapter_only(shard: Path) -> None:
     """A LoRA run saved with ``checkpoint.save_lora_only`` keeps no base weights: say so, rather than
     merge an adapter into nothing."""
     import torch
+    import torch.distributed.tensor  # noqa: F401  (the weights-only unpickler loads DTensors once imported)
 
-    names = list(torch.load(shard, map_location="cpu", mmap=True, weights_only=False))
+    names = list(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
     if names and all("lora_" in n or ".adapter_" in n for n in names):
         raise CheckpointError(
             f"{shard} holds only the LoRA adapter (checkpoint.save_lora_only): its base model is the run's "

@@ -10,7 +10,6 @@ shown with real SIGKILLs in tests/test_e2e_kill.py.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from e2e_helpers import read_metrics, run_main_ppo
@@ -82,6 +81,8 @@ def test_the_runs_checkpoint_evaluates_through_the_command_line(bgrto_run, tmp_p
     --checkpoint` on this run's folder. The policy evaluated is the trained actor's (its weights equal
     the FSDP shard's, tensor by tensor), and without the `hf_model` weights the shards are merged by
     verl's own merger into the same weights, rounded to bf16."""
+    import shutil
+
     import pyarrow.parquet as pq
     import torch
     import yaml

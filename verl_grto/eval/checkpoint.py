@@ -188,7 +188,7 @@ def _run_merger(actor: Path, source: str, target: Path) -> None:
 def _pin_adapter_modules(adapter: Path) -> None:
     """Name the adapter's modules exactly in its ``adapter_config.json``.
 
-    verl's merger lists target modules by their last name (``base_model_merger.py:383``:
+    verl's merger lists target modules by their last name (``base_model_merger.py:338``:
     ``q_proj``, ``gate_proj``...); on a vision-language model those also match vision-tower modules
     that were never trained (Qwen2.5-VL's vision MLP has ``gate_proj`` / ``up_proj`` / ``down_proj``),
     which PEFT would then wrap with fresh adapters. The exact module names of the adapter's tensors

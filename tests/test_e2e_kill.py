@@ -17,6 +17,13 @@ RNG), then for GRTO the step counter, the policy (weights, optimizer, RNG), the 
 dataloader position equal what that checkpoint holds, tensor by tensor (the resumed processes write
 what they loaded, :func:`verl_grto.faults.dump_after_resume`). A checkpoint being written is never
 loaded.
+
+The run is the default placement at two ranks: the actor's FSDP world size is 2 and the tool lives in
+the same two processes (``grto.placement: colocated``), so the rollouts are split across the actor's
+ranks, the tool's gradients are all-reduced on the actor's process group, rank 0 alone writes the
+tool's checkpoint, and resume must give each rank back its *own* actor RNG (verl's
+``extra_state_world_size_2_rank_<r>.pt``; the tool keeps its RNG in its own generators and never sets
+the process's). Every tool update leaves the two ranks with one weight digest.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ OVERRIDES = [
     "trainer.test_freq=-1",
     "data.val_files=${grto_synthetic:camouflage,val,256,8,0,1,1}",
     "trainer.logger=[console,file]",
+    # the default (colocated) placement at two ranks: FSDP world size 2, the tool on the same 2 ranks
+    "trainer.n_gpus_per_node=2",
+    "ray_kwargs.ray_init.num_gpus=2",
 ]
 #: Seconds a launch may take to reach its kill point or to finish (a launch takes ~1-2 minutes).
 LAUNCH_TIMEOUT = 900
@@ -181,8 +191,9 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
         bto_batches = json.loads((bto_ckpt / "progress.json").read_text())["batches_done"]
 
         # 3. GRTO step 2, during the tool update: BTO resumed from its checkpoint, step 1 saved
-        _, marker, probe = run.launch("grto.tool_update#2")
+        out, marker, probe = run.launch("grto.tool_update#2")
         assert marker["point"] == "grto.tool_update" and not run.processes()
+        assert "tool initialised (colocated, 2 ranks)" in out
         same_tool(probe / "bto_tool", bto_ckpt / "tool")
         report = json.loads((bto / "report.json").read_text())
         assert report["tool"]["resumed_from_batch"] == bto_batches
@@ -193,7 +204,10 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
         stamp = (bto / "report.json").stat().st_mtime_ns
         out, marker, probe = run.launch("checkpoint.tracker_unpublished#2")
         assert marker["point"] == "checkpoint.tracker_unpublished" and not run.processes()
-        same_grto_state(probe / "grto", step1)
+        same_grto_state(probe / "grto", step1)  # each actor rank's own RNG among verl's extra state files
+        assert sorted(p.name for p in (step1 / "actor").glob("extra_state_*.pt")) == [
+            f"extra_state_world_size_2_rank_{r}.pt" for r in (0, 1)
+        ]
         with pytest.raises(AssertionError, match="tool weights"):  # the comparison has teeth: the
             same_tool(probe / "grto" / "tool", bto_ckpt / "tool")  # tool moved since BTO's first checkpoint
         assert (bto / "report.json").stat().st_mtime_ns == stamp
@@ -208,6 +222,12 @@ def test_sigkill_at_each_stage_then_rerun_resumes_from_the_last_complete_checkpo
         assert "global_step_2" in out and _tracker(run.run_dir) == STEPS
         resumed = read_metrics(tmp_path / f"metrics{run.launches}.jsonl")
         assert sorted(resumed) == [STEPS]
+        # every tool update the run logged left both ranks with the same weights and step
+        logged = {**read_metrics(tmp_path / "metrics3.jsonl"), **read_metrics(tmp_path / "metrics4.jsonl"), **resumed}
+        assert {1, 2, STEPS} <= set(logged)
+        for step, m in logged.items():
+            assert m["grto/tool/ranks"] == 2 and m["grto/tool/skipped"] == 0, step
+            assert m["grto/tool/distinct_weights"] == 1 and m["grto/tool/distinct_steps"] == 1, step
         # the rollout server samples with the resumed policy: its log-probs are the actor's (fp32: ~2e-6)
         assert resumed[STEPS]["training/rollout_probs_diff_max"] < 1e-4
         assert (run.run_dir / "grto_summary.json").is_file()

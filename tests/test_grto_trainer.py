@@ -263,6 +263,7 @@ def test_run_start_checks_the_data_before_verl_builds_datasets(tmp_path, monkeyp
         {"data": {"train_files": str(train), "val_files": []}, "trainer": {"default_local_dir": str(tmp_path / "run")}}
     )
     OmegaConf.set_struct(trainer.config, True)  # as verl's trainer holds it
+    trainer.processor = None  # verl's _init_tokenizer sets it; a text-only policy has none
     trainer.grto = GRTOConfig(tool=ToolSettings(path="unused"), data_check=mode)
     built_from = []  # what verl's own _init_dataloader would build its datasets from
     monkeypatch.setattr(
@@ -393,3 +394,20 @@ def test_overlay_masks_are_the_only_masks_that_come_back(setup, monkeypatch):
     assert all(p is not None and p.shape == g.shape for p, g in zip(preds, gts, strict=True))
     ((_, (_, mask_rows, _)),) = [c for c in trainer.actor_rollout_wg.sent if c[0] == "tool_predict"]
     assert mask_rows == [[0, 4]]  # the first rollout of each of the two rows, in the rank's batch order
+
+
+def test_reward_parts_are_logged_only_when_weighted(setup):
+    """An unweighted part is not computed: logging it as a constant 0 would read as a measurement."""
+    from verl_grto.reward.mask_reward import MaskRewardConfig
+
+    trainer, tq, batch = setup
+    metrics: dict = {}
+    trainer._tool_rewards(batch, metrics)
+    parts = {k.removeprefix("grto/reward/") for k in metrics if k.startswith("grto/reward/")}
+    assert parts == {"mask_iou", "format_reward", "score"}
+    trainer.grto = GRTOConfig(tool=trainer.grto.tool, reward=MaskRewardConfig(box_iou_weight=0.5, points_weight=0.1))
+    metrics = {}
+    trainer._tool_rewards(batch, metrics)
+    parts = {k.removeprefix("grto/reward/") for k in metrics if k.startswith("grto/reward/")}
+    assert parts == {"mask_iou", "format_reward", "box_iou", "points_in_mask", "score"}
+    assert metrics["grto/reward/box_iou"] > 0  # two of the four answers per image are the ground-truth box

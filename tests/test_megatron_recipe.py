@@ -1,17 +1,19 @@
-"""The Megatron recipe as far as a CPU machine can take it, with ``megatron-core`` installed.
+"""The Megatron recipes as far as a CPU machine can take them, with ``megatron-core`` installed.
 
 Skipped unless ``megatron.core`` imports (the main environment does not install it; docs/recipes.md,
-"The Megatron recipe on CPU", says how to run this file in a venv that adds it). What runs:
+"The Megatron recipe on CPU", says how to run this file in a venv that adds it). Both Megatron recipes
+(Qwen2.5-VL-7B, dense; Qwen3-VL-30B-A3B, a mixture of experts over EP 8) run through:
 
-1. the recipe composes and resolves (with the tiny Qwen2.5-VL as ``POLICY_PATH``: verl reads the
-   model's config when it builds its model config);
+1. the recipe composes and resolves (with a tiny model of the recipe's family as ``POLICY_PATH``:
+   verl reads the model's config when it builds its model config; the tiny Qwen2.5-VL, or a tiny
+   Qwen3-VL-MoE built here, :mod:`verl_grto.assets.qwen3vl`);
 2. the grto trainer maps the actor role to :class:`ActorRolloutRefToolWorker`, which *is* verl's
    engine worker (``verl.workers.engine_workers.ActorRolloutRefWorker``: the class verl's v1 trainer
    runs for every strategy, Megatron included) with the tool mixed in;
 3. that worker is constructed in-process for role ``actor_rollout_ref`` and hosts the tool
    (``init_tool``, a tool prediction);
 4. its ``init_model`` builds verl's model config and the actor's and reference's Megatron engine
-   configs (``McoreActorConfig`` / ``McoreEngineConfig``: TP 2, mbridge, reference offloaded), and
+   configs (``McoreActorConfig`` / ``McoreEngineConfig``: TP 2 (and EP 8), mbridge, reference offloaded), and
    stops where verl looks up the Megatron engine for the device: verl registers it for CUDA (and
    NPU) only. The Megatron engine class it would build on a GPU is checked to be registered.
 
@@ -23,77 +25,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (docs/recipes.md: Megatron on CPU)")
 
-import verl  # noqa: E402,F401  (loads the plugin)
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from verl.trainer.ppo.utils import Role  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from recipe_workers import (  # noqa: E402
+    TINY_QWEN25VL,
+    assert_the_trainer_runs_the_tool_in_the_actor_worker,
+    compose_recipe,
+    worker_hosting_the_tool,
+)
 from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 from verl.workers.engine import EngineRegistry  # noqa: E402
-from verl.workers.engine_workers import ActorRolloutRefWorker  # noqa: E402
 
-from verl_grto.data.masks import decode_rle  # noqa: E402
-from verl_grto.tool.engine import ToolBatch  # noqa: E402
-from verl_grto.tool.prompts import ObjectPrompt  # noqa: E402
-from verl_grto.tool.worker import ActorRolloutRefToolWorker, ToolSettings  # noqa: E402
-from verl_grto.trainer.config import GRTOConfig  # noqa: E402
-from verl_grto.trainer.grto_trainer import GRTOTrainer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = "grto_qwen25vl_7b_sam21_large_megatron"
-TINY_POLICY = ROOT / "verl_grto/assets/shipped/seed0/tiny_qwen25vl_warm"
-TINY_TOOL = ROOT / "verl_grto/assets/shipped/seed0/tiny_sam2_pretrained"
+#: recipe -> (the tiny policy family standing in for its model, the expert-parallel size it asks for)
+RECIPES = {
+    "grto_qwen25vl_7b_sam21_large_megatron": ("qwen25vl", 1),
+    "grto_qwen3vl_30b_a3b_sam21_large_megatron": ("qwen3vl_moe", 8),
+}
 
 
-@pytest.fixture
-def config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DictConfig:
-    monkeypatch.setenv("POLICY_PATH", str(TINY_POLICY))
-    monkeypatch.setenv("TOOL_PATH", str(TINY_TOOL))
-    for name in ("TRAIN_FILES", "VAL_FILES"):
-        monkeypatch.setenv(name, str(tmp_path / f"{name.lower()}.parquet"))
-    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.delenv("NNODES", raising=False)
-    with initialize_config_dir(config_dir=str(ROOT / "recipes"), version_base=None):
-        cfg = compose(config_name=RECIPE)
-    OmegaConf.resolve(cfg)
-    return cfg
+@pytest.fixture(scope="module")
+def tiny_qwen3vl_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from verl_grto.assets.qwen3vl import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny_qwen3vl_moe"), moe=True)
+
+
+@pytest.fixture(params=sorted(RECIPES))
+def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DictConfig:
+    family, _ = RECIPES[request.param]
+    policy = TINY_QWEN25VL if family == "qwen25vl" else request.getfixturevalue("tiny_qwen3vl_moe")
+    return compose_recipe(request.param, policy, monkeypatch, tmp_path)
 
 
 def test_the_trainer_runs_the_tool_in_verls_megatron_capable_worker(config: DictConfig) -> None:
     assert config.actor_rollout_ref.actor.strategy == config.actor_rollout_ref.ref.strategy == "megatron"
-    trainer = object.__new__(GRTOTrainer)  # only the worker mapping: no Ray, no datasets
-    trainer.config = config
-    trainer.grto = GRTOConfig.from_config(config.grto)
-    trainer._init_resource_pool_mgr()
-    actor_roles = [r for r in trainer.role_worker_mapping if r in (Role.ActorRollout, Role.ActorRolloutRef)]
-    assert actor_roles
-    for role in actor_roles:
-        worker_cls = trainer.role_worker_mapping[role].__ray_metadata__.modified_class  # ray.remote's subclass
-        assert issubclass(worker_cls, ActorRolloutRefToolWorker)
-    assert issubclass(ActorRolloutRefToolWorker, ActorRolloutRefWorker)
+    assert_the_trainer_runs_the_tool_in_the_actor_worker(config)
 
 
 def test_verl_builds_the_megatron_worker_configs_and_stops_at_the_engine(
     config: DictConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_PORT", "29533")
-    worker = ActorRolloutRefToolWorker(config=config.actor_rollout_ref, role="actor_rollout_ref")
-    # the tool is hosted by the same worker object
-    settings = ToolSettings.from_config({"path": str(TINY_TOOL), "loss": {"resolution": 256}})
-    assert worker.init_tool(settings) > 0
-    image = np.zeros((96, 128, 3), dtype=np.uint8)
-    gt = np.zeros((96, 128), dtype=bool)
-    gt[10:50, 10:60] = True
-    batch = ToolBatch(["a"], [image], [0], [[ObjectPrompt((10.0, 10.0, 60.0, 50.0))]], [gt])
-    scores = worker.tool_predict(batch, [0])
-    assert decode_rle(scores.masks[0]).shape == (96, 128) and scores.union[0] >= gt.sum()
-
+    worker = worker_hosting_the_tool(config, monkeypatch, 29533)  # the tool is hosted by the same worker object
+    ref_micro_batch = config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu  # init_model moves it
     with pytest.raises(ValueError, match=r"No engine registered for device='cpu'.*backend='megatron'"):
         worker.init_model()
     # init_model got through verl's model config and its Megatron actor / reference configs
@@ -102,7 +78,12 @@ def test_verl_builds_the_megatron_worker_configs_and_stops_at_the_engine(
     assert type(actor).__name__ == type(ref).__name__ == "McoreActorConfig"
     assert type(actor.engine).__name__ == "McoreEngineConfig"
     assert actor.engine.tensor_model_parallel_size == 2 and actor.engine.use_mbridge
-    assert ref.engine.param_offload and ref.ppo_micro_batch_size_per_gpu == 16
+    assert ref.engine.param_offload and ref.ppo_micro_batch_size_per_gpu == ref_micro_batch
+    family, expert_parallel = RECIPES[config.trainer.experiment_name]
+    assert actor.engine.expert_model_parallel_size == ref.engine.expert_model_parallel_size == expert_parallel
+    # the model config verl built is the recipe's family (the MoE recipe's: a mixture of experts)
+    hf_config = omega_conf_to_dataclass(worker.config.model).hf_config
+    assert type(hf_config).__name__ == {"qwen25vl": "Qwen2_5_VLConfig", "qwen3vl_moe": "Qwen3VLMoeConfig"}[family]
     # on a GPU the same lookup gives verl's Megatron engine
     monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
     monkeypatch.setenv("VERL_ENGINE_VENDOR", "nvidia")

@@ -8,10 +8,9 @@ a child pytest only, so the Megatron recipe's test runs in CI instead of being s
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from child_pytest import run_child_pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MEGATRON_CORE = ROOT / ".venv" / "megatron-core"
@@ -21,15 +20,4 @@ def test_megatron_recipe_test_passes_with_megatron_core_on_the_path():
     assert (MEGATRON_CORE / "megatron" / "core").is_dir(), (
         f"{MEGATRON_CORE} is missing: scripts/install.sh installs megatron-core there"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(MEGATRON_CORE), os.environ.get("PYTHONPATH")])),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_megatron_recipe.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    summary = proc.stdout.strip().splitlines()[-1]  # e.g. "2 passed in 25.1s"
-    assert " passed" in summary and not any(word in summary for word in ("skipped", "failed", "error")), out[-4000:]
+    run_child_pytest("tests/test_megatron_recipe.py", extra_path=MEGATRON_CORE)

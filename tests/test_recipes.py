@@ -30,9 +30,16 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.endswith("_base"))
 pytestmark = pytest.mark.filterwarnings("ignore:Disabled critic:UserWarning")  # GRPO-style runs have no critic
 
-FULL_SIZE_RECIPES = ("grto_qwen25vl_7b_sam21_large", "grto_qwen25vl_7b_sam21_large_megatron")
+FULL_SIZE_RECIPES = (
+    "grto_qwen25vl_7b_sam21_large",
+    "grto_qwen25vl_7b_sam21_large_megatron",
+    "grto_qwen3vl_8b_sam21_large",
+    "grto_qwen3vl_30b_a3b_sam21_large_megatron",
+)
 ONE_GPU_RECIPE = "grto_qwen25vl_3b_sam21_bplus_lora_1gpu"
 GPU_RECIPES = (*FULL_SIZE_RECIPES, ONE_GPU_RECIPE)
+#: The coordinate convention each recipe names (docs/method.md, "Image frames").
+QWEN3VL_RECIPES = ("grto_qwen3vl_8b_sam21_large", "grto_qwen3vl_30b_a3b_sam21_large_megatron", "grto_qwen3vl_tiny_cpu")
 GPU_ENV = ("POLICY_PATH", "TOOL_PATH", "TRAIN_FILES", "VAL_FILES")
 # The keys the tiny recipes fill through the asset-building resolvers.
 RESOLVER_KEYS = ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "grto.tool.path")
@@ -112,26 +119,62 @@ def test_gpu_recipe_resolves_and_validates(name: str, tmp_path: Path) -> None:
     assert grto.trains_tool
 
 
-def test_fsdp_recipe_is_one_node_fsdp2() -> None:
-    cfg = _compose("grto_qwen25vl_7b_sam21_large")
+@pytest.mark.parametrize("name", ["grto_qwen25vl_7b_sam21_large", "grto_qwen3vl_8b_sam21_large"])
+def test_fsdp_recipe_is_one_node_fsdp2(name: str) -> None:
+    cfg = _compose(name)
     assert cfg.trainer.nnodes == 1
     assert cfg.actor_rollout_ref.actor.strategy == cfg.actor_rollout_ref.ref.strategy == "fsdp2"
 
 
-def test_megatron_recipe_takes_nnodes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["grto_qwen25vl_7b_sam21_large_megatron", "grto_qwen3vl_30b_a3b_sam21_large_megatron"])
+def test_megatron_recipe_takes_nnodes_from_the_environment(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NNODES", "4")
-    cfg = _compose("grto_qwen25vl_7b_sam21_large_megatron")
+    cfg = _compose(name)
     assert cfg.model_engine == "megatron"
     assert cfg.actor_rollout_ref.actor.strategy == "megatron"
     _validate(cfg)
     assert cfg.trainer.nnodes == 4  # an int: validate_config multiplies it
 
 
-def test_megatron_recipe_rejects_a_node_count_that_breaks_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check verl would fail with at start-up, caught here: 3 nodes -> DP 12 x micro 4 = 48 !| 1024."""
-    monkeypatch.setenv("NNODES", "3")
+@pytest.mark.parametrize(
+    ("name", "nodes"),
+    [
+        ("grto_qwen25vl_7b_sam21_large_megatron", "3"),  # DP 12 x micro 4 = 48 !| 1024
+        ("grto_qwen3vl_30b_a3b_sam21_large_megatron", "3"),  # DP 12 x micro 2 = 24 !| 1024
+    ],
+)
+def test_megatron_recipe_rejects_a_node_count_that_breaks_the_batch(
+    name: str, nodes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check verl would fail with at start-up, caught here."""
+    monkeypatch.setenv("NNODES", nodes)
     with pytest.raises(AssertionError, match="divisible"):
-        _validate(_compose("grto_qwen25vl_7b_sam21_large_megatron"))
+        _validate(_compose(name))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_names_its_coordinate_convention(name: str) -> None:
+    """The convention is named in the recipe and handed to the box reward (docs/method.md, "Image frames");
+    the Qwen3-VL recipes resize in Qwen3-VL's 16-px patches in verl's dataset too."""
+    from verl_grto.data.frame import NORM1000, PIXELS, default_limits, limits_from_kwargs
+
+    cfg = _compose(name)
+    coords = NORM1000 if name in QWEN3VL_RECIPES else PIXELS
+    assert cfg.data.answer_coords == coords
+    assert _raw(cfg, "reward.custom_reward_function.reward_kwargs.answer_coords") == "${data.answer_coords}"
+    if name in QWEN3VL_RECIPES:
+        assert cfg.data.image_patch_size == 16
+    if name in GPU_RECIPES:  # the processor's limits are the converters' defaults for the family's factor
+        factor = 32 if coords == NORM1000 else 28
+        assert limits_from_kwargs(cfg.data.mm_processor_kwargs, factor) == default_limits(factor)
+
+
+def test_the_moe_recipe_spreads_its_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _compose("grto_qwen3vl_30b_a3b_sam21_large_megatron")
+    megatron = cfg.actor_rollout_ref.actor.megatron
+    assert megatron.expert_model_parallel_size == 8 and megatron.tensor_model_parallel_size == 2
+    assert cfg.actor_rollout_ref.ref.megatron.expert_model_parallel_size == 8  # verl's ref follows the actor
+    assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 4
 
 
 def test_a_missing_path_variable_fails_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

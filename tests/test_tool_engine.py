@@ -342,8 +342,8 @@ def test_engine_reads_images_it_lacks_through_its_loader(scenes):
     assert sorted(reads) == sorted(batch.image_keys)
     direct = fresh_engine().predict(make_batch(scenes, np.random.default_rng(7)))
     assert all(torch.equal(a, b) for a, b in zip(with_loader.masks, direct.masks, strict=True))
-    engine.update(batch)  # the update reads them again: the cache held none
-    assert len(reads) == 2 * len(scenes)
+    engine.update(batch)  # the update reads them again but the last: a cache bound of 0 keeps one call's images
+    assert len(reads) == 2 * len(scenes) - 1
     no_loader = fresh_engine()
     with pytest.raises(KeyError, match="not cached and no image"):
         no_loader.predict(batch)
@@ -388,3 +388,16 @@ def test_master_weights_are_float32_from_a_bf16_checkpoint(tmp_path):
     assert feats.image_embeddings.dtype == torch.bfloat16  # cached in the encoder's dtype (half the bytes)
     with pytest.raises(ValueError, match="encoder_dtype"):
         SegmentationTool.from_pretrained(str(tmp_path), encoder_dtype="int8")
+
+
+def test_update_after_predict_reencodes_only_what_the_bounded_cache_dropped(scenes):
+    """The step's rewards (predict) then its update, with a cache of 2 images for 3: the update starts with
+    the images predict left in the cache, so 1 image is encoded again, not 3."""
+    batch = make_batch(scenes, np.random.default_rng(10))
+    probe = fresh_engine()
+    probe.cache.get(batch.image_keys[:1], batch.images[:1])
+    engine = fresh_engine(chunk_images=1, cache_bytes=2 * probe.cache.bytes_per_image)
+    engine.predict(batch)
+    assert engine.cache.images_encoded == 3
+    engine.update(batch)
+    assert engine.cache.images_encoded == 4

@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from verl_grto.data.frame import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from verl_grto.doctor import run_doctor
@@ -254,8 +252,8 @@ def _checkpoint_tool(checkpoint: str) -> Path:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from verl_grto.data.convert.base import RowError, load_image
-    from verl_grto.data.frame import ResizeLimits
+    from verl_grto.data.convert.base import RowError, load_image, resize_limits
+    from verl_grto.data.frame import PolicyFrame
     from verl_grto.data.schema import build_instruction, build_short_instruction
     from verl_grto.eval.evaluate import write_prediction
     from verl_grto.eval.inference import PromptedToolPredictor, ToolSegmenter, row_rgb
@@ -273,28 +271,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError("without --box/--points, predict needs --prompt and --checkpoint (or --policy and --tool)")
     if prompted and args.tool is None and args.checkpoint is None:
         raise CLIError("--box/--points need a tool: give --tool or --checkpoint")
-    # The policy sees the image resized by these limits and answers in that frame (docs/method.md,
-    # "Image frames"); --box/--points are pixels of the image file.
-    limits = ResizeLimits(args.min_pixels, args.max_pixels)
-    answer_h, answer_w = limits.size(image.height, image.width)
-    row = {
-        "prompt": [
-            {
-                "role": "user",
-                "content": build_short_instruction(args.prompt or "")
-                if args.instruction == "short"
-                else build_instruction(args.prompt or "", answer_w, answer_h),
-            }
-        ],
-        "images": [{"bytes": image.data, "path": None, **limits.image_keys()}],
-        "extra_info": {"sample_id": Path(args.image).stem},
-    }
     with tempfile.TemporaryDirectory(prefix="verl_grto_predict_") as scratch:
+        frame = PolicyFrame()
         if flag_object is not None:  # the policy is not needed, so not loaded
             tool = _existing(args.tool, "tool") if args.tool is not None else _checkpoint_tool(args.checkpoint)
             predictor: Any = PromptedToolPredictor(ToolSegmenter(tool, device=args.device or "cpu"), [flag_object])
         else:
-            predictor, _ = _policy_predictor(args, Path(args.merge_dir) if args.merge_dir else Path(scratch) / "policy")
+            merge_dir = Path(args.merge_dir) if args.merge_dir else Path(scratch) / "policy"
+            predictor, _ = _policy_predictor(args, merge_dir)
+            frame = PolicyFrame.from_processor(predictor.policy.processor)
+        # The policy sees the image resized by these limits with its processor's factor and answers in its
+        # family's convention (docs/method.md, "Image frames"); --box/--points are pixels of the image file.
+        limits = resize_limits(frame.factor, args.min_pixels, args.max_pixels)
+        answer_h, answer_w = limits.size(image.height, image.width)
+        row = {
+            "prompt": [
+                {
+                    "role": "user",
+                    "content": build_short_instruction(args.prompt or "", frame.coords)
+                    if args.instruction == "short"
+                    else build_instruction(args.prompt or "", answer_w, answer_h, coords=frame.coords),
+                }
+            ],
+            "images": [{"bytes": image.data, "path": None, **limits.image_keys()}],
+            "extra_info": {"sample_id": Path(args.image).stem},
+        }
         mask = predictor(row)
     record = predictor.records[-1]
     objects = [flag_object] if flag_object is not None else predictor.parse(row, record.answer, mask.shape).objects
@@ -491,10 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--min-pixels",
         type=int,
-        default=DEFAULT_MIN_PIXELS,
-        help="the policy's resize limits (default: the full-size recipes'); answers are read in the resized frame",
+        help="the policy's resize limits (default: the full-size recipes' for the policy's processor factor, "
+        "256 to 1280 merged patches); answers are read in the resized frame",
     )
-    pr.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    pr.add_argument("--max-pixels", type=int)
     pr.add_argument("--max-new-tokens", type=int, default=256)
     pr.add_argument("--device", help="cpu or cuda (default: cuda when available, cpu for the tool alone)")
     pr.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the policy's dtype")

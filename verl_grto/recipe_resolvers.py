@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-ASSET_KINDS = ("policy", "tool", "policy_warm", "tool_pretrained")
+ASSET_KINDS = ("policy", "tool", "policy_warm", "tool_pretrained", "policy_qwen3vl")
 
 
 def resolve_asset(kind: str, seed: int | str = 0) -> str:
@@ -21,10 +21,15 @@ def resolve_asset(kind: str, seed: int | str = 0) -> str:
     ``policy`` / ``tool``: randomly initialised; ``policy_warm``: the policy after its supervised
     warm start (it localises single objects: the reference policy); ``tool_pretrained``: the tool
     after pre-training on the plain domain (the stand-in for SAM2's own pre-training). The two trained
-    ones are the shipped copies when current (:mod:`verl_grto.assets.shipped`), else built."""
+    ones are the shipped copies when current (:mod:`verl_grto.assets.shipped`), else built.
+    ``policy_qwen3vl``: a randomly initialised tiny Qwen3-VL (:mod:`verl_grto.assets.qwen3vl`)."""
     from verl_grto.assets.build import ensure_assets
 
     seed = int(seed)
+    if kind == "policy_qwen3vl":
+        from verl_grto.assets.build import ensure_tiny_qwen3vl
+
+        return str(ensure_tiny_qwen3vl(None, seed=seed))
     if kind in ("policy", "tool"):
         return str(getattr(ensure_assets(None, seed=seed), kind))
     if kind == "policy_warm":
@@ -46,8 +51,12 @@ def resolve_synthetic(
     seed: int | str = 0,
     max_objects: int | str = 4,
     min_objects: int | str = 2,
+    coords: str = "pixels",
 ) -> str:
-    """``${grto_synthetic:DOMAIN,SPLIT,N_TRAIN,N_VAL,SEED[,MAX_OBJ[,MIN_OBJ]]}`` -> a parquet path."""
+    """``${grto_synthetic:DOMAIN,SPLIT,N_TRAIN,N_VAL,SEED[,MAX_OBJ[,MIN_OBJ[,COORDS]]]}`` -> a parquet path.
+
+    ``COORDS``: the rows' coordinate convention, ``pixels`` (the tiny Qwen2.5-VL) or ``norm1000`` (the
+    tiny Qwen3-VL; :mod:`verl_grto.data.frame`)."""
     from verl_grto.assets.build import default_home
     from verl_grto.data.synthetic import ensure_synthetic
 
@@ -59,6 +68,7 @@ def resolve_synthetic(
         seed=int(seed),
         max_objects=int(max_objects),
         min_objects=int(min_objects),
+        coords=str(coords),
     )
     if split not in splits:
         raise ValueError(f"grto_synthetic: unknown split {split!r}; have {sorted(splits)}")

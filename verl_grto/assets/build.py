@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from verl_grto.assets.qwen3vl import build_tiny_qwen3vl
 from verl_grto.assets.qwen25vl import build_tiny_qwen25vl
 from verl_grto.atomic import build_dir_once
 from verl_grto.tool.configs import tiny_sam2_config
@@ -24,6 +25,8 @@ from verl_grto.tool.model import SegmentationTool
 BUILDER_VERSION = 2
 #: The same for the tiny policy alone (3: vision patches of 7 pixels, 64 image tokens per 112-pixel scene).
 POLICY_BUILDER_VERSION = 3
+#: The same for the tiny Qwen3-VL (verl_grto/assets/qwen3vl.py).
+QWEN3VL_BUILDER_VERSION = 1
 #: Default SAM2 input size of the tiny tool.
 TINY_SAM2_IMAGE_SIZE = 128
 HOME_ENV = "VERL_GRTO_HOME"
@@ -78,3 +81,11 @@ def ensure_assets(root: Path | None = None, seed: int = 0) -> AssetPaths:
     built if missing. Different seeds get different directories, so they can coexist."""
     base = Path(root) if root is not None else default_home() / "assets"
     return build_assets(base / f"seed{seed}", seed=seed)
+
+
+def ensure_tiny_qwen3vl(root: Path | None = None, seed: int = 0) -> Path:
+    """The random tiny Qwen3-VL for ``seed`` under ``root`` (default :func:`default_home` ``/assets/seed<seed>``),
+    built if missing (:func:`verl_grto.assets.qwen3vl.build_tiny_qwen3vl`, atomically, under a file lock)."""
+    base = Path(root) if root is not None else default_home() / "assets"
+    stamp = {"builder": "tiny_qwen3vl", "version": QWEN3VL_BUILDER_VERSION, "seed": seed}
+    return build_dir_once(base / f"seed{seed}" / "tiny_qwen3vl", stamp, lambda tmp: build_tiny_qwen3vl(tmp, seed=seed))

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    BaseVideoProcessor,
     GenerationConfig,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -90,14 +92,19 @@ def tiny_qwen25vl_config(
         "fullatt_block_indexes": [1],
     }
     return Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **vision_token_ids(tokenizer)
     )
+
+
+def vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The vision token ids a Qwen-VL config names, read from ``tokenizer`` (the processor reads the same)."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
 
 
 def tiny_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
@@ -111,20 +118,42 @@ def tiny_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConf
     )
 
 
-def tiny_processor(tokenizer: PreTrainedTokenizerFast, patch_size: int = PATCH_SIZE) -> Qwen2_5_VLProcessor:
-    """Qwen2.5-VL's processor around ``tokenizer`` with the tiny model's pixel budget."""
+def qwen_vl_processor(
+    processor_cls: type[ProcessorMixin],
+    video_processor_cls: type[BaseVideoProcessor],
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    patch_size: int,
+) -> ProcessorMixin:
+    """A Qwen-VL processor (``processor_cls``: Qwen2.5-VL's or Qwen3-VL's) around ``tokenizer`` and the
+    project's chat template: Qwen2-VL's image processor and ``video_processor_cls`` with one patching
+    (``patch_size``, merge 2, temporal patch 2) and pixel budget ``[min_pixels, max_pixels]``."""
     common = {
-        "min_pixels": MIN_PIXELS,
-        "max_pixels": MAX_PIXELS,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
         "patch_size": patch_size,
         "temporal_patch_size": TEMPORAL_PATCH_SIZE,
         "merge_size": MERGE_SIZE,
     }
-    return Qwen2_5_VLProcessor(
+    return processor_cls(
         image_processor=Qwen2VLImageProcessor(**common),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**common),
+        video_processor=video_processor_cls(**common),
         chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_processor(tokenizer: PreTrainedTokenizerFast, patch_size: int = PATCH_SIZE) -> Qwen2_5_VLProcessor:
+    """Qwen2.5-VL's processor around ``tokenizer`` with the tiny model's pixel budget."""
+    return qwen_vl_processor(
+        Qwen2_5_VLProcessor,
+        Qwen2VLVideoProcessor,
+        tokenizer,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        patch_size=patch_size,
     )
 
 

@@ -20,9 +20,14 @@ What a row must have (the format of :mod:`verl_grto.data.schema`):
 * ``images``: at least one entry, each with bytes that decode completely;
 * ``reward_model.ground_truth``: JSON that :meth:`GroundTruth.from_json` accepts, boxes of 4 finite
   numbers, a mask RLE that decodes to exactly ``image_size``, and an ``image_size`` equal to the
-  first image's; an ``answer_size``, when given, equal to the size Qwen2.5-VL's processor resizes the
-  first image to under the resize limits its entry names (:mod:`verl_grto.data.frame`: otherwise the
-  policy would be told, and scored in, a frame other than the one it is shown);
+  first image's; an ``answer_size``, when given, equal to the size the policy's processor resizes the
+  first image to (with the row's ``resize_factor``) under the resize limits its entry names
+  (:mod:`verl_grto.data.frame`: otherwise the policy would be told, and scored in, a frame other than
+  the one it is shown);
+* when the policy's frame is known (a run's check: the recipe's ``data.answer_coords`` and its
+  processor, :class:`verl_grto.data.frame.PolicyFrame`): the row's coordinate convention is the
+  policy's (a Qwen3-VL policy is never scored in pixels, nor a Qwen2.5-VL one on the 0-1000 grid), its
+  ``resize_factor`` is the processor's, and its frame is a fixed point of the processor's limits;
 * ``extra_info.sample_id`` (the tool's image store and evaluation key rows by it).
 
 Reading is streamed in small batches, so memory holds a few rows' images, never the file.
@@ -40,7 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from verl_grto.data.frame import ResizeLimits, entry_limits
+from verl_grto.data.frame import QWEN25VL_FACTOR, PolicyFrame, coords_mismatch, entry_limits
 from verl_grto.data.images import decode_image, image_bytes
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import IMAGE_PLACEHOLDER, GroundTruth
@@ -85,39 +90,49 @@ def _prompt_problems(prompt: Any, n_images: int) -> list[str]:
     return problems
 
 
-def _frame_problems(
-    gt: GroundTruth, image_hw: tuple[int, int], entry: Any, processor_limits: ResizeLimits | None
-) -> list[str]:
-    """A stated answer frame that is not the frame the policy is shown (Qwen2.5-VL's resize of the image).
+def _frame_problems(gt: GroundTruth, image_hw: tuple[int, int], entry: Any, policy: PolicyFrame | None) -> list[str]:
+    """A stated frame that is not the one the policy is shown, or not the policy's (convention, factor).
 
-    verl resizes by the limits the image entry names, then the processor by its own
-    (``processor_limits``, a recipe's ``data.mm_processor_kwargs``): the frame must be a fixed point of
-    the second, or the policy would see yet another size.
+    verl resizes by the limits the image entry names (with the row's factor, which must be the policy
+    processor's), then the processor by its own (``policy.limits``, a recipe's ``data.mm_processor_kwargs``):
+    the frame must be a fixed point of the second, or the policy would see yet another size.
     """
+    problems = []
+    if policy is not None and (mismatch := coords_mismatch(gt.answer_coords, policy.coords)) is not None:
+        problems.append(mismatch)
     if gt.answer_size is None:
-        return []
-    limits = entry_limits(entry)
+        return problems
+    factor = gt.resize_factor or QWEN25VL_FACTOR  # rows written before resize_factor were Qwen2.5-VL's
+    if policy is not None and factor != policy.factor:
+        return [
+            *problems,
+            f"ground truth resize_factor is {factor} but the policy's processor resizes in steps of {policy.factor} "
+            f"(patch x merge): convert the data with factor={policy.factor}",
+        ]
+    limits = entry_limits(entry, factor)
     shown = limits.size(*image_hw)
     if gt.answer_size != shown:
         return [
+            *problems,
             f"ground truth answer_size is {_hw(gt.answer_size)} but the policy is shown the image at {_hw(shown)} "
-            f"(min_pixels {limits.min_pixels}, max_pixels {limits.max_pixels}); re-convert the data"
+            f"(min_pixels {limits.min_pixels}, max_pixels {limits.max_pixels}, factor {factor}); re-convert the data",
         ]
+    processor_limits = None if policy is None else policy.limits
     if processor_limits is not None and not processor_limits.is_fixed_point(*shown):
-        return [
+        problems.append(
             f"the row's answer frame {_hw(shown)} (min_pixels {limits.min_pixels}, max_pixels {limits.max_pixels}) "
             f"is resized again to {_hw(processor_limits.size(*shown))} by the processor's limits (min_pixels "
             f"{processor_limits.min_pixels}, max_pixels {processor_limits.max_pixels}): convert the data with the "
             "recipe's data.mm_processor_kwargs"
-        ]
-    return []
+        )
+    return problems
 
 
 def _ground_truth_problems(
     reward_model: Any,
     image_hw: tuple[int, int] | None,
     entry: Any = None,
-    processor_limits: ResizeLimits | None = None,
+    policy: PolicyFrame | None = None,
 ) -> list[str]:
     """What is wrong with the row's ground truth; sizes are compared with the image when it decoded."""
     raw = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
@@ -150,18 +165,19 @@ def _ground_truth_problems(
         problems.append(f"ground truth mask is {_hw(mask_hw)} but the image is {_hw(image_hw)}")
     if gt.image_size != image_hw:
         problems.append(f"ground truth image_size is {_hw(gt.image_size)} but the image is {_hw(image_hw)}")
-    return problems + _frame_problems(gt, image_hw, entry, processor_limits)
+    return problems + _frame_problems(gt, image_hw, entry, policy)
 
 
 def _hw(hw: tuple[int, int]) -> str:
     return f"{hw[0]}x{hw[1]} (HxW)"
 
 
-def check_row(row: dict[str, Any], processor_limits: ResizeLimits | None = None) -> list[str]:
+def check_row(row: dict[str, Any], policy: PolicyFrame | None = None) -> list[str]:
     """Everything wrong with one row, as reasons (empty: the row is usable). Never raises.
 
-    ``processor_limits``: the training processor's resize limits (a recipe's ``data.mm_processor_kwargs``),
-    when known; a row's answer frame must not be resized again by them."""
+    ``policy``: the training policy's frame (its convention, its processor's factor and a recipe's
+    ``data.mm_processor_kwargs``), when known; the row must be in its convention and factor, and its
+    answer frame must not be resized again by its limits."""
     try:
         problems: list[str] = []
         image_hw = None
@@ -178,7 +194,7 @@ def check_row(row: dict[str, Any], processor_limits: ResizeLimits | None = None)
                 image_hw = (image.height, image.width)
         problems += _prompt_problems(row.get("prompt"), len(stored))
         entries = row.get("images") or [None]
-        problems += _ground_truth_problems(row.get("reward_model"), image_hw, entries[0], processor_limits)
+        problems += _ground_truth_problems(row.get("reward_model"), image_hw, entries[0], policy)
         info = row.get("extra_info")
         if not isinstance(info, dict) or info.get("sample_id") in (None, ""):
             problems.append("extra_info has no sample_id")
@@ -196,10 +212,10 @@ def iter_rows(path: Path | str, columns: list[str] | None = None) -> Iterator[tu
             index += 1
 
 
-def check_parquet(path: Path | str, processor_limits: ResizeLimits | None = None) -> list[RowProblem]:
+def check_parquet(path: Path | str, policy: PolicyFrame | None = None) -> list[RowProblem]:
     """Every problem of a verl RL parquet file, in row order (empty: every row is usable). Never raises.
 
-    ``processor_limits``: as for :func:`check_row`.
+    ``policy``: as for :func:`check_row`.
 
     A file that cannot be read as parquet, or lacks a column rows need, gives one file-level problem
     (``row`` None) and no row problems: no row of it could be used.
@@ -222,7 +238,7 @@ def check_parquet(path: Path | str, processor_limits: ResizeLimits | None = None
     read = 0
     try:
         for index, row in iter_rows(path, columns=list(REQUIRED_COLUMNS)):
-            problems += [RowProblem(name, index, reason) for reason in check_row(row, processor_limits)]
+            problems += [RowProblem(name, index, reason) for reason in check_row(row, policy)]
             read = index + 1
     except (OSError, pa.ArrowException) as exc:  # a corrupt page or row group: the rest cannot be read
         problems.append(RowProblem(name, None, f"unreadable from about row {read} on: {exc}"))

@@ -10,13 +10,18 @@ Ground-truth JSON (``reward_model.ground_truth``)::
     {"mask": {"size": [H, W], "counts": "<COCO RLE string>"},   # union of the referred objects
      "boxes": [[x1, y1, x2, y2], ...],                          # one per referred object, pixels, x2/y2 exclusive
      "image_size": [H, W],
-     "answer_size": [H', W'],                                   # optional: the frame the policy answers in
+     "answer_size": [H', W'],                                   # optional: the size the policy is shown
+     "answer_coords": "pixels" | "norm1000",                    # optional: the coordinates asked (default pixels)
+     "resize_factor": 28 | 32,                                  # optional: the factor answer_size was resized with
      "ignore": {"size": [H, W], "counts": "<COCO RLE string>"}} # optional: pixels no score counts
 
-``answer_size`` is the image's size as the policy's processor resizes it (Qwen2.5-VL's
-``smart_resize``, :mod:`verl_grto.data.frame`): answers are read in it and mapped to ``image_size``
-(:mod:`verl_grto.reward.frame`). Absent (rows written before it, the synthetic scenes, whose 112 px are
-a fixed point of the resize) it equals ``image_size``.
+``answer_size`` is the image's size as the policy's processor resizes it (``smart_resize`` with the
+processor's factor ``resize_factor``, :mod:`verl_grto.data.frame`). ``answer_coords`` is the policy
+family's coordinate convention: ``pixels`` answers are read in ``answer_size``, ``norm1000`` ones on a
+1000 x 1000 grid (:attr:`GroundTruth.answer_frame`), and both are mapped to ``image_size``
+(:mod:`verl_grto.reward.frame`). Rows written before these keys read as ``pixels``; without
+``answer_size`` (the synthetic scenes, whose 112 px are a fixed point of the tiny Qwen2.5-VL's resize)
+a ``pixels`` answer is read in ``image_size``; without ``resize_factor`` a row was resized by Qwen2.5-VL's 28.
 
 ``ignore`` marks pixels that count in no score, neither as object nor as background (ReasonSeg's
 "ignore" polygons, LISA's protocol): the mask reward, the tool's loss, validation and ``evaluate`` all
@@ -35,20 +40,29 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from verl_grto.data.frame import NORM1000, PIXELS, answer_grid, check_coords
+
 IMAGE_PLACEHOLDER = "<image>"
 ABILITY = "referring_segmentation"
 
 #: The instruction the policy sees in converted benchmark rows (``verl-grto data convert``, hence the
-#: full-size recipes). Coordinates are pixels of the image as the policy sees it: ``width`` x ``height`` is
-#: the answer frame (:mod:`verl_grto.data.frame`), not the file's size. It asks for the project's keys
-#: (``bbox`` / ``points``); the parser also accepts Qwen2.5-VL's native ``bbox_2d`` / ``point_2d``
-#: (verl_grto/reward/answer.py), so a pretrained Qwen2.5-VL that answers in its own grounding format
-#: is not scored zero for the key names alone.
+#: full-size recipes), one per coordinate convention (:mod:`verl_grto.data.frame`). ``pixels``: pixels of
+#: the image as the policy sees it, ``width`` x ``height`` being the resized size, not the file's.
+#: ``norm1000``: a 0-1000 grid relative to the image (Qwen3-VL's grounding), so no size is named. Both ask
+#: for the project's keys (``bbox`` / ``points``); the parser also accepts the Qwen-VL native ``bbox_2d`` /
+#: ``point_2d`` (verl_grto/reward/answer.py), so a pretrained Qwen-VL that answers in its own grounding
+#: format is not scored zero for the key names alone.
 INSTRUCTION_TEMPLATE = (
     '{image}Find the object described by: "{expression}". '
     "The image is {width}x{height} pixels. "
     "Think briefly inside <think></think>, then answer inside <answer></answer> with JSON "
     '{{"bbox": [x1, y1, x2, y2], "points": [[x, y]]}} in pixel coordinates.'
+)
+NORM1000_INSTRUCTION_TEMPLATE = (
+    '{image}Find the object described by: "{expression}". '
+    "Think briefly inside <think></think>, then answer inside <answer></answer> with JSON "
+    '{{"bbox": [x1, y1, x2, y2], "points": [[x, y]]}} in coordinates relative to the image, '
+    "from 0 to 1000 on each axis."
 )
 
 
@@ -56,17 +70,24 @@ INSTRUCTION_TEMPLATE = (
 #: 250-500 supervised steps later with the long instruction above than with a short one
 #: (../shared/notes/learnability.md, third probe). It names no answer format: the tiny policy is taught
 #: the project's keys (``{"bbox": [...]}``) by its supervised warm start (verl_grto/assets/warmstart.py).
+#: In ``norm1000`` (the tiny Qwen3-VL's rows) it names the grid.
 SHORT_INSTRUCTION_TEMPLATE = "{image}Locate {expression}."
+NORM1000_SHORT_INSTRUCTION_TEMPLATE = "{image}Locate {expression} on the 0-1000 grid."
 
 
-def build_short_instruction(expression: str) -> str:
+def build_short_instruction(expression: str, coords: str = PIXELS) -> str:
     """The tiny world's user message: one ``<image>`` placeholder, then ``Locate <expression>.``"""
-    return SHORT_INSTRUCTION_TEMPLATE.format(image=IMAGE_PLACEHOLDER, expression=expression)
+    template = NORM1000_SHORT_INSTRUCTION_TEMPLATE if check_coords(coords) == NORM1000 else SHORT_INSTRUCTION_TEMPLATE
+    return template.format(image=IMAGE_PLACEHOLDER, expression=expression)
 
 
-def build_instruction(expression: str, width: int, height: int) -> str:
-    """The user message for one referring expression (one ``<image>`` placeholder first)."""
-    return INSTRUCTION_TEMPLATE.format(image=IMAGE_PLACEHOLDER, expression=expression, width=width, height=height)
+def build_instruction(expression: str, width: int, height: int, coords: str = PIXELS) -> str:
+    """The user message for one referring expression (one ``<image>`` placeholder first).
+
+    ``width`` x ``height``: the size the policy is shown; named only in ``pixels``, where it is the answer frame.
+    """
+    template = NORM1000_INSTRUCTION_TEMPLATE if check_coords(coords) == NORM1000 else INSTRUCTION_TEMPLATE
+    return template.format(image=IMAGE_PLACEHOLDER, expression=expression, width=width, height=height)
 
 
 @dataclass
@@ -76,18 +97,30 @@ class GroundTruth:
     mask_rle: dict[str, Any]  # {"size": [H, W], "counts": str}
     boxes: list[list[float]]
     image_size: tuple[int, int]  # (H, W)
-    answer_size: tuple[int, int] | None = None  # (H', W'), the policy's frame; None: image_size
+    answer_size: tuple[int, int] | None = None  # (H', W'), the size the policy is shown; None: image_size
+    answer_coords: str = PIXELS  # the coordinate convention asked (verl_grto.data.frame)
+    resize_factor: int | None = None  # the factor answer_size was resized with; None: Qwen2.5-VL's 28
     ignore_rle: dict[str, Any] | None = None  # {"size": [H, W], "counts": str}: pixels no score counts
+
+    def __post_init__(self) -> None:
+        check_coords(self.answer_coords, "ground truth 'answer_coords'")
 
     @property
     def answer_frame(self) -> tuple[int, int]:
-        """``(H', W')``: the frame the policy's answers are in (``image_size`` when the row names none)."""
-        return self.answer_size if self.answer_size is not None else self.image_size
+        """``(H, W)``: the grid the policy's answers are read in (:func:`verl_grto.data.frame.answer_grid`):
+        the shown size in ``pixels`` (``image_size`` when the row names none), 1000 x 1000 in ``norm1000``."""
+        return answer_grid(self.answer_coords, self.answer_size if self.answer_size is not None else self.image_size)
 
     def to_json(self) -> str:
+        """The ground-truth JSON. The frame keys are written when the row names a frame (a converted row, or
+        a convention other than ``pixels``), so rows without one keep their bytes."""
         obj: dict[str, Any] = {"mask": self.mask_rle, "boxes": self.boxes, "image_size": list(self.image_size)}
         if self.answer_size is not None:
             obj["answer_size"] = list(self.answer_size)
+        if self.answer_size is not None or self.answer_coords != PIXELS:
+            obj["answer_coords"] = self.answer_coords
+        if self.resize_factor is not None:
+            obj["resize_factor"] = self.resize_factor
         if self.ignore_rle is not None:
             obj["ignore"] = self.ignore_rle
         return json.dumps(obj)
@@ -132,6 +165,11 @@ class GroundTruth:
             not isinstance(answer, list | tuple) or len(answer) != 2 or not all(int(v) > 0 for v in answer)
         ):
             raise ValueError(f"ground truth 'answer_size' must be [H, W] of positive sizes, got {str(answer)[:80]}")
+        coords = obj.get("answer_coords", PIXELS)
+        check_coords(coords, "ground truth 'answer_coords'")
+        factor = obj.get("resize_factor")
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or factor < 1):
+            raise ValueError(f"ground truth 'resize_factor' must be a positive integer, got {str(factor)[:40]}")
         ignore = obj.get("ignore")
         if ignore is not None and (not isinstance(ignore, dict) or "size" not in ignore or "counts" not in ignore):
             raise ValueError(
@@ -145,6 +183,8 @@ class GroundTruth:
             boxes=[[float(v) for v in b] for b in boxes],
             image_size=(h, w),
             answer_size=None if answer is None else (int(answer[0]), int(answer[1])),
+            answer_coords=coords,
+            resize_factor=factor,
             ignore_rle=ignore,
         )
 

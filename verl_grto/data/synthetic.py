@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from verl_grto.atomic import build_dir_once
+from verl_grto.data.frame import PIXELS, check_coords
 from verl_grto.data.masks import encode_rle, mask_to_box
 from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.schema import GroundTruth, RLRow, build_short_instruction
@@ -499,18 +500,25 @@ def generate_split(
     size: int = 112,
     max_objects: int = 4,
     min_objects: int = 2,
+    coords: str = PIXELS,
 ) -> list[RLRow]:
-    """``n`` verl RL rows: a scene, one uniquely referring expression, its visible mask and box."""
+    """``n`` verl RL rows: a scene, one uniquely referring expression, its visible mask and box.
+
+    ``coords``: the coordinate convention the rows ask for (:mod:`verl_grto.data.frame`; ``norm1000`` for
+    the tiny Qwen3-VL), named in the ground truth and the instruction; the scenes are the same."""
     rows = []
-    tag = f"syn-{domain}-{size}px-m{min(min_objects, max_objects)}to{max_objects}-s{seed}-{split}"
+    suffix = "" if check_coords(coords) == PIXELS else f"-{coords}"
+    tag = f"syn-{domain}-{size}px-m{min(min_objects, max_objects)}to{max_objects}-s{seed}-{split}{suffix}"
     for i in range(n):
         scene, ref = make_sample(seed, domain, split, i, size=size, max_objects=max_objects, min_objects=min_objects)
         target = scene.objects[ref.target]
-        gt = GroundTruth(mask_rle=encode_rle(target.mask), boxes=[list(target.box)], image_size=(size, size))
+        gt = GroundTruth(
+            mask_rle=encode_rle(target.mask), boxes=[list(target.box)], image_size=(size, size), answer_coords=coords
+        )
         rows.append(
             RLRow(
                 data_source=f"grto/synthetic/{domain}",
-                instruction=build_short_instruction(ref.text),
+                instruction=build_short_instruction(ref.text, coords),
                 image_png=png_bytes(scene.image),
                 ground_truth=gt,
                 index=i,
@@ -536,12 +544,15 @@ def write_synthetic(
     size: int = 112,
     max_objects: int = 4,
     min_objects: int = 2,
+    coords: str = PIXELS,
 ) -> dict[str, Path]:
     """Write ``train.parquet`` and ``val.parquet`` (verl's RL format) into ``out_dir``."""
     out_dir = Path(out_dir)
     paths = {}
     for split, n in (("train", n_train), ("val", n_val)):
-        rows = generate_split(n, seed, domain, split, size=size, max_objects=max_objects, min_objects=min_objects)
+        rows = generate_split(
+            n, seed, domain, split, size=size, max_objects=max_objects, min_objects=min_objects, coords=coords
+        )
         paths[split] = write_rows_atomic((r.to_record() for r in rows), out_dir / f"{split}.parquet")
     return paths
 
@@ -555,11 +566,13 @@ def ensure_synthetic(
     size: int = 112,
     max_objects: int = 4,
     min_objects: int = 2,
+    coords: str = PIXELS,
 ) -> dict[str, Path]:
     """Like :func:`write_synthetic` into a directory under ``root`` named by the settings, built only if
     missing (atomically, under a file lock, so concurrent callers build it once)."""
     lo = min(min_objects, max_objects)
-    target = Path(root) / f"synthetic_{domain}_{size}px_m{lo}to{max_objects}_n{n_train}-{n_val}_s{seed}"
+    suffix = "" if check_coords(coords) == PIXELS else f"_{coords}"
+    target = Path(root) / f"synthetic_{domain}_{size}px_m{lo}to{max_objects}_n{n_train}-{n_val}_s{seed}{suffix}"
     stamp = {
         "builder": "synthetic",
         "version": GENERATOR_VERSION,
@@ -570,10 +583,21 @@ def ensure_synthetic(
         "n_train": n_train,
         "n_val": n_val,
         "seed": seed,
+        **({} if coords == PIXELS else {"coords": coords}),
     }
 
     def build(tmp: Path) -> None:
-        write_synthetic(tmp, n_train, n_val, seed, domain, size=size, max_objects=max_objects, min_objects=min_objects)
+        write_synthetic(
+            tmp,
+            n_train,
+            n_val,
+            seed,
+            domain,
+            size=size,
+            max_objects=max_objects,
+            min_objects=min_objects,
+            coords=coords,
+        )
 
     build_dir_once(target, stamp, build)
     return {"train": target / "train.parquet", "val": target / "val.parquet"}

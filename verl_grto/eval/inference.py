@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verl_grto.data.frame import processor_factor, row_answer_frame
+from verl_grto.data.frame import PolicyFrame, row_answer_frame
 from verl_grto.data.images import row_images
 from verl_grto.reward.answer import ParsedAnswer, ToolPrompt
 from verl_grto.reward.frame import parse_in_frame
@@ -170,7 +170,7 @@ class PolicyToolPredictor:
 
     def parse(self, row: dict[str, Any], text: str, image_hw: Sequence[int]) -> ParsedAnswer:
         """The policy's answer to ``row`` read in the frame it saw, returned in the image's frame (``image_hw``)."""
-        frame = row_answer_frame(row, image_hw, processor_factor(self.policy.processor))
+        frame = row_answer_frame(row, image_hw, PolicyFrame.from_processor(self.policy.processor))
         return parse_in_frame(text, frame, image_hw)
 
     def predict_batch(self, rows: Sequence[dict[str, Any]]) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """The policy's answer format: parse it without ever raising, and write it (for warm-start targets).
 
-Format (coordinates in pixels of the image as shown to the policy, ``x2``/``y2`` exclusive)::
+Format (coordinates on the row's answer grid, ``x2``/``y2`` exclusive: pixels of the image as shown to
+the policy for a ``pixels`` row, 0-1000 relative to it for a ``norm1000`` row; :mod:`verl_grto.data.frame`)::
 
     <think>...</think><answer>{"bbox": [x1, y1, x2, y2], "points": [[x, y], ...]}</answer>
 
@@ -9,8 +10,8 @@ hold a JSON list of such objects when the expression names several. Whitespace a
 one trailing ``<|im_end|>`` / ``<|endoftext|>`` (when the decoder kept special tokens) are allowed;
 anything else after ``</answer>`` is not.
 
-Qwen2.5-VL's native grounding keys are accepted too, the keys a pretrained Qwen2.5-VL answers with
-and Seg-Zero / VisionReasoner train with::
+Qwen2.5-VL's native grounding keys are accepted too, the keys a pretrained Qwen2.5-VL (and Qwen3-VL,
+on its 0-1000 grid) answers with and Seg-Zero / VisionReasoner train with::
 
     <answer>[{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y], "label": "..."}]</answer>
 
@@ -19,8 +20,10 @@ positive point; ``label`` is an optional string and is ignored. An answer in nat
 the same :class:`ToolPrompt` as the equivalent answer in the project's keys
 (``{"bbox_2d": b, "point_2d": p}`` == ``{"bbox": b, "points": [p]}``), under the same rules below.
 Coordinates are read in the same frame as the project's keys, the ``image_size`` given to
-:func:`parse_answer`. For a policy answer that is the frame the policy was shown, its
-processor-resized image (the row's ``answer_frame``), which is where a pretrained Qwen2.5-VL grounds;
+:func:`parse_answer`. For a policy answer that is the row's answer grid (``GroundTruth.answer_frame``):
+the processor-resized image ``(H', W')`` in ``pixels``, where a pretrained Qwen2.5-VL grounds, or
+``(1000, 1000)`` in ``norm1000``, where Qwen3-VL does; so the bounds below follow the convention
+(a ``norm1000`` coordinate of 1001 is outside, whatever the image's size).
 :func:`verl_grto.reward.frame.parse_policy_answer` parses there and maps to the original image.
 
 Why strict: the reward must not be gamed by junk around the answer, and every rejection carries a
@@ -28,7 +31,7 @@ precise human reason so that a rollout dump shows at a glance what the policy ge
 
 Decisions worth knowing:
 
-* Coordinates outside ``[0, W] x [0, H]`` are **rejected**, not clipped: clipping would reward a
+* Coordinates outside ``[0, W] x [0, H]`` (the grid: ``[0, 1000]`` on both axes in ``norm1000``) are **rejected**, not clipped: clipping would reward a
   policy for answers that say nothing about the image ("[-1000, -1000, 1000, 1000]").
 * Empty or inverted boxes (``x2 <= x1`` or ``y2 <= y1``), NaN / Infinity / non-numeric values, booleans
   and unknown keys (e.g. ``"bbox_3d"``) are rejected.

@@ -11,6 +11,8 @@ the tool rewards. ``score = format_reward + box_iou`` where
 
 Answers are read in the row's answer frame and scored in its image frame
 (:func:`verl_grto.reward.frame.parse_policy_answer`). A malformed ground truth raises: that is a data bug and must be loud. A malformed answer never raises.
+A recipe names its policy's coordinate convention to this function (``reward_kwargs.answer_coords``); a
+row of the other convention then raises too, instead of being scored in the wrong frame.
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ class RewardBreakdown:
 
 
 def score_box_answer(
-    solution_str: str, ground_truth: str | dict[str, Any] | GroundTruth, extra_info: dict[str, Any] | None = None
+    solution_str: str,
+    ground_truth: str | dict[str, Any] | GroundTruth,
+    extra_info: dict[str, Any] | None = None,
+    answer_coords: str | None = None,
 ) -> RewardBreakdown:
-    """Score one decoded response against a ground truth (JSON string, dict or :class:`GroundTruth`)."""
+    """Score one decoded response against a ground truth (JSON string, dict or :class:`GroundTruth`).
+
+    ``answer_coords``: the policy's coordinate convention, when known (a row asking for the other raises)."""
     gt = ground_truth if isinstance(ground_truth, GroundTruth) else GroundTruth.from_json(ground_truth)
-    parsed = parse_policy_answer(solution_str, gt)
+    parsed = parse_policy_answer(solution_str, gt, answer_coords)
     if not parsed.ok:
         return RewardBreakdown(score=0.0, format_reward=0.0, box_iou=0.0, parse_ok=False, reason=parsed.reason)
     format_reward = FORMAT_REWARD if parsed.has_think else 0.0
@@ -60,8 +67,9 @@ def compute_score(
     """verl's custom reward function signature (``custom_reward_function.name=compute_score``).
 
     ``score`` is the reward; the other keys become per-sample extra info / validation metrics (verl
-    averages numbers and skips strings, so ``reason`` is only visible in dumps).
+    averages numbers and skips strings, so ``reason`` is only visible in dumps). ``answer_coords`` (from
+    the recipe's ``reward.custom_reward_function.reward_kwargs``) is the policy's coordinate convention.
     """
-    out = asdict(score_box_answer(solution_str, ground_truth, extra_info))
+    out = asdict(score_box_answer(solution_str, ground_truth, extra_info, kwargs.get("answer_coords")))
     out["parse_ok"] = int(out["parse_ok"])
     return out

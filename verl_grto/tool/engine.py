@@ -481,7 +481,8 @@ class ToolEngine:
     ) -> dict[str, float]:
         """One optimiser step on `loss_scale` * the weighted mean of per-rollout losses (`objective`).
 
-        Chunk by chunk (``chunk_images`` images and their rollouts), each rank back-propagates
+        Chunk by chunk (``chunk_images`` images and their rollouts, last chunk first: what a preceding
+        ``predict`` of the batch left in the cache comes first), each rank back-propagates
         lambda * sum_{i in chunk} w_i l_i, accumulating gradients, so one chunk's activations are alive at
         a time; then one all-reduce (a flat bucket) sums the gradients and the weight and loss sums over
         ranks, and the gradients are divided by the global weight sum: the gradient of `objective`.
@@ -508,7 +509,10 @@ class ToolEngine:
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
         nonfinite = has_signal = False
-        chunks = self.chunks(batch)
+        # last chunk first: a `predict` of this batch (the step's rewards) walked the chunks in order, so
+        # the images it left in the bounded cache are its last ones; starting there, only the images the
+        # cache could not keep are encoded again
+        chunks = self.chunks(batch)[::-1]
         self.tool.train(True)
         with self.own_rng():
             for images, rollouts in chunks:

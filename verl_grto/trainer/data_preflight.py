@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from verl_grto.atomic import atomic_file
 from verl_grto.data.check import RowProblem, check_parquet
-from verl_grto.data.frame import ResizeLimits
+from verl_grto.data.frame import PolicyFrame
 from verl_grto.data.parquet import write_without_rows
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ DATA_CHECK_MODES = ("fail", "skip", "off")
 FOLDER = "data_check"
 REPORT_NAME = "report.json"
 #: Bumped when the checks change, so that an older report is not reused as a cache.
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 #: Problems quoted in an error or warning; the report (or ``verl-grto data check``) has them all.
 MAX_LISTED = 20
 
@@ -95,28 +95,28 @@ def _read_report(path: Path) -> dict[str, Any]:
 
 
 def _check_file(
-    path: str, cached: dict[str, Any] | None, processor_limits: ResizeLimits | None = None
+    path: str, cached: dict[str, Any] | None, policy: PolicyFrame | None = None
 ) -> tuple[list[RowProblem], dict[str, Any]]:
-    """The file's problems (from the cache when its size, mtime and the limits checked match) and its report entry."""
+    """The file's problems (from the cache when its size, mtime and the policy frame checked match) and its report entry."""
     stat = _stat(path) if os.path.isfile(path) else None
-    limits = None if processor_limits is None else processor_limits.image_keys()
+    limits = None if policy is None else policy.cache_key()
     if (
         cached is not None
         and stat is not None
         and {k: cached.get(k) for k in stat} == stat
-        and cached.get("processor_limits") == limits
+        and cached.get("policy_frame") == limits
     ):
         problems = [RowProblem(path, p["row"], p["reason"]) for p in cached.get("problems", [])]
         return problems, {
             **stat,
-            "processor_limits": limits,
+            "policy_frame": limits,
             "problems": cached.get("problems", []),
             "copy": cached.get("copy"),
         }
-    problems = check_parquet(path, processor_limits)
+    problems = check_parquet(path, policy)
     entry = {
         **(stat or {}),
-        "processor_limits": limits,
+        "policy_frame": limits,
         "problems": [{"row": p.row, "reason": p.reason} for p in problems],
         "copy": None,
     }
@@ -141,12 +141,12 @@ def preflight_data(
     val_files: Sequence[str],
     mode: str,
     run_dir: str | Path,
-    processor_limits: ResizeLimits | None = None,
+    policy: PolicyFrame | None = None,
 ) -> PreflightResult:
     """Check every row of ``train_files`` and ``val_files`` as ``grto.data_check = mode`` says.
 
-    ``processor_limits``: the recipe's processor resize limits (``data.mm_processor_kwargs``), against
-    which each row's answer frame is checked (docs/method.md, "Image frames").
+    ``policy``: the recipe's policy frame (``data.answer_coords``, the processor's factor and
+    ``data.mm_processor_kwargs``), against which each row's frame is checked (docs/method.md, "Image frames").
 
     Returns the files to train and validate on (filtered copies in ``skip`` mode); raises
     :class:`BadDataError` listing ``file:row: reason`` for bad rows in ``fail`` mode, and for
@@ -166,7 +166,7 @@ def preflight_data(
         if "://" in path:
             logger.warning("grto.data_check: %s is not a local file and is not checked", path)
             continue
-        found, entries[path] = _check_file(path, previous.get(path), processor_limits)
+        found, entries[path] = _check_file(path, previous.get(path), policy)
         problems += found
     file_level = [p for p in problems if p.row is None]
     bad_rows = {path: sorted({p.row for p in problems if p.file == path and p.row is not None}) for path in entries}

@@ -41,7 +41,7 @@ from verl_grto.algorithm.tool_step import (
     tool_step_weights,
     tool_target,
 )
-from verl_grto.data.frame import limits_from_kwargs
+from verl_grto.data.frame import PolicyFrame
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import GroundTruth
@@ -195,7 +195,7 @@ class GRTOTrainer(PPOTrainerSync):
             self._data_files("val_files"),
             self.grto.data_check,
             self.config.trainer.default_local_dir,
-            limits_from_kwargs(self.config.data.get("mm_processor_kwargs")),
+            PolicyFrame.from_recipe(self.config.data, self.processor),
         )
         if result.skipped:
             with open_dict(self.config):

@@ -24,10 +24,13 @@ rotation): re-encoding a JPEG as PNG makes it 5-10x larger for nothing. Anything
 palette, CMYK, rotated by EXIF) is decoded, rotated and re-encoded as PNG so that what verl's
 ``PIL.Image.open`` shows the policy is exactly the frame the mask was drawn in.
 
-Every row records the frame the policy answers in (:mod:`verl_grto.data.frame`): the image entry names
-the resize limits (``min_pixels`` / ``max_pixels``, default the full-size recipes'), the ground truth
-holds ``answer_size`` = the resized size, and the instruction names that size. The image and the
-ground truth stay at the original resolution.
+Every row records the frame the policy answers in (:mod:`verl_grto.data.frame`), for the policy family
+the conversion names (``coords``: ``pixels`` for Qwen2.5-VL, the default, ``norm1000`` for Qwen3-VL;
+``factor``: the policy processor's patch x merge, default the family's 28 / 32): the image entry names
+the resize limits (``min_pixels`` / ``max_pixels``, default the full-size recipes' 256 to 1280 merged
+patches of that factor), the ground truth holds the convention, ``answer_size`` = the resized size and
+the factor, and the instruction says which coordinates are asked (in ``pixels``, on an image of which
+size). The image and the ground truth stay at the original resolution.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from verl_grto.atomic import atomic_file
-from verl_grto.data.frame import ResizeLimits
+from verl_grto.data.frame import FAMILY_FACTORS, PIXELS, PolicyFrame, ResizeLimits, check_coords, default_limits
 from verl_grto.data.masks import encode_rle, mask_to_box
 from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.schema import GroundTruth, RLRow, build_instruction
@@ -227,7 +230,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _to_record(data_source: str, split: str, index: int, sample: Sample, limits: ResizeLimits) -> dict[str, Any]:
+def _to_record(data_source: str, split: str, index: int, sample: Sample, frame: PolicyFrame) -> dict[str, Any]:
     mask = np.asarray(sample.mask, dtype=bool)
     check_mask_size(mask.shape, sample.image, "ground truth")
     if sample.boxes is not None:
@@ -235,16 +238,19 @@ def _to_record(data_source: str, split: str, index: int, sample: Sample, limits:
     else:
         box = mask_to_box(mask)
         boxes = [] if box is None else [box]
+    limits = frame.limits or default_limits(frame.factor)
     answer_h, answer_w = limits.size(sample.image.height, sample.image.width)
     gt = GroundTruth(
         mask_rle=encode_rle(mask),
         boxes=boxes,
         image_size=(sample.image.height, sample.image.width),
         answer_size=(answer_h, answer_w),
+        answer_coords=frame.coords,
+        resize_factor=frame.factor,
     )
     row = RLRow(
         data_source=data_source,
-        instruction=build_instruction(sample.expression, answer_w, answer_h),
+        instruction=build_instruction(sample.expression, answer_w, answer_h, coords=frame.coords),
         image_png=sample.image.data,
         ground_truth=gt,
         index=index,
@@ -264,7 +270,7 @@ def _split_records(
     report: ConversionReport,
     seen_ids: set[str],
     progress: bool,
-    limits: ResizeLimits,
+    frame: PolicyFrame,
 ) -> Iterator[dict[str, Any]]:
     index = 0
     excluded: Counter[str] = Counter()
@@ -274,7 +280,7 @@ def _split_records(
             for s in samples:
                 if s.sample_id in seen_ids:
                     raise RowError(f"duplicate sample id {s.sample_id} (two source files with the same name?)")
-            records = [_to_record(data_source, split, index + k, s, limits) for k, s in enumerate(samples)]
+            records = [_to_record(data_source, split, index + k, s, frame) for k, s in enumerate(samples)]
         except RowError as exc:
             report.skipped.append(SkippedRow(split, str(task.file), task.row, str(exc)))
             continue
@@ -295,12 +301,13 @@ def run_conversion(
     splits: Mapping[str, Sequence[Task]],
     out: Path,
     progress: bool = True,
-    limits: ResizeLimits | None = None,
+    frame: PolicyFrame | None = None,
 ) -> ConversionReport:
     """Convert every split's tasks and publish ``<out>/<split>.parquet`` plus the report, or nothing.
 
-    ``limits``: the policy's resize limits the rows record (default :class:`ResizeLimits`, the
-    full-size recipes'); they must be the ones the training recipe's processor uses.
+    ``frame``: the policy's convention, factor and resize limits the rows record (default: Qwen2.5-VL,
+    ``pixels``, the full-size recipes' limits, :func:`policy_frame`); they must be the training recipe's
+    (the run-start data check compares them with its processor).
 
     Each split's rows are generated as the parquet writer consumes them (see the module docstring).
     A split whose every row is skipped or excluded writes no parquet (verl cannot read an empty
@@ -315,7 +322,7 @@ def run_conversion(
     try:
         staged: dict[str, Path] = {}
         for split, tasks in splits.items():
-            records = _split_records(data_source, split, tasks, report, seen_ids, progress, limits or ResizeLimits())
+            records = _split_records(data_source, split, tasks, report, seen_ids, progress, frame or policy_frame())
             first = next(records, None)
             if first is None:
                 continue
@@ -332,13 +339,25 @@ def run_conversion(
     return report
 
 
-def resize_limits(min_pixels: int | None, max_pixels: int | None) -> ResizeLimits:
-    """A converter's ``min_pixels`` / ``max_pixels`` options (None: the full-size recipes' limits)."""
-    default = ResizeLimits()
+def resize_limits(factor: int, min_pixels: int | None = None, max_pixels: int | None = None) -> ResizeLimits:
+    """``min_pixels`` / ``max_pixels`` options for a policy of ``factor`` (None: the full-size recipes'
+    256 / 1280 merged patches of that factor)."""
+    default = default_limits(factor)
     return ResizeLimits(
         default.min_pixels if min_pixels is None else min_pixels,
         default.max_pixels if max_pixels is None else max_pixels,
+        factor,
     )
+
+
+def policy_frame(
+    coords: str = PIXELS, factor: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None
+) -> PolicyFrame:
+    """A converter's frame options: ``coords`` (``pixels`` | ``norm1000``), ``factor`` (None: the family's,
+    28 for ``pixels``, 32 for ``norm1000``) and the resize limits (:func:`resize_limits`)."""
+    check_coords(coords, "option coords")
+    factor = FAMILY_FACTORS[coords] if factor is None else int(factor)
+    return PolicyFrame(coords, factor, resize_limits(factor, min_pixels, max_pixels))
 
 
 def find_dir(root: Path, candidates: Iterable[str]) -> Path | None:

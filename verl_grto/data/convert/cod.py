@@ -31,7 +31,7 @@ from verl_grto.data.convert.base import (
     check_mask_size,
     load_image,
     load_mask,
-    resize_limits,
+    policy_frame,
     run_conversion,
     safe_id,
     stable_choice,
@@ -115,6 +115,8 @@ def convert_cod(
     splits: list[str] | None = None,
     include_noncam: bool = False,
     prompt_variants: bool | None = None,
+    coords: str = "pixels",
+    factor: int | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     progress: bool = True,
@@ -123,8 +125,8 @@ def convert_cod(
 
     ``splits``: subset of the release's splits (default: all present). ``prompt_variants``: vary the
     prompt per image (None: on the train split only, so test prompts match the published protocol).
-    ``min_pixels`` / ``max_pixels``: the policy's resize limits the rows record (None: the full-size
-    recipes', :mod:`verl_grto.data.frame`).
+    ``coords`` / ``factor`` / ``min_pixels`` / ``max_pixels``: the policy's frame the rows record
+    (:func:`verl_grto.data.convert.base.policy_frame`; default Qwen2.5-VL's, ``coords=norm1000`` for Qwen3-VL).
     """
     if name not in RELEASES:
         raise ValueError(f"unknown COD release {name!r}; one of {sorted(RELEASES)}")
@@ -150,4 +152,6 @@ def convert_cod(
             include_noncam,
             (split == "train") if prompt_variants is None else prompt_variants,
         )
-    return run_conversion(name, name, tasks, Path(out), progress=progress, limits=resize_limits(min_pixels, max_pixels))
+    return run_conversion(
+        name, name, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels)
+    )

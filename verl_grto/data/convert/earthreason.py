@@ -32,7 +32,7 @@ from verl_grto.data.convert.base import (
     find_dir,
     load_image,
     load_mask,
-    resize_limits,
+    policy_frame,
     run_conversion,
     safe_id,
     select_queries,
@@ -94,6 +94,8 @@ def convert_earthreason(
     splits: list[str] | None = None,
     keep_empty: bool | None = None,
     all_queries: bool | None = None,
+    coords: str = "pixels",
+    factor: int | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     progress: bool = True,
@@ -102,8 +104,8 @@ def convert_earthreason(
 
     ``keep_empty``: keep no-target questions (None: everywhere but train). ``all_queries``: see
     :func:`verl_grto.data.convert.base.select_queries`.
-    ``min_pixels`` / ``max_pixels``: the policy's resize limits the rows record (None: the full-size
-    recipes', :mod:`verl_grto.data.frame`).
+    ``coords`` / ``factor`` / ``min_pixels`` / ``max_pixels``: the policy's frame the rows record
+    (:func:`verl_grto.data.convert.base.policy_frame`; default Qwen2.5-VL's, ``coords=norm1000`` for Qwen3-VL).
     """
     src = Path(src)
     present = {s: d for s in SPLITS if (d := _split_roots(src, s)) is not None}
@@ -127,7 +129,9 @@ def convert_earthreason(
             for qa in sorted(dirs["QAs"].glob("*.json"))
             if qa.stem not in stems
         ]
-    return run_conversion(NAME, NAME, tasks, Path(out), progress=progress, limits=resize_limits(min_pixels, max_pixels))
+    return run_conversion(
+        NAME, NAME, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels)
+    )
 
 
 def _no_image(qa_path: Path) -> Iterator[Sample]:

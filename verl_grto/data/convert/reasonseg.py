@@ -40,7 +40,7 @@ from verl_grto.data.convert.base import (
     Task,
     find_dir,
     load_image,
-    resize_limits,
+    policy_frame,
     run_conversion,
     safe_id,
     select_queries,
@@ -163,6 +163,8 @@ def convert_reasonseg(
     splits: list[str] | None = None,
     queries: str = "all",
     all_queries: bool | None = None,
+    coords: str = "pixels",
+    factor: int | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     progress: bool = True,
@@ -172,8 +174,8 @@ def convert_reasonseg(
     ``splits``: which of train/val/test (default: those present). ``queries``: "all" | "long" |
     "short". ``all_queries``: one row per query (True), first query only (False), or the official
     protocol (None).
-    ``min_pixels`` / ``max_pixels``: the policy's resize limits the rows record (None: the full-size
-    recipes', :mod:`verl_grto.data.frame`).
+    ``coords`` / ``factor`` / ``min_pixels`` / ``max_pixels``: the policy's frame the rows record
+    (:func:`verl_grto.data.convert.base.policy_frame`; default Qwen2.5-VL's, ``coords=norm1000`` for Qwen3-VL).
     """
     if queries not in QUERY_FILTERS:
         raise ValueError(f"queries must be one of {sorted(QUERY_FILTERS)}, got {queries!r}")
@@ -190,4 +192,6 @@ def convert_reasonseg(
     suffix = "" if queries == "all" else f"_{queries}"
     assert root is not None
     tasks = {f"{s}{suffix}": _tasks(root / s, s, f"{s}{suffix}", QUERY_FILTERS[queries], all_queries) for s in wanted}
-    return run_conversion(NAME, NAME, tasks, Path(out), progress=progress, limits=resize_limits(min_pixels, max_pixels))
+    return run_conversion(
+        NAME, NAME, tasks, Path(out), progress=progress, frame=policy_frame(coords, factor, min_pixels, max_pixels)
+    )

@@ -46,7 +46,7 @@ from verl_grto.data.convert.base import (
     Task,
     check_mask_size,
     load_image,
-    resize_limits,
+    policy_frame,
     run_conversion,
     safe_id,
 )
@@ -187,6 +187,8 @@ def convert_refer(
     split_by: str | None = None,
     splits: list[str] | None = None,
     image_dir: Path | None = None,
+    coords: str = "pixels",
+    factor: int | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     progress: bool = True,
@@ -196,8 +198,8 @@ def convert_refer(
     ``split_by``: unc / google / umd (default: unc, unc, umd). ``splits``: subset of the refs'
     split values (default: all). ``image_dir``: COCO train2014 images (default:
     ``src/images/mscoco/images/train2014``).
-    ``min_pixels`` / ``max_pixels``: the policy's resize limits the rows record (None: the full-size
-    recipes', :mod:`verl_grto.data.frame`).
+    ``coords`` / ``factor`` / ``min_pixels`` / ``max_pixels``: the policy's frame the rows record
+    (:func:`verl_grto.data.convert.base.policy_frame`; default Qwen2.5-VL's, ``coords=norm1000`` for Qwen3-VL).
     """
     if dataset not in REFER_DATASETS:
         raise ValueError(f"unknown REFER dataset {dataset!r}; one of {sorted(REFER_DATASETS)}")
@@ -243,7 +245,7 @@ def convert_refer(
         tasks,
         Path(out),
         progress=progress,
-        limits=resize_limits(min_pixels, max_pixels),
+        frame=policy_frame(coords, factor, min_pixels, max_pixels),
     )
 
 

@@ -243,7 +243,7 @@ def test_predict_with_the_policy(image, tiny_assets, tmp_path, capsys):
         (["--box", "60,12,10,50"], "x2=10 <= x1=60"),
         (["--box", "10,12,6000,50"], "outside"),
         (["--points", "3,4;5"], "--points expects"),
-        ([], "needs --policy and --prompt"),
+        ([], "needs --prompt and --checkpoint (or --policy and --tool)"),
     ],
 )
 def test_predict_rejects_bad_prompts(image, tiny_assets, tmp_path, capsys, extra, message):

@@ -74,3 +74,67 @@ def test_bto_then_grto_with_validation_before_and_after(bgrto_run):
     assert "bto/tool_s" in metrics[0] and "val-grto/gIoU" in metrics[1]
     assert (run_dir / "global_step_1" / "tool" / "model.safetensors").is_file()
     assert any((run_dir / "bto" / "checkpoints" / "rank0").glob("bto-*"))
+
+
+def test_the_runs_checkpoint_evaluates_through_the_command_line(bgrto_run, tmp_path, capsys):
+    """docs/recipes.md, "From a checkpoint to numbers": `verl-grto evaluate --checkpoint` and `predict
+    --checkpoint` on this run's folder. The policy evaluated is the trained actor's (its weights equal
+    the FSDP shard's, tensor by tensor), and without the `hf_model` weights the shards are merged by
+    verl's own merger into the same weights, rounded to bf16."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import torch
+    import yaml
+
+    from verl_grto.cli import main
+    from verl_grto.eval.checkpoint import checkpoint_models
+    from verl_grto.policy.load import load_policy
+
+    _, _, _, run_dir = bgrto_run
+    step = run_dir / "global_step_1"
+    val = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())["data"]["val_files"]
+    out = tmp_path / "eval"
+    common = ["--max-new-tokens", "32", "--device", "cpu"]
+    assert (
+        main(["evaluate", "--checkpoint", str(run_dir), "--split", val, "--out", str(out), "--limit", "4", *common])
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["checkpoint"] == str(step) and report["models"]["policy_from"] == "actor/huggingface"
+    assert report["models"]["tool"] == str(step / "tool") and report["models"]["adapter"] is None
+    assert report["n"] == 4 and report["policy"]["answered"] == 4
+    assert 0.0 <= report["scores"]["prediction"]["gIoU"] <= 1.0 and "box_fill" in report["scores"]
+
+    shard = torch.load(step / "actor" / "model_world_size_1_rank_0.pt", weights_only=False)  # this run's file
+    shard = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in shard.items()}
+    evaluated = load_policy(report["models"]["policy"])[0].state_dict()
+    assert sorted(evaluated) == sorted(shard)
+    assert all(torch.equal(evaluated[k], shard[k]) for k in shard), "evaluated policy != the actor's checkpoint"
+
+    # the same step without the hf_model weights (verl's default save_contents): merged from the shards
+    bare = tmp_path / "bare" / "global_step_1"
+    shutil.copytree(step, bare)
+    for weights in (bare / "actor" / "huggingface").glob("model.safetensors*"):
+        weights.unlink()
+    models = checkpoint_models(bare, tmp_path / "merged")
+    assert models.policy_from == "merged FSDP shards"
+    merged = load_policy(str(models.policy))[0].state_dict()
+    assert all(torch.equal(merged[k], shard[k].bfloat16().float()) for k in shard)
+
+    row = pq.read_table(val).to_pylist()[0]
+    image = tmp_path / "scene.png"
+    image.write_bytes(row["images"][0]["bytes"])
+    tiny = [
+        "--instruction",
+        "short",
+        "--min-pixels",
+        "3136",
+        "--max-pixels",
+        "50176",
+    ]  # the tiny world's prompt and frame
+    args = ["predict", "--checkpoint", str(step), "--image", str(image), "--prompt", row["extra_info"]["expression"]]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "mask.png"), *tiny, *common]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "mask.png").is_file() and printed["answer"]

@@ -15,7 +15,7 @@ from verl_grto import patches
 
 def test_all_patches_applied_once():
     applied = patches.apply()
-    assert len(applied) == len(set(applied)) == 6
+    assert len(applied) == len(set(applied)) == 7
     assert patches.apply() == applied  # idempotent
 
 

@@ -11,6 +11,7 @@ resolver-backed paths replaced by placeholders: everything else in them is resol
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,12 +30,14 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.endswith("_base"))
 pytestmark = pytest.mark.filterwarnings("ignore:Disabled critic:UserWarning")  # GRPO-style runs have no critic
 
-GPU_RECIPES = (
+FULL_SIZE_RECIPES = (
     "grto_qwen25vl_7b_sam21_large",
     "grto_qwen25vl_7b_sam21_large_megatron",
     "grto_qwen3vl_8b_sam21_large",
     "grto_qwen3vl_30b_a3b_sam21_large_megatron",
 )
+ONE_GPU_RECIPE = "grto_qwen25vl_3b_sam21_bplus_lora_1gpu"
+GPU_RECIPES = (*FULL_SIZE_RECIPES, ONE_GPU_RECIPE)
 #: The coordinate convention each recipe names (docs/method.md, "Image frames").
 QWEN3VL_RECIPES = ("grto_qwen3vl_8b_sam21_large", "grto_qwen3vl_30b_a3b_sam21_large_megatron", "grto_qwen3vl_tiny_cpu")
 GPU_ENV = ("POLICY_PATH", "TOOL_PATH", "TRAIN_FILES", "VAL_FILES")
@@ -97,7 +100,7 @@ def test_tiny_recipe_composes_and_validates(name: str, tmp_path: Path) -> None:
     _validate(cfg)
 
 
-@pytest.mark.parametrize("name", GPU_RECIPES)
+@pytest.mark.parametrize("name", FULL_SIZE_RECIPES)
 def test_gpu_recipe_resolves_and_validates(name: str, tmp_path: Path) -> None:
     cfg = _compose(name)
     _validate(cfg)
@@ -202,3 +205,66 @@ def test_probes_answer_within_the_tiny_recipes_response_length(name: str) -> Non
     from verl_grto.eval.policy_probe import TINY_RESPONSE_LENGTH
 
     assert _compose(name).data.max_response_length == TINY_RESPONSE_LENGTH
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        [
+            "actor_rollout_ref.actor.fsdp_config.param_offload=true",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+            "actor_rollout_ref.rollout.gpu_memory_utilization=0.55",
+        ],
+    ],
+)
+def test_the_one_gpu_lora_recipe_resolves_and_validates(
+    overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/recipes.md, "One GPU with LoRA": the recipe as written (48 GB) and the 24 GB column's overrides.
+
+    verl's check of the LoRA rank against vLLM's allowed ranks (verl/utils/config.py:212-215) imports
+    vLLM's rollout, which is not installed here: a stand-in records the rank it is asked about (64 is
+    one of vLLM's allowed ranks, verl/workers/rollout/vllm_rollout/utils.py:94)."""
+    import types
+
+    asked: list[int] = []
+    stand_in = types.ModuleType("verl.workers.rollout.vllm_rollout.utils")
+    stand_in.get_vllm_max_lora_rank = asked.append
+    monkeypatch.setitem(sys.modules, stand_in.__name__, stand_in)
+    cfg = _compose(ONE_GPU_RECIPE, overrides)
+    _validate(cfg)
+    assert asked == [64]
+    assert cfg.trainer.nnodes == 1 and cfg.trainer.n_gpus_per_node == 1 and cfg.trainer.v1.trainer_mode == "grto"
+    model = cfg.actor_rollout_ref.model
+    assert model.path == str(tmp_path / "policy_path") and model.lora_rank == 64
+    assert model.exclude_modules == ".*visual.*" and model.lora.merge is False
+    assert cfg.actor_rollout_ref.rollout.n == 8 and cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
+    # the reference policy is the actor with its adapter disabled: verl builds no reference worker
+    assert cfg.actor_rollout_ref.actor.use_kl_loss and need_reference_policy(cfg)
+    grto = GRTOConfig.from_config(cfg.grto)
+    assert grto.placement == "colocated" and grto.tool.path == str(tmp_path / "tool_path")
+
+
+@pytest.mark.parametrize("name", ["grto_tiny_cpu", "bgrto_tiny_cpu"])
+def test_the_lora_overlay_composes_on_the_tiny_recipes(name: str, tmp_path: Path) -> None:
+    """`--config-name <recipe> +lora=tiny_cpu` (recipes/lora/tiny_cpu.yaml): verl's LoRA keys, a run folder of its own."""
+    cfg = _compose(name, ["+lora=tiny_cpu"])
+    for key in RESOLVER_KEYS:
+        if _raw(cfg, key) is not None:
+            OmegaConf.update(cfg, key, str(tmp_path / key))
+    _validate(cfg)
+    model = cfg.actor_rollout_ref.model
+    assert model.lora_rank == 8 and model.target_modules == "all-linear" and model.exclude_modules == ".*visual.*"
+    assert (
+        cfg.trainer.experiment_name
+        == f"{cfg.trainer.v1.trainer_mode}_lora_tiny_cpu"
+        != _compose(name).trainer.experiment_name
+    )
+
+
+def test_gpu_recipes_save_what_evaluation_reads() -> None:
+    """`verl-grto evaluate --checkpoint`: FSDP shards (merged by verl's merger), or Megatron's Hugging Face weights."""
+    fsdp = _compose("grto_qwen25vl_7b_sam21_large").actor_rollout_ref.actor.checkpoint.save_contents
+    megatron = _compose("grto_qwen25vl_7b_sam21_large_megatron").actor_rollout_ref.actor.checkpoint.save_contents
+    assert "model" in fsdp and "hf_model" in megatron

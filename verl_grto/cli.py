@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -122,16 +123,64 @@ def _dtype(name: str) -> Any:
     return None if name == "auto" else {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def _models(args: argparse.Namespace, merge_dir: Path) -> tuple[Path, Path | None, Path, dict[str, Any]]:
+    """(policy, adapter, tool, what the report records) from ``--checkpoint`` and/or ``--policy`` /
+    ``--adapter`` / ``--tool`` (these replace the checkpoint's parts); a LoRA or FSDP-sharded checkpoint's
+    policy is merged into ``merge_dir``."""
+    from verl_grto.eval.checkpoint import CheckpointError, checkpoint_models
+
+    if args.adapter is not None and args.policy is None:
+        raise CLIError("--adapter is a LoRA adapter for --policy (a checkpoint brings its own); give --policy too")
+    if args.checkpoint is None and (args.policy is None or args.tool is None):
+        raise CLIError("inference needs a policy and a tool: give --checkpoint, or both --policy and --tool")
+    described: dict[str, Any] = {}
+    policy = None if args.policy is None else _existing(args.policy, "policy")
+    adapter = None if args.adapter is None else _existing(args.adapter, "adapter")
+    tool = None if args.tool is None else _existing(args.tool, "tool")
+    if args.checkpoint is not None and policy is None:  # the policy is merged only when the checkpoint's is used
+        try:
+            found = checkpoint_models(args.checkpoint, merge_dir)
+        except CheckpointError as exc:
+            raise CLIError(f"--checkpoint: {exc}") from None
+        policy, adapter, tool = found.policy, found.adapter, tool or found.tool
+        described = found.describe()
+    elif args.checkpoint is not None:
+        tool = tool or _checkpoint_tool(args.checkpoint)
+        described = {"checkpoint": args.checkpoint}
+    assert policy is not None and tool is not None  # every path above set them or raised
+    described.update({"policy": str(policy), "adapter": None if adapter is None else str(adapter), "tool": str(tool)})
+    return policy, adapter, tool, described
+
+
+def _policy_predictor(
+    args: argparse.Namespace, merge_dir: Path, records_path: Path | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The policy + tool predictor the flags name (:func:`_models`), and what the report records of it."""
+    from verl_grto.eval.inference import PolicyToolPredictor
+
+    policy, adapter, tool, described = _models(args, merge_dir)
+    predictor = PolicyToolPredictor(
+        policy,
+        tool,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        records_path=records_path,
+        adapter_dir=adapter,
+    )
+    return predictor, described
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from verl_grto.eval.evaluate import evaluate_predictions, format_table, run_predictions, sample_ids, suite_for
 
     split = _existing(args.split, "split")
     out = Path(args.out)
-    use_policy = args.policy is not None or args.tool is not None
+    use_policy = any(getattr(args, k) is not None for k in ("checkpoint", "policy", "tool", "adapter"))
     if use_policy == (args.predictions is not None):
-        raise CLIError("give either --policy and --tool (run inference) or --predictions (score existing PNGs)")
-    if use_policy and (args.policy is None or args.tool is None):
-        raise CLIError("inference needs both --policy and --tool")
+        raise CLIError(
+            "give either --checkpoint (or --policy and --tool) to run inference, or --predictions to score existing PNGs"
+        )
     for flag in ("limit", "max_new_tokens", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -139,17 +188,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     suite = suite_for(split) if args.suite == "auto" else args.suite
     sections: dict[str, Any] = {}  # added to the report
     if use_policy:
-        from verl_grto.eval.inference import PolicyToolPredictor, read_records, summarize_records
+        from verl_grto.eval.inference import read_records, summarize_records
 
         predictions_dir, records_path = out / "predictions", out / "records.jsonl"
-        predictor = PolicyToolPredictor(
-            _existing(args.policy, "policy"),
-            _existing(args.tool, "tool"),
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-            dtype=_dtype(args.dtype),
-            records_path=records_path,
-        )
+        predictor, sections["models"] = _policy_predictor(args, Path(args.merge_dir or out / "policy"), records_path)
         run_predictions(split, predictor, predictions_dir, batch_size=args.batch_size, limit=args.limit)
         sections["policy"] = summarize_records(read_records(records_path), sample_ids(split, args.limit))
     else:
@@ -199,12 +241,22 @@ def _flag_prompt(box: str | None, points: str | None, image_hw: tuple[int, int])
     return parsed.objects[0]
 
 
+def _checkpoint_tool(checkpoint: str) -> Path:
+    """The tool folder of ``--checkpoint`` (a ``global_step_N`` or run folder)."""
+    from verl_grto.eval.checkpoint import CheckpointError, step_dir
+
+    try:
+        return _existing(str(step_dir(checkpoint) / "tool"), "the checkpoint's tool")
+    except CheckpointError as exc:
+        raise CLIError(f"--checkpoint: {exc}") from None
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from verl_grto.data.convert.base import RowError, load_image, resize_limits
     from verl_grto.data.frame import PolicyFrame
     from verl_grto.data.schema import build_instruction, build_short_instruction
     from verl_grto.eval.evaluate import write_prediction
-    from verl_grto.eval.inference import PolicyToolPredictor, PromptedToolPredictor, ToolSegmenter, row_rgb
+    from verl_grto.eval.inference import PromptedToolPredictor, ToolSegmenter, row_rgb
     from verl_grto.eval.overlay import overlay
 
     if not Path(args.image).is_file():
@@ -215,41 +267,36 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"--image {args.image}: {exc}") from None
     prompted = args.box is not None or args.points is not None
     flag_object = _flag_prompt(args.box, args.points, (image.height, image.width)) if prompted else None
-    if not prompted and (args.policy is None or args.prompt is None):
-        raise CLIError("without --box/--points, predict needs --policy and --prompt")
-    _existing(args.tool, "tool")
-    # The policy sees the image resized by these limits with its processor's factor and answers in its
-    # family's convention (docs/method.md, "Image frames"); --box/--points are pixels of the image file.
-    frame = PolicyFrame()
-    if not prompted:
-        from transformers import AutoProcessor
-
-        frame = PolicyFrame.from_processor(AutoProcessor.from_pretrained(_existing(args.policy, "policy")))
-    limits = resize_limits(frame.factor, args.min_pixels, args.max_pixels)
-    answer_h, answer_w = limits.size(image.height, image.width)
-    row = {
-        "prompt": [
-            {
-                "role": "user",
-                "content": build_short_instruction(args.prompt or "", frame.coords)
-                if args.instruction == "short"
-                else build_instruction(args.prompt or "", answer_w, answer_h, coords=frame.coords),
-            }
-        ],
-        "images": [{"bytes": image.data, "path": None, **limits.image_keys()}],
-        "extra_info": {"sample_id": Path(args.image).stem},
-    }
-    if flag_object is not None:  # the policy is not needed, so not loaded
-        predictor: Any = PromptedToolPredictor(ToolSegmenter(args.tool, device=args.device or "cpu"), [flag_object])
-    else:
-        predictor = PolicyToolPredictor(
-            _existing(args.policy, "policy"),
-            args.tool,
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-            dtype=_dtype(args.dtype),
-        )
-    mask = predictor(row)
+    if not prompted and ((args.policy is None and args.checkpoint is None) or args.prompt is None):
+        raise CLIError("without --box/--points, predict needs --prompt and --checkpoint (or --policy and --tool)")
+    if prompted and args.tool is None and args.checkpoint is None:
+        raise CLIError("--box/--points need a tool: give --tool or --checkpoint")
+    with tempfile.TemporaryDirectory(prefix="verl_grto_predict_") as scratch:
+        frame = PolicyFrame()
+        if flag_object is not None:  # the policy is not needed, so not loaded
+            tool = _existing(args.tool, "tool") if args.tool is not None else _checkpoint_tool(args.checkpoint)
+            predictor: Any = PromptedToolPredictor(ToolSegmenter(tool, device=args.device or "cpu"), [flag_object])
+        else:
+            merge_dir = Path(args.merge_dir) if args.merge_dir else Path(scratch) / "policy"
+            predictor, _ = _policy_predictor(args, merge_dir)
+            frame = PolicyFrame.from_processor(predictor.policy.processor)
+        # The policy sees the image resized by these limits with its processor's factor and answers in its
+        # family's convention (docs/method.md, "Image frames"); --box/--points are pixels of the image file.
+        limits = resize_limits(frame.factor, args.min_pixels, args.max_pixels)
+        answer_h, answer_w = limits.size(image.height, image.width)
+        row = {
+            "prompt": [
+                {
+                    "role": "user",
+                    "content": build_short_instruction(args.prompt or "", frame.coords)
+                    if args.instruction == "short"
+                    else build_instruction(args.prompt or "", answer_w, answer_h, coords=frame.coords),
+                }
+            ],
+            "images": [{"bytes": image.data, "path": None, **limits.image_keys()}],
+            "extra_info": {"sample_id": Path(args.image).stem},
+        }
+        mask = predictor(row)
     record = predictor.records[-1]
     objects = [flag_object] if flag_object is not None else predictor.parse(row, record.answer, mask.shape).objects
     out = Path(args.out)
@@ -327,6 +374,23 @@ def _cmd_export_sam2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_flags(parser: argparse.ArgumentParser, merge_default: str = "<out>/policy") -> None:
+    """The flags that name the models: a training checkpoint, or a policy (+ adapter) and a tool."""
+    parser.add_argument(
+        "--checkpoint",
+        help="a training run's checkpoint: verl's global_step_N folder (policy from actor/, tool from tool/), "
+        "or the run folder (its latest complete step)",
+    )
+    parser.add_argument("--policy", help="policy (Hugging Face folder); replaces the checkpoint's")
+    parser.add_argument("--adapter", help="a LoRA adapter (PEFT folder) trained on --policy, merged in at load")
+    parser.add_argument("--tool", help="tool (transformers Sam2 folder); replaces the checkpoint's")
+    parser.add_argument(
+        "--merge-dir",
+        help="where a checkpoint's policy is merged when it has no full Hugging Face weights (FSDP shards, LoRA); "
+        f"default: {merge_default}",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verl-grto", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -387,8 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="predict a split with a policy + tool (resumable), or score PNGs; write report.json"
     )
     ev.add_argument("--split", required=True, help="a split parquet")
-    ev.add_argument("--policy", help="policy checkpoint (Hugging Face folder)")
-    ev.add_argument("--tool", help="tool checkpoint (transformers Sam2 folder)")
+    _model_flags(ev)
     ev.add_argument("--predictions", help="score the <sample_id>.png in this folder instead of running inference")
     ev.add_argument(
         "--out", required=True, help="output folder: report.json, and predictions/ + records.jsonl when inferring"
@@ -412,8 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment one image: policy + tool, or the tool alone on --box/--points")
-    pr.add_argument("--policy", help="policy checkpoint (not needed with --box/--points)")
-    pr.add_argument("--tool", required=True, help="tool checkpoint")
+    _model_flags(pr, merge_default="a temporary folder, removed after")
     pr.add_argument("--image", required=True)
     pr.add_argument("--prompt", help="the referring expression (the policy's instruction is built around it)")
     pr.add_argument(

@@ -136,6 +136,54 @@ def _unpinned_cpu_offload_for_reference() -> None:
     _applied.append("fsdp.transformer_impl.CPUOffloadPolicy: no pinned memory on CPU")
 
 
+def _merged_lora_sync_in_compute_dtype() -> None:
+    """verl/workers/engine/fsdp/transformer_impl.py:1082 (FSDPEngine._merged_lora_per_tensor_param)
+    casts every merged LoRA weight to bf16 before the rollout gets it (``model.lora.merge=True``).
+    A rollout that serves the model in fp32 (the ``hf`` server on CPU, whose actor computes in fp32)
+    then samples from bf16-rounded weights, and its log-probs drift from the actor's by ~1e-2. Cast
+    to the actor's compute dtype instead (``fsdp_config.mixed_precision.param_dtype``, which the engine
+    keeps as ``_autocast_dtype``): bf16 unless a recipe says otherwise, i.e. unchanged on GPU. The
+    tensors are copies, as verl's cast made them (at world size 1 ``full_tensor()`` is the live
+    parameter, restored to its unmerged value when the merge context exits). The rest of the method
+    is verl's, line for line."""
+    import torch
+    import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
+
+    engine_cls = fsdp_impl.FSDPEngine
+    original = engine_cls._merged_lora_per_tensor_param
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def _merged_lora_per_tensor_param(self: Any) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        dtype = getattr(self, "_autocast_dtype", None) or torch.bfloat16
+        device = fsdp_impl.get_device_id()
+        try:
+            with fsdp_impl.merged_lora_context(self.module, backup_adapters=True):
+                params = fsdp_impl.normalize_peft_param_name(self.module.state_dict())
+                params = fsdp_impl.convert_weight_keys(
+                    params, getattr(self.module, "_fsdp_wrapped_module", self.module)
+                )
+                for name, param in params.items():
+                    yield (
+                        name,
+                        # copy=True: at world size 1 full_tensor() is the live parameter, which the
+                        # context restores to the unmerged weights on exit (verl's bf16 cast copied)
+                        param.to(device, non_blocking=True).full_tensor().to(dtype, copy=True)
+                        if isinstance(param, DTensor)
+                        else param.detach().clone(),
+                    )
+        finally:
+            if self._is_offload_param:
+                fsdp_impl.offload_fsdp_model_to_cpu(self.module)
+
+    _merged_lora_per_tensor_param.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    engine_cls._merged_lora_per_tensor_param = _merged_lora_per_tensor_param
+    _applied.append("fsdp.transformer_impl.FSDPEngine._merged_lora_per_tensor_param: the actor's compute dtype")
+
+
 def _jagged_dim_aware_nested_tensors() -> None:
     """verl/utils/tensordict_utils.py:162 (nested_tensor_from_tensor_list) concatenates
     samples along ``ragged_idx - 1`` but builds the nested tensor without telling torch
@@ -389,6 +437,7 @@ def apply() -> list[str]:
     if not _applied:
         _gloo_only_process_group()
         _unpinned_cpu_offload_for_reference()
+        _merged_lora_sync_in_compute_dtype()
         _jagged_dim_aware_nested_tensors()
         _rebuild_equal_length_position_ids()
         _atomic_checkpoint_tracker()

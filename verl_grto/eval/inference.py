@@ -145,8 +145,10 @@ class PolicyToolPredictor:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         records_path: str | Path | None = None,
+        adapter_dir: str | Path | None = None,
     ) -> None:
-        """``dtype`` of the policy: default float32 on CPU, bfloat16 on CUDA (as GPU rollouts run it)."""
+        """``dtype`` of the policy: default float32 on CPU, bfloat16 on CUDA (as GPU rollouts run it);
+        ``adapter_dir``: a LoRA run's adapter (PEFT folder) on top of ``policy_dir``."""
         from verl_grto.policy.generate import GreedyPolicy  # transformers generation: imported when needed
 
         if max_new_tokens < 1:
@@ -154,7 +156,7 @@ class PolicyToolPredictor:
         device = device or default_device()
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        self.policy = GreedyPolicy(policy_dir, device=device, dtype=dtype)
+        self.policy = GreedyPolicy(policy_dir, device=device, dtype=dtype, adapter=adapter_dir)
         self.segmenter = ToolSegmenter(tool_dir, device=device)
         self.max_new_tokens = max_new_tokens
         self._recorder = _Recorder(records_path)

@@ -29,8 +29,10 @@ class GreedyPolicy:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        adapter: str | Path | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.processor = load_policy(str(path), trust_remote_code, dtype)
+        """``adapter``: a LoRA (PEFT) folder trained on ``path``, merged into the weights at load."""
+        self.model, self.tokenizer, self.processor = load_policy(str(path), trust_remote_code, dtype, adapter)
         if self.processor is None:
             raise ValueError(f"{path} is a text-only model; the policy must be a vision-language model")
         self.model.to(device)

@@ -35,6 +35,7 @@ from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
 from verl_grto.policy.inputs import model_inputs
 from verl_grto.policy.load import load_policy
+from verl_grto.rollout.weight_sync import load_adapter, load_full
 
 logger = logging.getLogger(__name__)
 
@@ -285,25 +286,30 @@ class HFRolloutServer:
             )
         return outputs
 
-    # ---- weights ---------------------------------------------------------------------------
-    def update_weights(self, named_tensors: dict[str, torch.Tensor], global_steps: int | None = None) -> int:
+    # ---- weights ----------------------------------------------------------------------------
+    def update_weights(
+        self,
+        named_tensors: dict[str, torch.Tensor],
+        global_steps: int | None = None,
+        peft_config: dict[str, Any] | None = None,
+        base_sync_done: bool = True,
+    ) -> int:
         """Copy the actor's tensors into the served model; returns how many were updated.
 
-        Names come from verl's ``get_per_tensor_param`` (HF checkpoint naming); any
-        name the served model does not have is an error, so a silent partial sync
-        can never happen.
+        Names come from verl's ``get_per_tensor_param``: Hugging Face names for full and merged-LoRA
+        syncs; with ``peft_config`` (a LoRA actor, ``model.lora.merge=False``) adapter tensors, loaded
+        into the served model wrapped by PEFT (:mod:`verl_grto.rollout.weight_sync`). Every tensor is
+        cast to the served model's dtype, and a name the served model does not have is an error, so
+        a silent partial sync can never happen.
         """
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
-        unknown = [n for n in named_tensors if n not in params]
-        if unknown:
-            raise KeyError(f"hf rollout: {len(unknown)} synced tensors are not in the served model, e.g. {unknown[:3]}")
-        with self._lock, torch.no_grad():
-            for name, tensor in named_tensors.items():
-                params[name].copy_(tensor.to(params[name].dtype))
+        with self._lock:
+            if peft_config is not None and base_sync_done:
+                self.model, n = load_adapter(self.model, named_tensors, peft_config)
+            else:
+                n = load_full(self.model, named_tensors)
         if global_steps is not None:
             self.global_steps = global_steps
-        return len(named_tensors)
+        return n
 
     def set_global_steps(self, global_steps: int) -> None:
         self.global_steps = global_steps
@@ -406,8 +412,14 @@ class HFServerAdapter(BaseRollout):
         weights: Generator[tuple[str, torch.Tensor], None, None] | Iterable[tuple[str, torch.Tensor]],
         wire_format: str = "named_tensors",
         global_steps: int | None = None,
+        peft_config: dict[str, Any] | None = None,
+        base_sync_done: bool = True,
         **kwargs: Any,
     ) -> None:
+        """Gather the actor's tensors (every rank iterates: FSDP gathers are collective) and send them.
+
+        ``peft_config`` / ``base_sync_done`` are verl's LoRA sync arguments
+        (``verl/workers/engine_workers.py:799-806``), passed on to the server."""
         if wire_format != "named_tensors":
             raise NotImplementedError(f"the hf rollout takes full named tensors, not wire_format={wire_format!r}")
         state = {}
@@ -416,4 +428,4 @@ class HFServerAdapter(BaseRollout):
             if self._is_sender:
                 state[name] = full.detach().to("cpu", copy=True)
         if self._is_sender:
-            await self._server_handle().update_weights.remote(state, global_steps)
+            await self._server_handle().update_weights.remote(state, global_steps, peft_config, base_sync_done)

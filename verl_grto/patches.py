@@ -337,6 +337,140 @@ def _config_dump_to_file() -> None:
     _applied.append("main_ppo.TaskRunnerV1.run: resolved config to a file, one line on the console")
 
 
+class _Ready:
+    """An awaitable that is already done: what :class:`InProcessActor` returns for a plain method."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Any:
+        return self.value
+        yield  # noqa: RET503  (makes this a generator: ``await`` needs one)
+
+
+class _InProcessMethod:
+    def __init__(self, owner: InProcessActor, name: str) -> None:
+        self._owner, self._name = owner, name
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        import inspect
+
+        method = getattr(self._owner._instance(), self._name)
+        if inspect.iscoroutinefunction(method):
+            return method(*args, **kwargs)  # the caller awaits it
+        return _Ready(method(*args, **kwargs))  # runs now: a fire-and-forget call still happens
+
+
+class InProcessActor:
+    """A stand-in for a Ray actor handle whose actor lives inside each process that calls it.
+
+    ``InProcessActor(cls, *args, **kwargs).method.remote(...)`` calls ``method`` on one ``cls(*args,
+    **kwargs)`` made on first use in the calling process. A coroutine method returns its coroutine (the
+    caller awaits it, as it would await an ``ObjectRef``); a plain method runs at once and returns an
+    awaitable of its result, so fire-and-forget calls still take effect. The handle pickles as
+    ``(cls, args, kwargs)``: each process it is sent to makes its own instance.
+
+    Why: on CPU every Ray actor is a process importing torch, transformers and verl (0.6 GiB of PSS
+    each, docs/benchmarks.md, "Main job memory"). Two of verl's side actors hold no state that must be
+    shared between processes in a CPU run: the reward-loop worker (a reward function) and the load
+    balancer in front of a single rollout server. Only for ``await``-style callers (verl's agent loop
+    and LLM server client); ``ray.get`` on its results is not supported.
+    """
+
+    def __init__(self, cls: type, *args: Any, **kwargs: Any) -> None:
+        self._cls, self._args, self._kwargs = cls, args, kwargs
+        self._obj: Any = None
+
+    def _instance(self) -> Any:
+        if self._obj is None:
+            self._obj = self._cls(*self._args, **self._kwargs)
+        return self._obj
+
+    def __getattr__(self, name: str) -> _InProcessMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _InProcessMethod(self, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_in_process_actor, (self._cls, self._args, self._kwargs))
+
+    def __repr__(self) -> str:
+        return f"InProcessActor({self._cls.__name__})"
+
+
+def _rebuild_in_process_actor(cls: type, args: tuple, kwargs: dict) -> InProcessActor:
+    return InProcessActor(cls, *args, **kwargs)
+
+
+def _in_process_reward_workers() -> None:
+    """verl/experimental/reward_loop/reward_loop.py:324 (``RewardLoopManager._init_reward_loop_workers``)
+    starts ``reward.num_workers`` ``RewardLoopWorker`` actors, one process each; 0 leaves an empty list,
+    on which the agent loop's ``random.choice`` (verl/experimental/agent_loop/agent_loop.py:1025) fails.
+    With ``reward.num_workers: 0`` and no reward model, the one "worker" is an :class:`InProcessActor`:
+    each agent-loop worker scores its own rollouts with verl's ``RewardLoopWorker``, in its own process.
+    Only ``compute_score`` (awaited by the agent loop) is called on it while rewards stream; the
+    trainer's colocated path (``compute_rm_score``), which ``ray.get``s, is used only with a colocated
+    reward model, which this refuses."""
+    import verl.experimental.reward_loop.reward_loop as reward_loop
+
+    manager = reward_loop.RewardLoopManager
+    original = manager._init_reward_loop_workers
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def _init_reward_loop_workers(self: Any) -> None:
+        if int(self.config.reward.num_workers) != 0:
+            return original(self)
+        if self.config.reward.reward_model.enable:
+            raise ValueError(
+                "reward.num_workers: 0 (rewards in the agent-loop workers) needs reward.reward_model.enable: false"
+            )
+        self.reward_loop_workers = [
+            InProcessActor(reward_loop.RewardLoopWorker, self.config, self.reward_router_address)
+        ]
+        return None
+
+    _init_reward_loop_workers.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    manager._init_reward_loop_workers = _init_reward_loop_workers
+    _applied.append("reward_loop.RewardLoopManager: reward.num_workers 0 scores in the agent-loop workers")
+
+
+def _in_process_load_balancer_for_one_server() -> None:
+    """verl/workers/rollout/router.py:397 (``get_router_handle``) always starts the
+    ``GlobalRequestLoadBalancer`` as a Ray actor (router.py:322), one process routing requests among
+    the rollout servers. With a single server every request goes to it, whatever the routing state, so
+    on the CPU platform, with one server and verl's default balancer (no ``router_config_path``, no
+    custom class), each caller gets an :class:`InProcessActor` of the same class instead."""
+    import verl.workers.rollout.router as router
+
+    original = router.get_router_handle
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def get_router_handle(
+        servers: dict[str, Any],
+        router_config_path: str | None = None,
+        full_determinism: bool = False,
+        load_balancer_cls: type | None = None,
+    ) -> Any:
+        from verl.utils.device import get_device_name
+
+        if len(servers) == 1 and not router_config_path and load_balancer_cls is None and get_device_name() == "cpu":
+            return InProcessActor(
+                router.GlobalRequestLoadBalancer,
+                servers=servers,
+                max_cache_size=router.DEFAULT_ROUTING_CACHE_SIZE,
+                full_determinism=full_determinism,
+            )
+        return original(servers, router_config_path, full_determinism, load_balancer_cls)
+
+    get_router_handle.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    router.get_router_handle = get_router_handle
+    _applied.append("router.get_router_handle: one server on CPU, balanced in the calling process")
+
+
 def register_cpu_fsdp_engines() -> list[str]:
     """Register verl's FSDP engines for the CPU device; returns what is registered.
 
@@ -393,6 +527,8 @@ def apply() -> list[str]:
         _rebuild_equal_length_position_ids()
         _atomic_checkpoint_tracker()
         _config_dump_to_file()
+        _in_process_reward_workers()
+        _in_process_load_balancer_for_one_server()
     return list(_applied)
 
 

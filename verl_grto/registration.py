@@ -28,6 +28,12 @@ def _register_platform() -> None:
 
     PlatformRegistry.register("cpu")(PlatformCPU)
     _note("platform", "cpu")
+    from verl.utils.device import get_device_name
+
+    if get_device_name() == "cpu":  # every process of a CPU run: freed heap pages go back to the OS
+        from verl_grto.platform.cpu import start_heap_trimmer
+
+        start_heap_trimmer()
 
 
 def _register_cpu_engines() -> None:

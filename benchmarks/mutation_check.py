@@ -248,7 +248,9 @@ def run_tests(root: Path, tests: list[str], log: Path) -> dict[str, Any]:
 
 def git_state() -> dict[str, Any]:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     return {"commit": head, "dirty": bool(dirty)}
 
 

@@ -78,7 +78,7 @@ _mutation_train = train_tool_on_buffer
 
 def train_tool_on_buffer(engine, *args, **kwargs):
     update = engine.update
-    engine.update = lambda batch, weights=None, loss_scale=1.0: update(batch, [0.0] * batch.num_rollouts, loss_scale)
+    engine.update = lambda batch, weights=None, *rest, **kwargs: update(batch, [0.0] * batch.num_rollouts, *rest, **kwargs)
     try:
         return _mutation_train(engine, *args, **kwargs)
     finally:

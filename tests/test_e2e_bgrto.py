@@ -20,7 +20,7 @@ from verl_grto.algorithm.bto.buffer import RolloutBuffer
 pytestmark = pytest.mark.e2e
 
 RECIPE = "bgrto_tiny_cpu"
-PROMPTS, G, EPOCHS, BATCH = 8, 4, 2, 4
+PROMPTS, G, EPOCHS, BATCH = 8, 4, 4, 4
 SMALL = [
     f"bto.max_prompts={PROMPTS}",
     f"bto.epochs={EPOCHS}",
@@ -32,8 +32,10 @@ SMALL = [
     "trainer.test_freq=1",
     "data.val_files=${grto_synthetic:camouflage,val,256,8,0,1,1}",
 ]
-#: What BTO must add to validation gIoU in this slice (test_bto_raises_the_tools_validation_giou).
-BTO_MARGIN = 0.1
+#: What BTO must add to validation gIoU in this slice (test_bto_raises_the_tools_validation_giou). Seen:
+#: 0.174 -> 0.507 with these settings, 0.174 -> 0.405 with 2 epochs; a BTO that trains nothing adds
+#: exactly 0 (the same greedy answers, the same tool: benchmarks/results/mutation_check.json).
+BTO_MARGIN = 0.15
 
 
 def _run(root, home, name: str, steps: int, extra: tuple[str, ...] = ()) -> str:
@@ -101,6 +103,9 @@ def test_verls_advantages_come_from_the_mask_rewards(bgrto_run):
     assert steps == [1], steps
     for step in steps:
         m = metrics[step]
-        assert m["critic/score/mean"] == pytest.approx(m["grto/reward/score"], abs=1e-5), step
+        assert m["critic/score/mean"] == pytest.approx(m["grto/reward/score"], abs=1e-5), (
+            f"step {step}: verl's critic/score {m['critic/score/mean']:.5f} is not the mask reward"
+            f" {m['grto/reward/score']:.5f} the trainer computed"
+        )
     bto_tool = Path(json.loads((run_dir / "bto" / "report.json").read_text())["tool"]["tool_dir"])
     assert weights_digest(run_dir / "global_step_1" / "tool") != weights_digest(bto_tool)

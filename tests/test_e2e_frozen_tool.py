@@ -28,7 +28,10 @@ def test_frozen_tool_baseline_rewards_with_the_tools_masks_and_never_changes_it(
         # the rewards verl's advantages were computed from are the tool's mask rewards, step by step:
         # verl's critic/score is the batch mean of rm_scores, the trainer's grto/reward/score the mean
         # of the mask rewards it wrote there (the agent loop's box reward would differ)
-        assert m["critic/score/mean"] == pytest.approx(m["grto/reward/score"], abs=1e-5), step
+        assert m["critic/score/mean"] == pytest.approx(m["grto/reward/score"], abs=1e-5), (
+            f"step {step}: verl's critic/score {m['critic/score/mean']:.5f} is not the mask reward"
+            f" {m['grto/reward/score']:.5f} the trainer computed"
+        )
         assert "grto/tool/loss" not in m  # no tool update was made
 
     # the tool the run started from and the one it checkpointed after its last step: bit for bit the same

@@ -222,8 +222,6 @@ def run_tests(root: Path, tests: list[str], log: Path) -> dict[str, Any]:
         "-q",
         "-p",
         "no:cacheprovider",
-        "-m",
-        "e2e or not e2e",
         f"--junitxml={xml}",
         *tests,
     ]
@@ -282,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     def tests_of(b: Break) -> list[str]:
         return b.tests + ([] if args.no_e2e else b.e2e)
 
+    snapshot = work / "tree"  # the tree as it is now: every copy below comes from it, not from later edits
+    copy_tree(snapshot)
     control_root = work / "control"
-    copy_tree(control_root)
+    shutil.copytree(snapshot, control_root)
     control_tests = sorted({t for b in breaks for t in tests_of(b)})
     print(f"control: {len(control_tests)} test files on the unbroken tree", flush=True)
     control = run_tests(control_root, control_tests, work / "control.log")
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = False
     for b in breaks:
         root = work / b.name
-        copy_tree(root)
+        shutil.copytree(snapshot, root)
         entry: dict[str, Any] = {"name": b.name, "what": b.what, "file": b.file, "tests": tests_of(b)}
         try:
             b.apply(root)

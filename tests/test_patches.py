@@ -15,7 +15,7 @@ from verl_grto import patches
 
 def test_all_patches_applied_once():
     applied = patches.apply()
-    assert len(applied) == len(set(applied)) == 8
+    assert len(applied) == len(set(applied)) == 9
     assert patches.apply() == applied  # idempotent
 
 

@@ -16,8 +16,10 @@ worker group's methods (:func:`worker_group_method_name`).
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import logging
 import os
+import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -257,17 +259,21 @@ class _AtomicTrackerFile:
             os.close(directory)
 
 
-def _atomic_checkpoint_tracker() -> None:
+def _atomic_checkpoint_tracker(module_name: str = "verl.trainer.ppo.v1.trainer_base") -> None:
     """verl/trainer/ppo/v1/trainer_base.py:1024 (``_save_checkpoint``, also
     verl/trainer/ppo/ray_trainer.py:1049) writes ``latest_checkpointed_iteration.txt`` with
     ``open(path, "w")``: the file is truncated first, so a kill between the truncation and the write
     leaves it empty and every restart then fails in ``find_latest_ckpt_path``
     (verl/utils/checkpoint/checkpoint_manager.py:245, ``int(b"")``). The tracker is the commit point of a
-    checkpoint (it is written after the step folder is whole), so it must change in one step. Those two
-    modules get their own ``open`` that writes the tracker to a temporary file and renames it onto the
-    tracker; any other ``open`` there is the builtin."""
+    checkpoint (it is written after the step folder is whole), so it must change in one step. Each of
+    those two modules (``module_name``; :data:`_TRACKER_WRITERS`) gets its own ``open`` that writes the
+    tracker to a temporary file and renames it onto the tracker; any other ``open`` there is the builtin."""
     import builtins
     import importlib
+
+    module = importlib.import_module(module_name)
+    if getattr(module.__dict__.get("open"), "__verl_grto_patched__", False):
+        return
 
     def tracker_aware_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if mode == "w" and not args and not kwargs and os.path.basename(str(file)) == TRACKER_NAME:
@@ -275,11 +281,12 @@ def _atomic_checkpoint_tracker() -> None:
         return builtins.open(file, mode, *args, **kwargs)
 
     tracker_aware_open.__verl_grto_patched__ = True  # type: ignore[attr-defined]
-    for name in ("verl.trainer.ppo.v1.trainer_base", "verl.trainer.ppo.ray_trainer"):
-        module = importlib.import_module(name)
-        if not getattr(module.__dict__.get("open"), "__verl_grto_patched__", False):
-            module.open = tracker_aware_open  # type: ignore[attr-defined]
-    _applied.append("trainer_base / ray_trainer: latest_checkpointed_iteration.txt written atomically")
+    module.open = tracker_aware_open  # type: ignore[attr-defined]
+    _applied.append(f"{module_name.rsplit('.', 1)[-1]}: latest_checkpointed_iteration.txt written atomically")
+
+
+#: The modules whose ``open`` writes verl's checkpoint tracker (:func:`_atomic_checkpoint_tracker`).
+_TRACKER_WRITERS = ("verl.trainer.ppo.v1.trainer_base", "verl.trainer.ppo.ray_trainer")
 
 
 #: verl/trainer/main_ppo.py, the file whose ``TaskRunnerV1.run`` dumps the resolved config.
@@ -515,20 +522,96 @@ def worker_group_method_name(worker_group: Any, method: str) -> str:
     return name if name.endswith(method) else method
 
 
-def apply() -> list[str]:
-    """Install every patch once per process; returns the names of those installed."""
+#: Each patch and the verl module it changes: :func:`apply_when_imported` installs it right after verl
+#: imports that module (so a process that never imports it never pays for importing it).
+_PATCHES: tuple[tuple[str, Any], ...] = (
+    ("verl.utils.distributed", lambda module: _gloo_only_process_group()),
+    ("verl.workers.engine.fsdp.transformer_impl", lambda module: _unpinned_cpu_offload_for_reference()),
+    ("verl.utils.tensordict_utils", lambda module: _jagged_dim_aware_nested_tensors()),
+    ("verl.utils.tensordict_utils", lambda module: _rebuild_equal_length_position_ids()),
+    *((name, lambda module: _atomic_checkpoint_tracker(module.__name__)) for name in _TRACKER_WRITERS),
+    ("pprint", lambda module: _config_dump_to_file()),
+    ("verl.experimental.reward_loop.reward_loop", lambda module: _in_process_reward_workers()),
+    ("verl.workers.rollout.router", lambda module: _in_process_load_balancer_for_one_server()),
+)
+
+
+class _PostImportHooks(importlib.abc.MetaPathFinder):
+    """Runs callbacks right after a named module is first executed (a finder first on ``sys.meta_path``)."""
+
+    def __init__(self) -> None:
+        self.hooks: dict[str, list[Any]] = {}
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in self.hooks:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _HookedLoader(spec.loader, self.hooks.pop(fullname))
+        return spec
+
+
+class _HookedLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, hooks: list[Any]) -> None:
+        self._loader, self._hooks = loader, hooks
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        for hook in self._hooks:
+            hook(module)
+
+    def __getattr__(self, name: str) -> Any:  # is_package, get_code, get_resource_reader, ...
+        return getattr(self._loader, name)
+
+
+_post_import = _PostImportHooks()
+
+
+def when_imported(module_name: str, hook: Any) -> None:
+    """Call ``hook(module)`` right after ``module_name`` is first imported, or now if it already is.
+
+    Why: the plugin is imported by every process of a run (verl's entry point), but most of what it
+    patches and registers lives in modules only some processes import (the trainer in the task
+    runner, the FSDP engines in the actor workers). Importing them all eagerly cost every process
+    ~0.2 GiB (docs/benchmarks.md, "Main job memory"). A hook that raises fails the import it is
+    attached to, naming the plugin's code, so a broken registration is not silent."""
+    module = sys.modules.get(module_name)
+    if module is not None and module_name not in _post_import.hooks:
+        hook(module)
+        return
+    if _post_import not in sys.meta_path:
+        sys.meta_path.insert(0, _post_import)
+    _post_import.hooks.setdefault(module_name, []).append(hook)
+
+
+def apply_when_imported() -> None:
+    """Install each patch when verl imports the module it patches (what the plugin does in every process)."""
     import verl
 
     check_verl_version(verl.__version__)
-    if not _applied:
-        _gloo_only_process_group()
-        _unpinned_cpu_offload_for_reference()
-        _jagged_dim_aware_nested_tensors()
-        _rebuild_equal_length_position_ids()
-        _atomic_checkpoint_tracker()
-        _config_dump_to_file()
-        _in_process_reward_workers()
-        _in_process_load_balancer_for_one_server()
+    for module_name, patch in _PATCHES:
+        when_imported(module_name, patch)
+
+
+def apply() -> list[str]:
+    """Install every patch now (importing what they patch); returns the names of all installed."""
+    import importlib
+
+    import verl
+
+    check_verl_version(verl.__version__)
+    for module_name, patch in _PATCHES:
+        patch(importlib.import_module(module_name))
     return list(_applied)
 
 

@@ -8,7 +8,7 @@ Reads a finished ``bgrto`` run's folder (``benchmarks/tiny_run.py --fresh --runs
 and the tool (``tool``) after GRTO. For the first ``--scenes`` validation scenes (no choosing), each
 stage's policy answers greedily and the stage's tool segments from the answer, exactly as the run's
 validation does (:class:`verl_grto.eval.inference.PolicyToolPredictor`); each panel shows the box the
-tool was given (green) and its mask (red) with the mask's IoU, beside the ground truth. A JSON beside the
+tool was given (green) and its mask (red, outlined) with the mask's IoU, beside the ground truth. A JSON beside the
 picture (``--out`` with ``.json``) records the command, the run, and every panel's IoU.
 """
 
@@ -108,19 +108,23 @@ def main(argv: list[str] | None = None) -> int:
             ax = axes[i][j]
             if column == "ground truth":
                 boxes = [ToolPrompt(box=tuple(v * SCALE for v in b)) for b in truth.boxes]
-                pic, title = overlay(big, np.kron(gt, np.ones((SCALE, SCALE), dtype=bool)), boxes), "ground truth"
+                mask, title = np.kron(gt, np.ones((SCALE, SCALE), dtype=bool)), "ground truth"
             else:
                 p = panels[column][i]
-                scaled = [ToolPrompt(box=tuple(v * SCALE for v in o.box)) for o in p["objects"] if o.box is not None]
-                pic = overlay(big, np.kron(p["mask"], np.ones((SCALE, SCALE), dtype=bool)), scaled)
-                title = f"{column}\nIoU {p['iou']:.2f}"
-            ax.imshow(pic)
+                boxes = [ToolPrompt(box=tuple(v * SCALE for v in o.box)) for o in p["objects"] if o.box is not None]
+                mask, title = np.kron(p["mask"], np.ones((SCALE, SCALE), dtype=bool)), f"{column}\nIoU {p['iou']:.2f}"
+            ax.imshow(overlay(big, mask, boxes))
+            if mask.any():  # the mask's outline too: a red mask on a red object is hard to see
+                ax.contour(mask, levels=[0.5], colors="yellow", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(title, fontsize=8)
         prompt = row["prompt"][-1]["content"].replace("<image>", "").strip().splitlines()[-1]
         axes[i][0].set_ylabel(prompt[:28], fontsize=7)
-    fig.suptitle("B-GRTO on camouflage scenes: box from the policy (green), mask from the tool (red)", fontsize=9)
+    fig.suptitle(
+        "B-GRTO on camouflage scenes: box from the policy (green), mask from the tool (red, outlined yellow)",
+        fontsize=9,
+    )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)

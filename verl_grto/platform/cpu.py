@@ -13,7 +13,7 @@ one CPU worker slot, nothing more.
 
 Memory: ``empty_cache()``, which verl calls where a GPU run hands cached blocks back to the device
 (the weight sync of every step), hands the C heap's free pages back to the OS here
-(:func:`release_free_heap`); :func:`start_heap_trimmer` does the same every few seconds in every
+(:func:`release_free_heap`); :func:`start_heap_trimmer` does the same every 30 s in every
 process of a CPU run. Why: glibc raises its mmap threshold after the first large free, so later
 tensors of a few MB come from the heap, and freeing them keeps the pages (measured: 423 MiB of freed
 1.4 MB tensors stayed resident until ``malloc_trim``; docs/benchmarks.md, "Main job memory").
@@ -36,7 +36,7 @@ from verl.plugin.platform.platform_base import PlatformBase
 
 #: Seconds between two heap trims of :func:`start_heap_trimmer` (0 turns the trimmer off).
 HEAP_TRIM_ENV = "VERL_GRTO_HEAP_TRIM_S"
-DEFAULT_HEAP_TRIM_S = 5.0
+DEFAULT_HEAP_TRIM_S = 30.0
 
 
 @functools.cache
@@ -68,8 +68,10 @@ _trimmer: threading.Thread | None = None
 def start_heap_trimmer(interval_s: float | None = None) -> threading.Thread | None:
     """Run :func:`release_free_heap` every ``interval_s`` seconds in a daemon thread, once per process.
 
-    ``interval_s`` defaults to ``$VERL_GRTO_HEAP_TRIM_S`` (5 s); 0 or a C library without
-    ``malloc_trim`` starts nothing. Returns the thread (the running one when called again)."""
+    ``interval_s`` defaults to ``$VERL_GRTO_HEAP_TRIM_S``, 30 s: each trim hands back pages that a busy
+    process then faults in again (every 5 s, the main job's 32 GRTO steps took 173-192 s against 151-163 s
+    without a trimmer, single runs of a machine whose stages vary by ~15%: docs/benchmarks.md). 0, or a C
+    library without ``malloc_trim``, starts nothing. Returns the thread (the running one when called again)."""
     global _trimmer
     if _trimmer is not None and _trimmer.is_alive():
         return _trimmer

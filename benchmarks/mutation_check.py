@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tiny_run import git_commit  # benchmarks/ is the script's folder, first on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: appended to grto_trainer.py: phase 1 computes the mask rewards but its write of ``rm_scores`` to
@@ -244,14 +246,6 @@ def run_tests(root: Path, tests: list[str], log: Path) -> dict[str, Any]:
     return {"rc": proc.returncode, "seconds": round(seconds, 1), "outcomes": outcomes}
 
 
-def git_state() -> dict[str, Any]:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    return {"commit": head, "dirty": bool(dirty)}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=None, help="run only this break (repeatable)")
@@ -270,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": "benchmarks/mutation_check.py: each break applied alone to a copy of the tree, its tests run there",
         "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
         + " ".join([".venv/bin/python", "benchmarks/mutation_check.py", *(argv if argv is not None else sys.argv[1:])]),
-        **git_state(),
+        **git_commit(),
         "date_utc": started.isoformat(timespec="seconds"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpus": os.cpu_count(),

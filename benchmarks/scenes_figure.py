@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from tiny_run import git_commit  # benchmarks/ is the script's folder, first on sys.path
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("before BTO", "after BTO", "after GRTO")
 SCALE = 3  # the tiny scenes are 112 px: draw them larger
 
@@ -129,13 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
 
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     record = {
         "what": "benchmarks/scenes_figure.py: the first validation scenes at each stage of a bgrto run",
         "command": " ".join(
             [".venv/bin/python", "benchmarks/scenes_figure.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "commit": head,
+        **git_commit(),
         "run": str(args.run),
         "stages": {k: {"policy": str(p), "tool": str(t)} for k, (p, t) in stages.items()},
         "scenes": [str(r["extra_info"]["sample_id"]) for r in rows],

@@ -1,20 +1,21 @@
 """How long each phase of ``.ci/run`` takes on a clean clone: install, unit tests, e2e tests.
 
     .venv/bin/python benchmarks/ci_time.py                  # clones HEAD into a temporary folder
-    .venv/bin/python benchmarks/ci_time.py --out benchmarks/results/ci_time.json
+    .venv/bin/python benchmarks/ci_time.py --out benchmarks/results/ci_time/<date>.json
 
 ``.ci/run`` is ``bash scripts/install.sh && .venv/bin/pytest -q`` on a fresh clone. This runs the same
 three things one after another in a fresh ``git clone`` of the current commit, timing each: the install,
 ``pytest -q -m "not e2e"`` (the inner loop) and ``pytest -q -m e2e`` (the two together are exactly the
 suite ``.ci/run`` runs). ``VERL_GRTO_HOME`` points into the clone, so no cached asset or dataset from an
 earlier run is reused. Prints one line per phase and the total against the 20-minute target, and writes
-a JSON with the phases, the commit and the slowest tests pytest reported. A measurement, not a test: run
+a JSON with the command, the commit, the date, the phases and the slowest tests pytest reported. A measurement, not a test: run
 it with nothing else on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -43,7 +44,15 @@ def main() -> int:
     subprocess.run(["git", "clone", "-q", str(args.repo), str(clone)], check=True)
     env = {**os.environ, "VERL_GRTO_HOME": str(work / "home")}
     env.pop("VIRTUAL_ENV", None)
-    result: dict = {"commit": commit.stdout.strip(), "cpus": os.cpu_count(), "phases": {}, "slowest": {}}
+    result: dict = {
+        "command": " ".join([".venv/bin/python", "benchmarks/ci_time.py", *sys.argv[1:]]),
+        "commit": commit.stdout.strip(),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "phases": {},
+        "slowest": {},
+    }
     for name, cmd in PHASES:
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
@@ -61,7 +70,8 @@ def main() -> int:
     result["logs"] = str(work)
     print(f"total    {total:7.1f} s  ratio to the 20-minute target {total / TARGET_S:.2f}  (logs: {work})")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0 if all(p["rc"] == 0 for p in result["phases"].values()) else 1
 
 

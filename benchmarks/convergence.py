@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/convergence.py            # 3 seeds x 3 arms, the recipe's 32 steps (hours)
     .venv/bin/python benchmarks/convergence.py --quick    # 1 seed, 8 steps, a smaller BTO
+    .venv/bin/python benchmarks/convergence.py --replot benchmarks/results/convergence.json  # the PNG again, no run
 
 Every arm is a real ``python -m verl.trainer.main_ppo`` run of ``recipes/bgrto_tiny_cpu`` (synthetic
 camouflage scenes; the tool was pre-trained on plain scenes), with the same data, initial policy,
@@ -29,7 +30,8 @@ threshold (default: filling the reference policy's boxes + 0.05, i.e. segmenting
 trivial answer); BTO's time is reported beside it, as a fraction of one GRTO epoch. Each final tool is also scored back on the *plain* domain with
 ground-truth boxes (did tuning make it forget the source domain?).
 
-Writes ``--out`` (JSON: every run's validation curve, summaries, settings) and a PNG plot beside it;
+Writes ``--out`` (JSON: every run's validation curve, summaries, settings) and a PNG plot beside it
+(mean over seeds, the band their range; dotted: the trivial answer, each arm's policy's boxes filled);
 the last line printed is ``steps-to-threshold ratio B-GRTO/GRPO: X``.
 """
 
@@ -172,7 +174,13 @@ def main() -> int:
         help="where the runs go (default: a new temporary folder); runs"
         " already finished there are read instead of run again, so an interrupted benchmark resumes",
     )
+    ap.add_argument("--replot", type=Path, default=None, help="redraw the PNG of a result file and stop")
     args = ap.parse_args()
+    if args.replot is not None:
+        saved = json.loads(args.replot.read_text())
+        plot(saved["runs"], list(saved["arms"]), saved["threshold_gIoU"], args.replot.with_suffix(".png"))
+        print(f"wrote {args.replot.with_suffix('.png')}")
+        return 0
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.steps = args.steps or (8 if args.quick else 32)
     args.test_freq = args.test_freq or (4 if args.quick else 8)
@@ -296,13 +304,32 @@ def main() -> int:
     return 0
 
 
+#: How the plot names each arm.
+LABELS = {
+    "grpo": "GRPO, frozen tool",
+    "grto": "GRTO",
+    "bgrto": "B-GRTO",
+    "bgrto_uniform": "B-GRTO, uniform",
+    "bto_only": "BTO alone (B-GRTO after BTO)",
+    "bto_only_uniform": "BTO alone, uniform",
+}
+
+
+def box_fill_curve(summary: dict[str, Any]) -> list[tuple[int, float]]:
+    """The trivial answer at each validated step: the policy's boxes filled (the last validation of a step)."""
+    by_step = {int(v["step"]): float(v["val-grto/box_fill_gIoU"]) for v in summary["validations"]}
+    return sorted(by_step.items())
+
+
 def plot(runs: list[dict[str, Any]], arms: list[str], threshold: float, path: Path) -> None:
+    """Validation gIoU per arm (mean over seeds, band: their range) and, dotted, each trained arm's trivial
+    answer (its policy's boxes filled, mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     colors = {"grpo": "tab:gray", "grto": "tab:blue", "bgrto": "tab:red", "bgrto_uniform": "tab:orange"}
     colors |= {"bto_only": "tab:red", "bto_only_uniform": "tab:orange"}
     for a in arms:
@@ -310,13 +337,25 @@ def plot(runs: list[dict[str, Any]], arms: list[str], threshold: float, path: Pa
         curves = [r["curve"] for r in runs if r["arm"] == a]
         steps = [s for s, _ in curves[0]]
         values = np.array([[v for _, v in c] for c in curves])
-        ax.plot(steps, values.mean(0), label=a, color=color, linestyle="--" if a.startswith("bto_only") else "-")
+        label = LABELS.get(a, a)
+        ax.plot(steps, values.mean(0), label=label, color=color, linestyle="--" if a.startswith("bto_only") else "-")
         if len(curves) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15)
-    ax.axhline(threshold, color="black", linewidth=0.8, linestyle=":", label="threshold")
-    ax.set_xlabel("GRTO step (0 = before training; bgrto: after BTO)")
-    ax.set_ylabel("validation gIoU (camouflage)")
-    ax.legend()
+        fills = [box_fill_curve(r["summary"]) for r in runs if r["arm"] == a and "summary" in r]
+        if fills:
+            fill = np.array([[v for _, v in f] for f in fills]).mean(0)
+            ax.plot(
+                [s for s, _ in fills[0]],
+                fill,
+                color=color,
+                linestyle=":",
+                linewidth=1.2,
+                label=f"{label}: boxes filled",
+            )
+    ax.axhline(threshold, color="black", linewidth=0.8, linestyle=(0, (1, 4)), label="threshold (boxes filled + 0.05)")
+    ax.set_xlabel("GRTO step (0 = before training; B-GRTO: after BTO)")
+    ax.set_ylabel("validation gIoU, 64 camouflage scenes")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

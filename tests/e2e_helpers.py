@@ -9,6 +9,7 @@ every child inherits, a private Ray temp dir on the command lines) and finds and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ __all__ = [
     "same_grto_state",
     "same_tool",
     "tagged_processes",
+    "weights_digest",
 ]
 
 
@@ -224,6 +226,16 @@ def assert_equal(a: Any, b: Any, where: str) -> None:
             assert_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over every tensor of a tool checkpoint's ``model.safetensors`` (name, dtype, shape, bytes),
+    in name order: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(Path(folder) / "model.safetensors").items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def same_tool(probe: Path, saved: Path) -> None:

@@ -53,3 +53,86 @@ def test_fsdp_engines_resolve_on_cpu():
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
     assert EngineRegistry.get_engine_cls("language_model", "fsdp2") is FSDPEngineWithLMHead
+
+
+@pytest.fixture()
+def no_background_trim():
+    """The process's heap trimmer paused (it would trim between the test's measurements)."""
+    from verl_grto.platform import cpu
+
+    running = cpu._trimmer is not None and cpu._trimmer.is_alive()
+    if running:
+        cpu._trimmer.stop.set()
+        cpu._trimmer.join(timeout=30)
+    yield
+    if running:
+        cpu.start_heap_trimmer()
+
+
+HEAP_PROBE = """
+import gc, json, sys
+import psutil, torch
+from verl_grto.platform import cpu
+proc = psutil.Process()
+first = torch.randn(64, 24, 240)
+del first  # one free of a large mmapped block raises glibc's mmap threshold above it
+base = proc.memory_full_info().uss
+kept, pins = [], []
+for _ in range(100):  # 100 x 1.4 MB, now from the heap, each followed by a small block that stays
+    kept.append(torch.randn(64, 24, 240))
+    pins.append(bytearray(4096))
+grown = proc.memory_full_info().uss - base
+del kept
+gc.collect()
+after_free = proc.memory_full_info().uss - base
+cpu.CPU_DEVICE_MODULE.empty_cache()
+after_trim = proc.memory_full_info().uss - base
+print(json.dumps([grown, after_free, after_trim, cpu._malloc_trim() is not None]))
+"""
+
+
+def test_empty_cache_hands_freed_heap_pages_back_to_the_os(tmp_path):
+    """What verl's empty_cache means on CPU: tensors of a few MB freed after glibc raised its mmap
+    threshold stay resident (the heap keeps them) until the heap is trimmed; empty_cache trims it.
+    In a fresh process (no plugin, no trimmer thread): a long test session's heap is in no known state."""
+    import json
+    import os
+
+    script = tmp_path / "probe.py"
+    script.write_text(HEAP_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, after_free, after_trim, has_trim = json.loads(out.stdout.strip().splitlines()[-1])
+    if not has_trim:
+        pytest.skip("no glibc malloc_trim here")
+    assert grown > 100e6
+    assert after_free > 0.5 * grown and after_trim < 0.2 * grown, (grown, after_free, after_trim)
+
+
+def test_empty_cache_calls_malloc_trim(monkeypatch):
+    from verl_grto.platform import cpu
+
+    calls = []
+    monkeypatch.setattr(cpu, "_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
+    CPU_DEVICE_MODULE.empty_cache()
+    PlatformCPU().empty_cache()
+    assert calls == [0, 0]
+
+
+def test_heap_trimmer_runs_once_per_process_and_can_be_turned_off(monkeypatch, no_background_trim):
+    from verl_grto.platform import cpu
+
+    assert cpu.start_heap_trimmer(0) is None
+    monkeypatch.setenv(cpu.HEAP_TRIM_ENV, "soon")
+    with pytest.raises(ValueError, match="VERL_GRTO_HEAP_TRIM_S must be a number of seconds"):
+        cpu.start_heap_trimmer()
+    monkeypatch.delenv(cpu.HEAP_TRIM_ENV)
+    thread = cpu.start_heap_trimmer(0.05)
+    try:
+        assert thread is not None and thread.is_alive() and thread.daemon
+        assert cpu.start_heap_trimmer(0.05) is thread
+    finally:
+        if thread is not None:
+            thread.stop.set()
+            thread.join(timeout=5)

@@ -10,16 +10,17 @@ shown with real SIGKILLs in tests/test_e2e_kill.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from e2e_helpers import read_metrics, run_main_ppo
+from e2e_helpers import read_metrics, run_main_ppo, weights_digest
 
 from verl_grto.algorithm.bto.buffer import RolloutBuffer
 
 pytestmark = pytest.mark.e2e
 
 RECIPE = "bgrto_tiny_cpu"
-PROMPTS, G, EPOCHS, BATCH = 8, 4, 2, 4
+PROMPTS, G, EPOCHS, BATCH = 8, 4, 4, 4
 SMALL = [
     f"bto.max_prompts={PROMPTS}",
     f"bto.epochs={EPOCHS}",
@@ -31,6 +32,10 @@ SMALL = [
     "trainer.test_freq=1",
     "data.val_files=${grto_synthetic:camouflage,val,256,8,0,1,1}",
 ]
+#: What BTO must add to validation gIoU in this slice (test_bto_raises_the_tools_validation_giou). Seen:
+#: 0.174 -> 0.507 with these settings, 0.174 -> 0.405 with 2 epochs; a BTO that trains nothing adds
+#: exactly 0 (the same greedy answers, the same tool: benchmarks/results/mutation_check.json).
+BTO_MARGIN = 0.15
 
 
 def _run(root, home, name: str, steps: int, extra: tuple[str, ...] = ()) -> str:
@@ -138,3 +143,33 @@ def test_the_runs_checkpoint_evaluates_through_the_command_line(bgrto_run, tmp_p
     assert main([*args, "--out", str(tmp_path / "mask.png"), *tiny, *common]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (tmp_path / "mask.png").is_file() and printed["answer"]
+
+
+def test_bto_raises_the_tools_validation_giou(bgrto_run):
+    """BTO adapts the plain-scene tool to the camouflage scenes: on the same validation scenes and the
+    same (reference) policy's answers, gIoU right after BTO beats gIoU before it by BTO_MARGIN."""
+    summary = json.loads((bgrto_run[3] / "grto_summary.json").read_text())
+    before, after = (v for v in summary["validations"] if v["label"] in ("before BTO", "after BTO"))
+    assert before["val-grto/policy_box_iou"] == after["val-grto/policy_box_iou"]  # same answers, only the tool moved
+    gain = after["val-grto/gIoU"] - before["val-grto/gIoU"]
+    assert gain > BTO_MARGIN, (
+        f"BTO moved validation gIoU by {gain:+.3f} ({before['val-grto/gIoU']:.3f} -> {after['val-grto/gIoU']:.3f})"
+    )
+
+
+def test_verls_advantages_come_from_the_mask_rewards(bgrto_run):
+    """Per GRTO step, verl's critic/score (the batch mean of the rm_scores its advantages are computed
+    from) is the batch mean of the mask rewards the trainer computed (grto/reward/score), not the agent
+    loop's box reward; and the tool's own update changed its weights after BTO."""
+    root, _, _, run_dir = bgrto_run
+    metrics = read_metrics(root / "a.jsonl")
+    steps = [s for s in metrics if s >= 1]
+    assert steps == [1], steps
+    for step in steps:
+        m = metrics[step]
+        assert m["critic/score/mean"] == pytest.approx(m["grto/reward/score"], abs=1e-5), (
+            f"step {step}: verl's critic/score {m['critic/score/mean']:.5f} is not the mask reward"
+            f" {m['grto/reward/score']:.5f} the trainer computed"
+        )
+    bto_tool = Path(json.loads((run_dir / "bto" / "report.json").read_text())["tool"]["tool_dir"])
+    assert weights_digest(run_dir / "global_step_1" / "tool") != weights_digest(bto_tool)

@@ -1,6 +1,14 @@
-"""GRTO's algorithm: the policy side equals verl's GRPO, the tool side is the weighted tool loss."""
+"""GRTO's algorithm: the policy side is GRPO on the tool's mask rewards, the tool side the weighted tool loss.
+
+The policy side is checked against GRPO written out by hand (not against verl's ``grpo`` estimator,
+which ``algorithm/advantage.py`` calls), and on what the actor optimises in training: verl's policy
+loss with the main recipe's settings. The tool side's objective, ``ToolEngine.objective``, is
+checked in tests/test_tool_loss_scale.py.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +16,6 @@ import torch
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 
 import verl_grto.algorithm.advantage  # noqa: F401  (registers "grto")
-from verl_grto.algorithm.objective import grto_surrogate, tool_term
 from verl_grto.algorithm.tool_weights import (
     advantage_weights,
     get_weighting,
@@ -17,7 +24,8 @@ from verl_grto.algorithm.tool_weights import (
     tool_loss_weights,
     weighting_names,
 )
-from verl_grto.tool.losses import LossConfig, segmentation_losses
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _rollouts(seed: int = 0, groups: int = 3, n: int = 4, length: int = 5):
@@ -32,13 +40,42 @@ def _rollouts(seed: int = 0, groups: int = 3, n: int = 4, length: int = 5):
     return token_rewards, mask, index
 
 
+def _grpo_by_hand(token_rewards: torch.Tensor, index: np.ndarray, mask: torch.Tensor, norm: bool, eps: float = 1e-6):
+    """GRPO's advantage written out from its definition (docs/method.md, eq. "advantage"), in float64
+    numpy, sharing no code with verl's estimator: r_i = the rollout's summed token rewards; within
+    each group A_i = (r_i - mean) / (sample std + eps), or r_i - mean without the std; a group of one
+    keeps r_i / (1 + eps); A_i on every response token. Returns ``(bs, response_length)``."""
+    r = token_rewards.double().numpy().sum(-1)
+    adv = np.empty_like(r)
+    for g in dict.fromkeys(index):
+        members = index == g
+        if members.sum() == 1:
+            adv[members] = r[members] / (1.0 + eps)
+            continue
+        mean, std = r[members].mean(), r[members].std(ddof=1)
+        adv[members] = (r[members] - mean) / (std + eps) if norm else r[members] - mean
+    return adv[:, None] * mask.double().numpy()
+
+
+def test_grto_advantage_on_a_hand_worked_group():
+    """One group of four, mask IoU rewards 1, 0, 0, 0 on the last token: mean 0.25, sample std 0.5."""
+    token_rewards = torch.zeros(4, 3)
+    token_rewards[0, -1] = 1.0
+    adv, returns = get_adv_estimator_fn("grto")(token_rewards, torch.ones(4, 3), np.array(["p"] * 4, dtype=object))
+    assert adv[:, 0].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+    assert torch.equal(adv, returns) and torch.all(adv == adv[:, :1])  # one value per rollout, on every token
+
+
 @pytest.mark.parametrize("norm", [True, False])
-def test_grto_advantage_equals_grpo_bit_for_bit(norm):
-    token_rewards, mask, index = _rollouts()
-    grpo = get_adv_estimator_fn("grpo")(token_rewards, mask, index, norm_adv_by_std_in_grpo=norm)
-    grto = get_adv_estimator_fn("grto")(token_rewards, mask, index, norm_adv_by_std_in_grpo=norm)
-    for a, b in zip(grpo, grto, strict=True):
-        assert torch.equal(a, b)
+def test_grto_advantage_is_the_group_normalised_reward_computed_independently(norm):
+    token_rewards, mask, index = _rollouts(groups=4)
+    index = np.array([*index[:13], "lone", "p3", "p3"], dtype=object)  # groups of 4, 4, 4, 3 and 1
+    token_rewards[4:8] = token_rewards[4:8].sum(-1, keepdim=True).mean() * (token_rewards[4:8] != 0)  # equal rewards
+    adv, _ = get_adv_estimator_fn("grto")(token_rewards, mask, index, norm_adv_by_std_in_grpo=norm)
+    expected = _grpo_by_hand(token_rewards, index, mask, norm)
+    assert np.allclose(adv.double().numpy(), expected, atol=1e-5)
+    assert np.allclose(expected[4:8], 0.0)  # a group of equal rewards: no signal for the policy
+    assert not np.allclose(expected, 0.0)
 
 
 def test_all_equal_rewards_give_zero_advantage_but_tool_still_trains():
@@ -101,50 +138,57 @@ def test_weightings_are_a_registry_that_checks_what_each_needs(monkeypatch):
         register_weighting("rewards", needs=("rewards",))
 
 
-def test_surrogate_gradients_split_into_grpo_and_weighted_tool_loss():
-    """Autograd on a toy: a softmax policy over 3 answers, a 1-parameter-per-pixel 'tool'."""
+def _main_job_actor_config():
+    """The actor config verl builds from the main job's recipe (its policy-loss mode and aggregation)."""
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
+        cfg = compose(config_name="bgrto_tiny_cpu")
+    return cfg, omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+
+
+def test_the_policy_step_training_takes_is_grpos_on_the_mask_rewards():
+    """What the actor optimises in the main job: verl's policy loss (the recipe's mode and aggregation)
+    on the ``grto`` advantages of the tool's mask rewards. On policy (ratio 1, nothing clipped) its
+    gradient must be GRPO's, written out by hand: -sum_i A_i sum_t d log pi(o_i,t) / #tokens with A_i
+    the group-normalised reward of :func:`_grpo_by_hand`. The rewards come from the tool under no-grad
+    (sg(T_phi)), so the policy's loss gives the tool no gradient.
+
+    A toy policy: independent softmaxes over 5 tokens at each of 4 positions (logits theta); a toy tool:
+    one mask logit per pixel (phi); the reward is the tool's mask IoU when the rollout's first token is
+    even, half of it otherwise, so rewards differ within groups.
+    """
+    cfg, actor_cfg = _main_job_actor_config()
     torch.manual_seed(0)
-    n, length, hw = 8, 4, (6, 6)
-    theta = torch.randn(3, requires_grad=True)  # policy logits over 3 candidate answers
-    phi = torch.randn(*hw, requires_grad=True)  # tool: one mask logit per pixel, shared by rollouts
-    answers = torch.randint(0, 3, (n,))
-    gt = torch.zeros(hw, dtype=torch.bool)
+    n, length, vocab = 8, 4, 5
+    theta = torch.randn(length, vocab, requires_grad=True)
+    phi = torch.randn(6, 6, requires_grad=True)
+    gt = torch.zeros(6, 6, dtype=torch.bool)
     gt[1:4, 2:5] = True
-
-    # rewards from the tool under stop-gradient (sg(T_phi)), scaled by the chosen answer
-    with torch.no_grad():
-        mask_iou = ((phi > 0) & gt).sum() / ((phi > 0) | gt).sum().clamp(min=1)
-    rewards = (answers.float() + 1) / 3 * (0.5 + mask_iou)
-    index = np.array([f"g{i // 4}" for i in range(n)], dtype=object)
+    tokens = torch.randint(0, vocab, (n, length))
     response_mask = torch.ones(n, length)
+    response_mask[1, -1] = response_mask[6, -2:] = 0  # ragged responses
+    with torch.no_grad():  # sg(T_phi)
+        mask_iou = ((phi > 0) & gt).sum() / ((phi > 0) | gt).sum().clamp(min=1)
+    rewards = torch.where(tokens[:, 0] % 2 == 0, mask_iou, mask_iou / 2) + 0.1 * torch.arange(n) / n
+    index = np.array([f"g{i // 4}" for i in range(n)], dtype=object)
+    last = response_mask.sum(-1).long() - 1
     token_rewards = torch.zeros(n, length)
-    token_rewards[:, -1] = rewards
-    adv, _ = get_adv_estimator_fn("grto")(token_rewards, response_mask, index)
+    token_rewards[torch.arange(n), last] = rewards  # where the trainer puts the mask reward
 
-    logp = torch.log_softmax(theta, -1)[answers][:, None].expand(n, length)
-    old_logp = logp.detach()
-    policy_loss_fn = get_policy_loss_fn("vanilla")
+    adv, _ = get_adv_estimator_fn(cfg.algorithm.adv_estimator)(token_rewards, response_mask, index)
+    logp = torch.log_softmax(theta, -1)[torch.arange(length), tokens]  # (n, length)
+    loss_fn = get_policy_loss_fn(actor_cfg.policy_loss.loss_mode)
+    loss, _ = loss_fn(logp.detach(), logp, adv, response_mask, actor_cfg.loss_agg_mode, actor_cfg)
+    (g_theta,) = torch.autograd.grad(loss, theta, retain_graph=True)
 
-    from verl.workers.config import ActorConfig
-
-    actor_cfg = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=1)
-    pg_loss, _ = policy_loss_fn(old_logp, logp, adv, response_mask, "token-mean", actor_cfg)
-
-    logits = phi[None].expand(n, *hw)
-    per_rollout = segmentation_losses(logits, [gt] * n, None, LossConfig(resolution="low_res")).total
-    weights = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 1.0, 0.0, 3.0])
-    lam = 0.7
-
-    total = grto_surrogate(pg_loss, per_rollout, weights, lam)
-    g_theta, g_phi = torch.autograd.grad(total, [theta, phi], retain_graph=True)
-    grpo_theta = torch.autograd.grad(pg_loss, theta, retain_graph=True)[0]
-    tool_phi = torch.autograd.grad(lam * tool_term(per_rollout, weights), phi, retain_graph=True)[0]
-    assert torch.allclose(g_theta, grpo_theta, atol=1e-7)
-    assert torch.allclose(g_phi, tool_phi, atol=1e-7)
-    assert g_phi.abs().sum() > 0 and g_theta.abs().sum() > 0
-    # lambda = 0 is GRPO exactly, and the policy loss never reaches phi
-    assert grto_surrogate(pg_loss, per_rollout, weights, 0.0) is pg_loss
-    assert torch.autograd.grad(pg_loss, phi, allow_unused=True)[0] is None
+    a_hand = torch.from_numpy(_grpo_by_hand(token_rewards, index, response_mask, norm=True)).float()
+    by_hand = -(a_hand * logp * response_mask).sum() / response_mask.sum()
+    (g_hand,) = torch.autograd.grad(by_hand, theta)
+    assert g_theta.abs().sum() > 0
+    assert torch.allclose(g_theta, g_hand, atol=1e-6), (g_theta - g_hand).abs().max()
+    assert torch.autograd.grad(loss, phi, allow_unused=True)[0] is None  # the tool learns only from its own loss
 
 
 def test_prompts_that_miss_the_object_can_be_left_out_of_the_tool_loss():

@@ -15,7 +15,7 @@ from verl_grto import patches
 
 def test_all_patches_applied_once():
     applied = patches.apply()
-    assert len(applied) == len(set(applied)) == 7
+    assert len(applied) == len(set(applied)) == 10
     assert patches.apply() == applied  # idempotent
 
 
@@ -237,3 +237,86 @@ def test_worker_group_method_name_reads_verls_functor_class_name():
     assert patches.worker_group_method_name(Group(), "tool_update") == "actor_tool_update"
     assert patches.worker_group_method_name(Group(), "tool_predict") == "tool_predict"
     assert patches.worker_group_method_name(Group(), "init_tool") == "init_tool"
+
+
+class _Counter:
+    """A stand-in actor class: one plain method, one coroutine method, state per instance."""
+
+    made = 0
+
+    def __init__(self, start: int) -> None:
+        type(self).made += 1
+        self.value = start
+
+    def bump(self, by: int = 1) -> int:
+        self.value += by
+        return self.value
+
+    async def bump_later(self, by: int) -> int:
+        return self.bump(by)
+
+
+def test_in_process_actor_runs_methods_in_the_calling_process_with_awaitable_results():
+    import asyncio
+    import pickle
+
+    handle = patches.InProcessActor(_Counter, 10)
+    made_before = _Counter.made
+    assert handle._obj is None  # made lazily, on the first call
+    handle.bump.remote(5)  # fire-and-forget still takes effect, as release_server needs
+    assert _Counter.made == made_before + 1
+
+    async def calls() -> tuple[int, int]:
+        return await handle.bump.remote(), await handle.bump_later.remote(100)
+
+    assert asyncio.run(calls()) == (16, 116)
+    copy = pickle.loads(pickle.dumps(handle))  # sent to another process: its own instance, from (cls, args)
+    assert asyncio.run(_await(copy.bump.remote())) == 11
+    assert not hasattr(copy, "_private_name")  # private names are not actor methods (pickle probes them)
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def test_reward_workers_zero_scores_in_the_asking_process(monkeypatch):
+    """reward.num_workers 0: one in-process RewardLoopWorker stand-in instead of reward actors; with a
+    colocated reward model (which verl reaches with ray.get) it is refused."""
+    from types import SimpleNamespace
+
+    import verl.experimental.reward_loop.reward_loop as reward_loop
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"reward": {"num_workers": 0, "reward_model": {"enable": False}}})
+    manager = SimpleNamespace(config=cfg, reward_router_address=None)
+    reward_loop.RewardLoopManager._init_reward_loop_workers(manager)
+    (worker,) = manager.reward_loop_workers
+    assert isinstance(worker, patches.InProcessActor) and worker._cls is reward_loop.RewardLoopWorker
+    assert worker._obj is None  # nothing loaded here: the agent-loop worker it is sent to makes it
+    cfg.reward.reward_model.enable = True
+    with pytest.raises(ValueError, match="reward_model.enable: false"):
+        reward_loop.RewardLoopManager._init_reward_loop_workers(manager)
+
+
+def test_one_rollout_server_on_cpu_is_balanced_in_process(monkeypatch):
+    """One server on CPU: verl's own GlobalRequestLoadBalancer, in the calling process, routes every
+    request to it; two servers (or a custom balancer) still get verl's Ray actor."""
+    import asyncio
+
+    import verl.workers.rollout.router as router
+
+    server = object()
+    handle = router.get_router_handle({"s0": server})
+    assert isinstance(handle, patches.InProcessActor) and handle._cls is router.GlobalRequestLoadBalancer
+
+    async def route() -> tuple:
+        fields = await handle.require_acquire_fields.remote()
+        first = await handle.acquire_server.remote(request_id="r1")
+        handle.release_server.remote(server_id="s0", request_id="r1")
+        return fields, first, await handle.acquire_server.remote(request_id="r2")
+
+    fields, first, second = asyncio.run(route())
+    assert first == second == ("s0", server) and isinstance(fields, list)
+    actors = []
+    monkeypatch.setattr(router, "_create_global_sticky_inflight", lambda **kw: actors.append(kw) or "actor")
+    assert router.get_router_handle({"s0": server, "s1": server}) == "actor" and len(actors) == 1

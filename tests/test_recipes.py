@@ -1,4 +1,6 @@
-"""Every recipe composes, resolves and passes the checks verl's ``main_ppo`` runs before training.
+"""Every recipe composes, resolves, passes the checks verl's ``main_ppo`` runs before training, and
+makes verl build what it is meant to run (:func:`verl_view`: the trainer class, advantage estimator,
+actor config, reward function and rollout replica verl looks up from it).
 
 The GPU recipes cannot run here, so this is their only gate: a typo in a key, a batch size that
 does not divide, a ``grto:`` section the trainer would reject, or a trainer mode the plugin does not
@@ -13,18 +15,27 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import verl  # noqa: F401  (first: loads the verl_grto plugin, which registers resolvers, trainer, estimator)
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+from verl.trainer.ppo.reward import get_custom_reward_fn
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
-from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
-from verl.utils.config import validate_config
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, get_trainer_cls
+from verl.utils.config import omega_conf_to_dataclass, validate_config
+from verl.workers.rollout.replica import RolloutReplicaRegistry
 
+from verl_grto.algorithm.advantage import compute_grto_advantage
+from verl_grto.reward.box_reward import compute_score as box_reward
+from verl_grto.rollout.hf_server import HFReplica
+from verl_grto.trainer.bgrto_trainer import BGRTOTrainer
 from verl_grto.trainer.config import BTOConfig, GRTOConfig
+from verl_grto.trainer.grto_trainer import GRTOTrainer
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.endswith("_base"))
@@ -73,9 +84,40 @@ def _validate(cfg: DictConfig) -> None:
         BTOConfig.from_config(cfg.bto)
 
 
-def test_the_gpu_recipes_are_found() -> None:
-    assert set(GPU_RECIPES) <= set(RECIPES)
-    assert not [r for r in RECIPES if r.endswith("_base")]
+@dataclass
+class VerlView:
+    """What verl builds from a recipe before training, looked up through verl's own registries and
+    loaders: the behaviour a recipe selects, rather than the values it spells."""
+
+    trainer_cls: type
+    advantage_fn: Any
+    actor_config: Any
+    reward_fn: Any
+    uses_reference: bool
+
+
+def verl_view(cfg: DictConfig) -> VerlView:
+    """``cfg`` resolved and checked as main_ppo does (:func:`_validate`), then what verl builds from it."""
+    _validate(cfg)
+    return VerlView(
+        trainer_cls=get_trainer_cls(cfg.trainer.v1.trainer_mode),
+        advantage_fn=get_adv_estimator_fn(cfg.algorithm.adv_estimator),
+        actor_config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor),
+        reward_fn=get_custom_reward_fn(cfg),
+        uses_reference=need_reference_policy(cfg),
+    )
+
+
+def _tiny(name: str, tmp_path: Path) -> DictConfig:
+    """A tiny recipe with its asset-building resolvers replaced by placeholder paths."""
+    cfg = _compose(name)
+    present = [key for key in RESOLVER_KEYS if _raw(cfg, key) is not None]
+    assert "data.train_files" in present and "actor_rollout_ref.model.path" in present
+    for key in present:
+        assert str(_raw(cfg, key)).startswith("${grto_"), f"{name}: {key} should come from an asset resolver"
+        OmegaConf.update(cfg, key, str(tmp_path / key))
+    assert "${grto_" not in OmegaConf.to_yaml(cfg, resolve=False), "resolving would build assets"
+    return cfg
 
 
 def _raw(cfg: DictConfig, key: str) -> object:
@@ -86,37 +128,42 @@ def _raw(cfg: DictConfig, key: str) -> object:
     return node
 
 
+def test_the_gpu_recipes_are_found() -> None:
+    assert set(GPU_RECIPES) <= set(RECIPES)
+    assert not [r for r in RECIPES if r.endswith("_base")]
+
+
 @pytest.mark.parametrize("name", [r for r in RECIPES if r not in GPU_RECIPES])
-def test_tiny_recipe_composes_and_validates(name: str, tmp_path: Path) -> None:
-    cfg = _compose(name)
-    assert cfg.trainer.device == "cpu"
-    assert cfg.actor_rollout_ref.rollout.name == "hf"
-    present = [key for key in RESOLVER_KEYS if _raw(cfg, key) is not None]
-    assert "data.train_files" in present and "actor_rollout_ref.model.path" in present
-    for key in present:
-        assert str(_raw(cfg, key)).startswith("${grto_"), f"{name}: {key} should come from an asset resolver"
-        OmegaConf.update(cfg, key, str(tmp_path / key))
-    assert "${grto_" not in OmegaConf.to_yaml(cfg, resolve=False), "resolving would build assets"
-    _validate(cfg)
+def test_tiny_recipe_builds_the_plugins_pieces_in_verl(name: str, tmp_path: Path) -> None:
+    """A tiny recipe runs on the plugin's CPU pieces: verl builds the plugin's rollout replica for it,
+    scores rollouts with the plugin's box reward and, in trainer modes grto / bgrto, gets a tool section
+    the trainer accepts, pointing at the resolver's tool."""
+    cfg = _tiny(name, tmp_path)
+    view = verl_view(cfg)
+    assert RolloutReplicaRegistry.get(cfg.actor_rollout_ref.rollout.name) is HFReplica
+    assert view.reward_fn is not None and view.reward_fn.args[0] is box_reward
+    if issubclass(view.trainer_cls, GRTOTrainer):
+        assert GRTOConfig.from_config(cfg.grto).tool.path == str(tmp_path / "grto.tool.path")
 
 
 @pytest.mark.parametrize("name", FULL_SIZE_RECIPES)
-def test_gpu_recipe_resolves_and_validates(name: str, tmp_path: Path) -> None:
+def test_gpu_recipe_resolves_and_builds_grto(name: str, tmp_path: Path) -> None:
+    """A GPU recipe takes its paths from the environment, passes main_ppo's checks, and makes verl build
+    GRTO: the plugin's trainer and advantage, a tool that trains, a reference model (the KL loss) and
+    the actor config of the recipe's engine."""
     cfg = _compose(name)
-    _validate(cfg)
+    view = verl_view(cfg)
     assert cfg.data.train_files == str(tmp_path / "train_files")
     assert cfg.data.val_files == str(tmp_path / "val_files")
     assert cfg.actor_rollout_ref.model.path == str(tmp_path / "policy_path")
-    assert cfg.trainer.v1.trainer_mode == "grto"
-    assert cfg.trainer.n_gpus_per_node == 8
-    arr = cfg.actor_rollout_ref
-    assert arr.rollout.name == "vllm" and arr.rollout.n == 8 and arr.rollout.dtype == "bfloat16"
-    assert arr.actor.use_kl_loss and arr.actor.kl_loss_type == "low_var_kl"
+    assert issubclass(view.trainer_cls, GRTOTrainer) and view.advantage_fn is compute_grto_advantage
     grto = GRTOConfig.from_config(cfg.grto)
-    assert grto.tool.path == str(tmp_path / "tool_path")
+    assert grto.tool.path == str(tmp_path / "tool_path") and grto.trains_tool
     assert grto.tool.lr == pytest.approx(1e-5) and grto.tool.max_grad_norm == 1.0
     assert grto.tool.loss.resolution == 256
-    assert grto.trains_tool
+    assert view.uses_reference
+    engine = "Mcore" if name.endswith("_megatron") else "FSDP"
+    assert type(view.actor_config).__name__ == f"{engine}ActorConfig"
 
 
 @pytest.mark.parametrize("name", ["grto_qwen25vl_7b_sam21_large", "grto_qwen3vl_8b_sam21_large"])
@@ -185,10 +232,11 @@ def test_a_missing_path_variable_fails_resolution(monkeypatch: pytest.MonkeyPatc
         OmegaConf.resolve(cfg)
 
 
-def test_bgrto_main_job_is_b_grto_on_camouflage() -> None:
-    cfg = _compose("bgrto_tiny_cpu")
-    assert cfg.trainer.v1.trainer_mode == "bgrto" and cfg.algorithm.adv_estimator == "grto"
-    assert "camouflage" in str(_raw(cfg, "data.train_files")) and cfg.trainer.val_before_train
+def test_bgrto_main_job_builds_b_grto(tmp_path: Path) -> None:
+    """The main job: verl builds the B-GRTO trainer (BTO, then GRTO steps) with GRTO's advantage and a
+    tool that trains; its BTO section is one the trainer accepts."""
+    view = verl_view(cfg := _tiny("bgrto_tiny_cpu", tmp_path))
+    assert view.trainer_cls is BGRTOTrainer and view.advantage_fn is compute_grto_advantage
     assert BTOConfig.from_config(cfg.bto).epochs >= 1 and GRTOConfig.from_config(cfg.grto).trains_tool
 
 

@@ -16,8 +16,10 @@ worker group's methods (:func:`worker_group_method_name`).
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import logging
 import os
+import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -305,17 +307,21 @@ class _AtomicTrackerFile:
             os.close(directory)
 
 
-def _atomic_checkpoint_tracker() -> None:
+def _atomic_checkpoint_tracker(module_name: str = "verl.trainer.ppo.v1.trainer_base") -> None:
     """verl/trainer/ppo/v1/trainer_base.py:1024 (``_save_checkpoint``, also
     verl/trainer/ppo/ray_trainer.py:1049) writes ``latest_checkpointed_iteration.txt`` with
     ``open(path, "w")``: the file is truncated first, so a kill between the truncation and the write
     leaves it empty and every restart then fails in ``find_latest_ckpt_path``
     (verl/utils/checkpoint/checkpoint_manager.py:245, ``int(b"")``). The tracker is the commit point of a
-    checkpoint (it is written after the step folder is whole), so it must change in one step. Those two
-    modules get their own ``open`` that writes the tracker to a temporary file and renames it onto the
-    tracker; any other ``open`` there is the builtin."""
+    checkpoint (it is written after the step folder is whole), so it must change in one step. Each of
+    those two modules (``module_name``; :data:`_TRACKER_WRITERS`) gets its own ``open`` that writes the
+    tracker to a temporary file and renames it onto the tracker; any other ``open`` there is the builtin."""
     import builtins
     import importlib
+
+    module = importlib.import_module(module_name)
+    if getattr(module.__dict__.get("open"), "__verl_grto_patched__", False):
+        return
 
     def tracker_aware_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if mode == "w" and not args and not kwargs and os.path.basename(str(file)) == TRACKER_NAME:
@@ -323,11 +329,12 @@ def _atomic_checkpoint_tracker() -> None:
         return builtins.open(file, mode, *args, **kwargs)
 
     tracker_aware_open.__verl_grto_patched__ = True  # type: ignore[attr-defined]
-    for name in ("verl.trainer.ppo.v1.trainer_base", "verl.trainer.ppo.ray_trainer"):
-        module = importlib.import_module(name)
-        if not getattr(module.__dict__.get("open"), "__verl_grto_patched__", False):
-            module.open = tracker_aware_open  # type: ignore[attr-defined]
-    _applied.append("trainer_base / ray_trainer: latest_checkpointed_iteration.txt written atomically")
+    module.open = tracker_aware_open  # type: ignore[attr-defined]
+    _applied.append(f"{module_name.rsplit('.', 1)[-1]}: latest_checkpointed_iteration.txt written atomically")
+
+
+#: The modules whose ``open`` writes verl's checkpoint tracker (:func:`_atomic_checkpoint_tracker`).
+_TRACKER_WRITERS = ("verl.trainer.ppo.v1.trainer_base", "verl.trainer.ppo.ray_trainer")
 
 
 #: verl/trainer/main_ppo.py, the file whose ``TaskRunnerV1.run`` dumps the resolved config.
@@ -385,6 +392,140 @@ def _config_dump_to_file() -> None:
     _applied.append("main_ppo.TaskRunnerV1.run: resolved config to a file, one line on the console")
 
 
+class _Ready:
+    """An awaitable that is already done: what :class:`InProcessActor` returns for a plain method."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Any:
+        return self.value
+        yield  # noqa: RET503  (makes this a generator: ``await`` needs one)
+
+
+class _InProcessMethod:
+    def __init__(self, owner: InProcessActor, name: str) -> None:
+        self._owner, self._name = owner, name
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        import inspect
+
+        method = getattr(self._owner._instance(), self._name)
+        if inspect.iscoroutinefunction(method):
+            return method(*args, **kwargs)  # the caller awaits it
+        return _Ready(method(*args, **kwargs))  # runs now: a fire-and-forget call still happens
+
+
+class InProcessActor:
+    """A stand-in for a Ray actor handle whose actor lives inside each process that calls it.
+
+    ``InProcessActor(cls, *args, **kwargs).method.remote(...)`` calls ``method`` on one ``cls(*args,
+    **kwargs)`` made on first use in the calling process. A coroutine method returns its coroutine (the
+    caller awaits it, as it would await an ``ObjectRef``); a plain method runs at once and returns an
+    awaitable of its result, so fire-and-forget calls still take effect. The handle pickles as
+    ``(cls, args, kwargs)``: each process it is sent to makes its own instance.
+
+    Why: on CPU every Ray actor is a process importing torch, transformers and verl (0.6 GiB of PSS
+    each, docs/benchmarks.md, "Main job memory"). Two of verl's side actors hold no state that must be
+    shared between processes in a CPU run: the reward-loop worker (a reward function) and the load
+    balancer in front of a single rollout server. Only for ``await``-style callers (verl's agent loop
+    and LLM server client); ``ray.get`` on its results is not supported.
+    """
+
+    def __init__(self, cls: type, *args: Any, **kwargs: Any) -> None:
+        self._cls, self._args, self._kwargs = cls, args, kwargs
+        self._obj: Any = None
+
+    def _instance(self) -> Any:
+        if self._obj is None:
+            self._obj = self._cls(*self._args, **self._kwargs)
+        return self._obj
+
+    def __getattr__(self, name: str) -> _InProcessMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _InProcessMethod(self, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_in_process_actor, (self._cls, self._args, self._kwargs))
+
+    def __repr__(self) -> str:
+        return f"InProcessActor({self._cls.__name__})"
+
+
+def _rebuild_in_process_actor(cls: type, args: tuple, kwargs: dict) -> InProcessActor:
+    return InProcessActor(cls, *args, **kwargs)
+
+
+def _in_process_reward_workers() -> None:
+    """verl/experimental/reward_loop/reward_loop.py:324 (``RewardLoopManager._init_reward_loop_workers``)
+    starts ``reward.num_workers`` ``RewardLoopWorker`` actors, one process each; 0 leaves an empty list,
+    on which the agent loop's ``random.choice`` (verl/experimental/agent_loop/agent_loop.py:1025) fails.
+    With ``reward.num_workers: 0`` and no reward model, the one "worker" is an :class:`InProcessActor`:
+    each agent-loop worker scores its own rollouts with verl's ``RewardLoopWorker``, in its own process.
+    Only ``compute_score`` (awaited by the agent loop) is called on it while rewards stream; the
+    trainer's colocated path (``compute_rm_score``), which ``ray.get``s, is used only with a colocated
+    reward model, which this refuses."""
+    import verl.experimental.reward_loop.reward_loop as reward_loop
+
+    manager = reward_loop.RewardLoopManager
+    original = manager._init_reward_loop_workers
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def _init_reward_loop_workers(self: Any) -> None:
+        if int(self.config.reward.num_workers) != 0:
+            return original(self)
+        if self.config.reward.reward_model.enable:
+            raise ValueError(
+                "reward.num_workers: 0 (rewards in the agent-loop workers) needs reward.reward_model.enable: false"
+            )
+        self.reward_loop_workers = [
+            InProcessActor(reward_loop.RewardLoopWorker, self.config, self.reward_router_address)
+        ]
+        return None
+
+    _init_reward_loop_workers.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    manager._init_reward_loop_workers = _init_reward_loop_workers
+    _applied.append("reward_loop.RewardLoopManager: reward.num_workers 0 scores in the agent-loop workers")
+
+
+def _in_process_load_balancer_for_one_server() -> None:
+    """verl/workers/rollout/router.py:397 (``get_router_handle``) always starts the
+    ``GlobalRequestLoadBalancer`` as a Ray actor (router.py:322), one process routing requests among
+    the rollout servers. With a single server every request goes to it, whatever the routing state, so
+    on the CPU platform, with one server and verl's default balancer (no ``router_config_path``, no
+    custom class), each caller gets an :class:`InProcessActor` of the same class instead."""
+    import verl.workers.rollout.router as router
+
+    original = router.get_router_handle
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def get_router_handle(
+        servers: dict[str, Any],
+        router_config_path: str | None = None,
+        full_determinism: bool = False,
+        load_balancer_cls: type | None = None,
+    ) -> Any:
+        from verl.utils.device import get_device_name
+
+        if len(servers) == 1 and not router_config_path and load_balancer_cls is None and get_device_name() == "cpu":
+            return InProcessActor(
+                router.GlobalRequestLoadBalancer,
+                servers=servers,
+                max_cache_size=router.DEFAULT_ROUTING_CACHE_SIZE,
+                full_determinism=full_determinism,
+            )
+        return original(servers, router_config_path, full_determinism, load_balancer_cls)
+
+    get_router_handle.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    router.get_router_handle = get_router_handle
+    _applied.append("router.get_router_handle: one server on CPU, balanced in the calling process")
+
+
 def register_cpu_fsdp_engines() -> list[str]:
     """Register verl's FSDP engines for the CPU device; returns what is registered.
 
@@ -429,19 +570,97 @@ def worker_group_method_name(worker_group: Any, method: str) -> str:
     return name if name.endswith(method) else method
 
 
-def apply() -> list[str]:
-    """Install every patch once per process; returns the names of those installed."""
+#: Each patch and the verl module it changes: :func:`apply_when_imported` installs it right after verl
+#: imports that module (so a process that never imports it never pays for importing it).
+_PATCHES: tuple[tuple[str, Any], ...] = (
+    ("verl.utils.distributed", lambda module: _gloo_only_process_group()),
+    ("verl.workers.engine.fsdp.transformer_impl", lambda module: _unpinned_cpu_offload_for_reference()),
+    ("verl.workers.engine.fsdp.transformer_impl", lambda module: _merged_lora_sync_in_compute_dtype()),
+    ("verl.utils.tensordict_utils", lambda module: _jagged_dim_aware_nested_tensors()),
+    ("verl.utils.tensordict_utils", lambda module: _rebuild_equal_length_position_ids()),
+    *((name, lambda module: _atomic_checkpoint_tracker(module.__name__)) for name in _TRACKER_WRITERS),
+    ("pprint", lambda module: _config_dump_to_file()),
+    ("verl.experimental.reward_loop.reward_loop", lambda module: _in_process_reward_workers()),
+    ("verl.workers.rollout.router", lambda module: _in_process_load_balancer_for_one_server()),
+)
+
+
+class _PostImportHooks(importlib.abc.MetaPathFinder):
+    """Runs callbacks right after a named module is first executed (a finder first on ``sys.meta_path``)."""
+
+    def __init__(self) -> None:
+        self.hooks: dict[str, list[Any]] = {}
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in self.hooks:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _HookedLoader(spec.loader, self.hooks.pop(fullname))
+        return spec
+
+
+class _HookedLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, hooks: list[Any]) -> None:
+        self._loader, self._hooks = loader, hooks
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        for hook in self._hooks:
+            hook(module)
+
+    def __getattr__(self, name: str) -> Any:  # is_package, get_code, get_resource_reader, ...
+        return getattr(self._loader, name)
+
+
+_post_import = _PostImportHooks()
+
+
+def when_imported(module_name: str, hook: Any) -> None:
+    """Call ``hook(module)`` right after ``module_name`` is first imported, or now if it already is.
+
+    Why: the plugin is imported by every process of a run (verl's entry point), but most of what it
+    patches and registers lives in modules only some processes import (the trainer in the task
+    runner, the FSDP engines in the actor workers). Importing them all eagerly cost every process
+    ~0.2 GiB (docs/benchmarks.md, "Main job memory"). A hook that raises fails the import it is
+    attached to, naming the plugin's code, so a broken registration is not silent."""
+    module = sys.modules.get(module_name)
+    if module is not None and module_name not in _post_import.hooks:
+        hook(module)
+        return
+    if _post_import not in sys.meta_path:
+        sys.meta_path.insert(0, _post_import)
+    _post_import.hooks.setdefault(module_name, []).append(hook)
+
+
+def apply_when_imported() -> None:
+    """Install each patch when verl imports the module it patches (what the plugin does in every process)."""
     import verl
 
     check_verl_version(verl.__version__)
-    if not _applied:
-        _gloo_only_process_group()
-        _unpinned_cpu_offload_for_reference()
-        _merged_lora_sync_in_compute_dtype()
-        _jagged_dim_aware_nested_tensors()
-        _rebuild_equal_length_position_ids()
-        _atomic_checkpoint_tracker()
-        _config_dump_to_file()
+    for module_name, patch in _PATCHES:
+        when_imported(module_name, patch)
+
+
+def apply() -> list[str]:
+    """Install every patch now (importing what they patch); returns the names of all installed."""
+    import importlib
+
+    import verl
+
+    check_verl_version(verl.__version__)
+    for module_name, patch in _PATCHES:
+        patch(importlib.import_module(module_name))
     return list(_applied)
 
 

@@ -28,6 +28,12 @@ def _register_platform() -> None:
 
     PlatformRegistry.register("cpu")(PlatformCPU)
     _note("platform", "cpu")
+    from verl.utils.device import get_device_name
+
+    if get_device_name() == "cpu":  # every process of a CPU run: freed heap pages go back to the OS
+        from verl_grto.platform.cpu import start_heap_trimmer
+
+        start_heap_trimmer()
 
 
 def _register_cpu_engines() -> None:
@@ -36,19 +42,28 @@ def _register_cpu_engines() -> None:
         _note("engine", name)
 
 
-def _register_rollout() -> None:
+#: ``rollout.name`` of the plugin's rollout (``verl_grto.rollout.hf_server.ROLLOUT_NAME``, checked when
+#: verl loads the replica). Not imported from there: these registrations run while verl imports its
+#: rollout modules, which that module itself imports.
+HF_ROLLOUT = "hf"
+
+
+def _register_rollout_replica() -> None:
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    from verl_grto.rollout.hf_server import ROLLOUT_NAME
-
     def _load_hf_replica() -> type:
-        from verl_grto.rollout.hf_server import HFReplica
+        from verl_grto.rollout.hf_server import ROLLOUT_NAME, HFReplica
 
+        if ROLLOUT_NAME != HF_ROLLOUT:
+            raise RuntimeError(f"hf_server.ROLLOUT_NAME {ROLLOUT_NAME!r} != registration.HF_ROLLOUT {HF_ROLLOUT!r}")
         return HFReplica
 
-    RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
-    patches.register_rollout_server_adapter(ROLLOUT_NAME, "verl_grto.rollout.hf_server.HFServerAdapter")
-    _note("rollout", ROLLOUT_NAME)
+    RolloutReplicaRegistry.register(HF_ROLLOUT, _load_hf_replica)
+    _note("rollout", HF_ROLLOUT)
+
+
+def _register_rollout_adapter() -> None:
+    patches.register_rollout_server_adapter(HF_ROLLOUT, "verl_grto.rollout.hf_server.HFServerAdapter")
 
 
 def _register_resolvers() -> None:
@@ -64,27 +79,57 @@ def _register_algorithm() -> None:
     _note("adv_estimator", "grto")
 
 
-def _register_trainers() -> None:
-    import verl_grto.trainer.bgrto_trainer  # noqa: F401  (@register_trainer("bgrto"))
-    import verl_grto.trainer.grto_trainer  # noqa: F401  (@register_trainer("grto"))
+#: The modules whose ``@register_trainer`` puts the plugin's trainer modes in verl's table.
+TRAINER_MODULES = {"grto": "verl_grto.trainer.grto_trainer", "bgrto": "verl_grto.trainer.bgrto_trainer"}
 
-    _note("trainer", "grto")
-    _note("trainer", "bgrto")
+
+def _register_trainers(finished: str | None = None) -> None:
+    """Import the trainer modules (their decorators register them). When one of them is being imported
+    right now (it imported verl's trainer table, which ran this), importing them here would meet it half
+    made: they are left to register themselves, ``bgrto`` right after ``grto`` finishes (a hook, which
+    names the module it ran after as ``finished``: its code has run, its import is not yet marked done)."""
+    import importlib
+    import sys
+
+    if any(
+        getattr(getattr(sys.modules.get(n), "__spec__", None), "_initializing", False)
+        for n in TRAINER_MODULES.values()
+        if n != finished
+    ):
+        return
+    for mode, name in TRAINER_MODULES.items():
+        importlib.import_module(name)
+        _note("trainer", mode)
+
+
+_started = False
 
 
 def register_all() -> dict[str, list[str]]:
-    if REGISTERED:
+    """Register everything; what lives in a verl module only some processes import (the FSDP engines,
+    the rollout registries, the estimator and trainer tables, the patched modules) is registered when
+    verl imports that module (:func:`verl_grto.patches.when_imported`), so each process imports only
+    what it uses. Returns what is registered so far in this process."""
+    global _started
+    if _started:
         return REGISTERED
+    _started = True
     quiet_ray_workers()  # before anything imports verl.workers.engine
     # The platform first: importing verl's engine modules (patches, engines) runs
     # platform detection, which must already see the CPU platform.
     _register_platform()
-    patches.apply()
-    _register_cpu_engines()
-    _register_rollout()
-    _register_resolvers()
-    _register_algorithm()
-    _register_trainers()
+    patches.apply_when_imported()
+    _register_resolvers()  # the driver composes the config before it imports any of the modules below
+    hooks = (
+        ("verl.workers.engine.fsdp.transformer_impl", _register_cpu_engines),
+        ("verl.workers.rollout.replica", _register_rollout_replica),
+        ("verl.workers.rollout.base", _register_rollout_adapter),
+        ("verl.trainer.ppo.core_algos", _register_algorithm),
+        ("verl.trainer.ppo.v1.trainer_base", _register_trainers),
+    )
+    for module_name, register in hooks:
+        patches.when_imported(module_name, lambda module, register=register: register())
+    patches.when_imported(TRAINER_MODULES["grto"], lambda module: _register_trainers(finished=module.__name__))
     return REGISTERED
 
 

@@ -27,7 +27,6 @@ A prediction pixel is foreground for gIoU/cIoU when its value is at least 128
 from __future__ import annotations
 
 import numpy as np
-import py_sod_metrics
 
 # re-exported: evaluation code and tests read the rule from here too
 from verl_grto.reward.mask_iou import FOREGROUND_MIN, binarize, intersection_union, sample_iou
@@ -88,6 +87,10 @@ class CODAccumulator:
     """Accumulates the COD suite (pysodmetrics) over a split."""
 
     def __init__(self) -> None:
+        # imported here: py_sod_metrics pulls in OpenCV, scikit-image and SciPy (27 MiB per process), and
+        # this module is imported by every process of a run (the trainer's validation uses gIoU / cIoU only)
+        import py_sod_metrics
+
         self._sm = py_sod_metrics.Smeasure(alpha=0.5)
         self._em = py_sod_metrics.Emeasure()
         self._wfm = py_sod_metrics.WeightedFmeasure(beta=1)

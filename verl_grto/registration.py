@@ -65,11 +65,22 @@ def _register_algorithm() -> None:
 
 
 def _register_trainers() -> None:
+    import verl_grto.trainer.agent_trainer  # noqa: F401  (@register_trainer("grto_agent"))
     import verl_grto.trainer.bgrto_trainer  # noqa: F401  (@register_trainer("bgrto"))
     import verl_grto.trainer.grto_trainer  # noqa: F401  (@register_trainer("grto"))
 
     _note("trainer", "grto")
     _note("trainer", "bgrto")
+    _note("trainer", "grto_agent")
+
+
+def _register_agent() -> None:
+    """The multi-turn agent loop ``grto_tool_agent`` and tool-call parser ``grto_hermes`` (verl looks them up
+    by name in its agent-loop workers; the segmentation tool's module registers them too)."""
+    from verl_grto.agent.loop import AGENT_NAME, PARSER_NAME
+
+    _note("agent_loop", AGENT_NAME)
+    _note("tool_parser", PARSER_NAME)
 
 
 def register_all() -> dict[str, list[str]]:
@@ -85,6 +96,7 @@ def register_all() -> dict[str, list[str]]:
     _register_resolvers()
     _register_algorithm()
     _register_trainers()
+    _register_agent()
     return REGISTERED
 
 

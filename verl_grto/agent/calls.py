@@ -25,6 +25,7 @@ the same keys (``DataProto.concat`` across agent-loop workers asserts that, ``ve
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from verl_grto.data.frame import answer_grid, check_coords
-from verl_grto.reward.answer import ParsedAnswer, ToolPrompt, parse_answer, parse_object
+from verl_grto.reward.answer import ParsedAnswer, ToolPrompt, format_answer, parse_answer, parse_object
 from verl_grto.reward.frame import to_image_frame
 
 #: The tool's function name (the tool YAML's ``tool_schema.function.name``).
@@ -105,6 +106,16 @@ class CallFrame:
 
 def _mapped(prompt: ToolPrompt, grid: tuple[int, int], size: tuple[int, int]) -> ToolPrompt:
     return to_image_frame(ParsedAnswer((prompt,), True, ""), grid, size).objects[0]
+
+
+def format_call(prompt: ToolPrompt, name: str = TOOL_NAME) -> str:
+    """A call in the hermes format the ``grto_hermes`` parser reads and the tiny template renders:
+    ``<tool_call>{"name": "segment", "arguments": {"bbox": [x1, y1, x2, y2]}}</tool_call>`` (the arguments
+    are the answer object :func:`verl_grto.reward.answer.format_answer` writes, integral coordinates
+    without decimals)."""
+    answer = format_answer([prompt], think="")
+    arguments = json.loads(answer[answer.index("<answer>") + len("<answer>") : answer.index("</answer>")])
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
 
 
 def check_arguments(arguments: Any, frame: CallFrame) -> tuple[ToolPrompt | None, str]:

@@ -71,3 +71,30 @@ def ensure_agent_data(src: Path | str) -> Path:
     stamp = {"builder": "agent_rows", "version": AGENT_DATA_VERSION, "agent_name": AGENT_NAME, "tool": TOOL_NAME}
     build_dir_once(target, stamp, lambda tmp: add_tool_fields(src, Path(tmp) / src.name) and None)
     return target / src.name
+
+
+def tool_field_problems(path: Path | str, tool_name: str = TOOL_NAME, limit: int = 5) -> list[str]:
+    """``file:row: reason`` for the first ``limit`` rows of ``path`` without the tool fields (an ``agent_name``,
+    and ``extra_info.tools_kwargs.<tool>.create_kwargs`` naming the row's ``sample_id``); [] when every row
+    has them. Reads two columns, row group by row group."""
+    source = pq.ParquetFile(path)
+    if "agent_name" not in source.schema_arrow.names:
+        return [f"{path}: no agent_name column (convert it: verl-grto data add-tool --src {path} --out ...)"]
+    problems: list[str] = []
+    row = 0
+    for group in range(source.num_row_groups):
+        table = source.read_row_group(group, columns=["agent_name", "extra_info"])
+        for agent, extra in zip(
+            table.column("agent_name").to_pylist(), table.column("extra_info").to_pylist(), strict=True
+        ):
+            create = (((extra or {}).get("tools_kwargs") or {}).get(tool_name) or {}).get("create_kwargs") or {}
+            if not agent:
+                problems.append(f"{path}:{row}: empty agent_name")
+            elif create.get("sample_id") != (extra or {}).get("sample_id"):
+                problems.append(
+                    f"{path}:{row}: extra_info.tools_kwargs.{tool_name}.create_kwargs.sample_id is not the row's"
+                )
+            row += 1
+            if len(problems) >= limit:
+                return problems
+    return problems

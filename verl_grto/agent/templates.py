@@ -24,17 +24,25 @@ from __future__ import annotations
 #: The tiny template's default system turn (the single-turn template's, verl_grto/assets/tokenizer.py).
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-_PARTS = (
-    "{% for part in content %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}"
-    "{{ part['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-)
+
+def content_parts(content: str) -> str:
+    """Jinja that renders the content parts of ``content`` (an expression naming a message's content list) as
+    Qwen2.5-VL does: an image part as ``<|vision_start|><|image_pad|><|vision_end|>`` (the processor expands
+    the pad to one token per merged patch), a video part likewise, a text part as its text. Shared by the
+    tiny policy's single-turn template (verl_grto/assets/tokenizer.py) and the tool templates here."""
+    return (
+        f"{{% for part in {content} %}}"
+        "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+        "<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif part['type'] == 'video' or 'video' in part %}"
+        "<|vision_start|><|video_pad|><|vision_end|>"
+        "{% elif 'text' in part %}"
+        "{{ part['text'] }}"
+        "{% endif %}"
+        "{% endfor %}"
+    )
+
+
 _TOOLS_LINE = (
     "{% if tools %} Tools: "
     "{% for tool in tools %}{% set f = tool['function'] if tool['function'] is defined else tool %}"
@@ -58,7 +66,7 @@ TINY_TOOL_CHAT_TEMPLATE = (
     "{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% set content = message['content'] %}"
-    "{% if content is string %}{{ content }}{% elif content %}" + _PARTS + "{% endif %}"
+    "{% if content is string %}{{ content }}{% elif content %}" + content_parts("content") + "{% endif %}"
     "{% if loop.first and message['role'] == 'system' %}" + _TOOLS_LINE + "{% endif %}"
     "{% if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
     + _CALLS

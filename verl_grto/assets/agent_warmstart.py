@@ -41,11 +41,11 @@ from verl_grto.assets.build import ensure_assets
 from verl_grto.assets.shipped import shipped_asset
 from verl_grto.assets.tool_pretrain import ensure_pretrained_tool, pretrained_tool_stamp
 from verl_grto.assets.warmstart import (
-    _CLIP_NORM,
     _COPIED_CONFIGS,
     _IGNORE,
     _lr_factor,
     ensure_warm_policy,
+    supervised_step,
     warm_policy_stamp,
 )
 from verl_grto.atomic import build_dir_once, read_stamp
@@ -264,13 +264,7 @@ def train_agent_policy(
             [transcript(seed, i, refine_fraction) for i in range(step * batch_size, (step + 1) * batch_size)]
         )
         inputs, labels = collate(examples, processor, model.config)
-        loss = _loss(model, inputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), _CLIP_NORM)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
+        losses.append(supervised_step(model, optimizer, scheduler, _loss(model, inputs, labels)))
     return model.eval(), processor, losses
 
 

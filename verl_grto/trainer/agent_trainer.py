@@ -34,10 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import transfer_queue as tq
 from verl.trainer.ppo.v1.trainer_base import register_trainer
-from verl.utils import tensordict_utils as tu
 
 from verl_grto.agent.calls import FAILED, CallRecord, FinalMask, calls_of, final_mask
 from verl_grto.agent.data import tool_field_problems
@@ -66,6 +64,8 @@ from verl_grto.trainer.grto_trainer import (
     ToolPhase,
     _box_area_ratio,
     as_list,
+    put_rewards,
+    validation_metrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -258,16 +258,7 @@ class GRTOAgentTrainer(GRTOTrainer):
             breakdowns.append(b)
             penalties.append(penalty)
             rewards.append(b.score - penalty)
-        new_scores = []
-        for i, row in enumerate(data["rm_scores"].unbind()):
-            row = torch.zeros_like(row, dtype=torch.float32)
-            if row.numel():
-                row[-1] = rewards[i]
-            new_scores.append(row)
-        rm_scores = torch.nested.as_nested_tensor(new_scores, layout=torch.jagged)
-        tq.kv_batch_put(
-            keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict({"rm_scores": rm_scores})
-        )
+        put_rewards(batch, data["rm_scores"], rewards)
         parse_ok = [len(p) > 0 for p in rows.prompts]
         phase = AgentPhase(view, rows.prompts, parse_ok, batches, shard_rows, ious, rows=rows, traj=traj)
         metrics.update(self._step_metrics(traj, rows, ious, breakdowns, rewards, penalties))
@@ -416,23 +407,12 @@ class GRTOAgentTrainer(GRTOTrainer):
             valid += [sum(c.ok for c in cs) for cs in traj.calls]
             turns += traj.policy_turns
         self.tool_wg.tool_begin_step()
-        final, fill, first = final_acc.results(), fill_acc.results(), first_acc.results()
-        metrics = {
-            "val-grto/gIoU": final["gIoU"],
-            "val-grto/cIoU": final["cIoU"],
-            "val-grto/box_fill_gIoU": fill["gIoU"],
-            "val-grto/parse_rate": float(np.mean(has_mask)),
-            "val-grto/policy_box_iou": float(np.mean(box_ious)),
-            "val-grto/policy_box_area_ratio": float(np.median(area_ratios)) if area_ratios else float("nan"),
-            "val-grto/n": float(final["n"]),
-            "val-agent/first_call_gIoU": first["gIoU"],
-            "val-agent/calls_per_trajectory": float(np.mean(calls)),
-            "val-agent/valid_calls_per_trajectory": float(np.mean(valid)),
-            "val-agent/multi_turn_fraction": float(np.mean([t >= 2 for t in turns])),
-        }
-        label = self.initial_validation_label if self.global_steps == 0 else f"after GRTO step {self.global_steps}"
-        self.val_history.append({"step": float(self.global_steps), "label": label, **metrics})
-        self.stage_seconds["validation"] = self.stage_seconds.get("validation", 0.0) + time.perf_counter() - start
+        metrics = validation_metrics(final_acc, fill_acc, has_mask, box_ious, area_ratios)
+        metrics["val-agent/first_call_gIoU"] = first_acc.results()["gIoU"]
+        metrics["val-agent/calls_per_trajectory"] = float(np.mean(calls))
+        metrics["val-agent/valid_calls_per_trajectory"] = float(np.mean(valid))
+        metrics["val-agent/multi_turn_fraction"] = float(np.mean([t >= 2 for t in turns]))
+        self._record_validation(metrics, start)
         return metrics
 
 

@@ -2,7 +2,7 @@
 
 Run in a child pytest by tests/test_fsdp_recipe_workers.py (a verl worker initialises
 ``torch.distributed`` and device meshes in its process, which other tests must not share). For each
-one-node FSDP recipe (Qwen2.5-VL-7B, Qwen3-VL-8B), with a tiny model of the recipe's family as
+one-node FSDP recipe (Qwen2.5-VL-7B, Qwen3-VL-8B, and the multi-turn Qwen2.5-VL-7B with the tool as a call), with a tiny model of the recipe's family as
 ``POLICY_PATH`` (the shipped tiny Qwen2.5-VL; the tiny Qwen3-VL built here):
 
 1. the grto trainer maps the actor role to :class:`ActorRolloutRefToolWorker`, verl's engine worker
@@ -33,6 +33,7 @@ from verl.utils.config import omega_conf_to_dataclass
 
 #: recipe -> the transformers model class its policy (and the tiny stand-in) is built as
 RECIPES = {
+    "grto_agent_qwen25vl_7b_sam21_large": "Qwen2_5_VLForConditionalGeneration",
     "grto_qwen25vl_7b_sam21_large": "Qwen2_5_VLForConditionalGeneration",
     "grto_qwen3vl_8b_sam21_large": "Qwen3VLForConditionalGeneration",
 }

@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("reward", "tool", "policy"),  # scoring an answer; the SAM2 tool; the policy's inputs and loading
     ("rollout",),  # the `hf` rollout server (a policy behind verl's server interface)
     ("eval",),  # metrics, baselines, inference and evaluation
+    ("agent",),  # the segmentation tool as a verl tool call (multi-turn agent loop; draws with eval's overlay)
     ("assets", "algorithm"),  # tiny-model building and warm start (probes with eval); GRTO / BTO
     ("trainer", "recipe_resolvers"),  # verl trainer modes; the recipes' OmegaConf resolvers (build assets)
     ("registration", "doctor", "cli"),  # entry points: verl's plugin, its health check, the command line

@@ -34,7 +34,7 @@ from verl_grto.algorithm.advantage import compute_grto_advantage
 from verl_grto.reward.box_reward import compute_score as box_reward
 from verl_grto.rollout.hf_server import HFReplica
 from verl_grto.trainer.bgrto_trainer import BGRTOTrainer
-from verl_grto.trainer.config import BTOConfig, GRTOConfig
+from verl_grto.trainer.config import AgentConfig, BTOConfig, GRTOConfig
 from verl_grto.trainer.grto_trainer import GRTOTrainer
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -42,6 +42,7 @@ RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.endswi
 pytestmark = pytest.mark.filterwarnings("ignore:Disabled critic:UserWarning")  # GRPO-style runs have no critic
 
 FULL_SIZE_RECIPES = (
+    "grto_agent_qwen25vl_7b_sam21_large",
     "grto_qwen25vl_7b_sam21_large",
     "grto_qwen25vl_7b_sam21_large_megatron",
     "grto_qwen3vl_8b_sam21_large",
@@ -54,6 +55,10 @@ QWEN3VL_RECIPES = ("grto_qwen3vl_8b_sam21_large", "grto_qwen3vl_30b_a3b_sam21_la
 GPU_ENV = ("POLICY_PATH", "TOOL_PATH", "TRAIN_FILES", "VAL_FILES")
 # The keys the tiny recipes fill through the asset-building resolvers.
 RESOLVER_KEYS = ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "grto.tool.path")
+#: Resolvers that build nothing (a path in the package, a template string): resolved as they are.
+CHEAP_RESOLVERS = ("${grto_tool_config:", "${grto_chat_template:")
+#: The multi-turn recipes (trainer mode grto_agent: the policy calls the tool in verl's agent loop).
+AGENT_RECIPES = ("grto_agent_qwen25vl_7b_sam21_large", "grto_agent_tiny_cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +87,9 @@ def _validate(cfg: DictConfig) -> None:
         GRTOConfig.from_config(cfg.grto)
     if mode == "bgrto" or "bto" in cfg:
         BTOConfig.from_config(cfg.bto)
+    if mode == "grto_agent" or "grto_agent" in cfg:
+        AgentConfig.from_config(cfg.grto_agent)
+        assert cfg.actor_rollout_ref.rollout.multi_turn.enable
 
 
 @dataclass
@@ -116,7 +124,10 @@ def _tiny(name: str, tmp_path: Path) -> DictConfig:
     for key in present:
         assert str(_raw(cfg, key)).startswith("${grto_"), f"{name}: {key} should come from an asset resolver"
         OmegaConf.update(cfg, key, str(tmp_path / key))
-    assert "${grto_" not in OmegaConf.to_yaml(cfg, resolve=False), "resolving would build assets"
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    for cheap in CHEAP_RESOLVERS:
+        text = text.replace(cheap, "")
+    assert "${grto_" not in text, "resolving would build assets"
     return cfg
 
 
@@ -157,6 +168,11 @@ def test_gpu_recipe_resolves_and_builds_grto(name: str, tmp_path: Path) -> None:
     assert cfg.data.val_files == str(tmp_path / "val_files")
     assert cfg.actor_rollout_ref.model.path == str(tmp_path / "policy_path")
     assert issubclass(view.trainer_cls, GRTOTrainer) and view.advantage_fn is compute_grto_advantage
+    assert cfg.trainer.v1.trainer_mode == ("grto_agent" if name in AGENT_RECIPES else "grto")
+    assert cfg.trainer.n_gpus_per_node == 8
+    arr = cfg.actor_rollout_ref
+    assert arr.rollout.name == "vllm" and arr.rollout.n == 8 and arr.rollout.dtype == "bfloat16"
+    assert arr.actor.use_kl_loss and arr.actor.kl_loss_type == "low_var_kl"
     grto = GRTOConfig.from_config(cfg.grto)
     assert grto.tool.path == str(tmp_path / "tool_path") and grto.trains_tool
     assert grto.tool.lr == pytest.approx(1e-5) and grto.tool.max_grad_norm == 1.0
@@ -247,7 +263,7 @@ def test_tool_placement_is_checked() -> None:
         GRTOConfig.from_config(_compose("grto_tiny_cpu", ["grto.placement=elsewhere"]).grto)
 
 
-@pytest.mark.parametrize("name", [r for r in RECIPES if r not in GPU_RECIPES])
+@pytest.mark.parametrize("name", [r for r in RECIPES if r not in GPU_RECIPES and r not in AGENT_RECIPES])
 def test_probes_answer_within_the_tiny_recipes_response_length(name: str) -> None:
     """The probes' default budget is named for the tiny recipes' response length: keep the two equal."""
     from verl_grto.eval.policy_probe import TINY_RESPONSE_LENGTH
@@ -316,3 +332,31 @@ def test_gpu_recipes_save_what_evaluation_reads() -> None:
     fsdp = _compose("grto_qwen25vl_7b_sam21_large").actor_rollout_ref.actor.checkpoint.save_contents
     megatron = _compose("grto_qwen25vl_7b_sam21_large_megatron").actor_rollout_ref.actor.checkpoint.save_contents
     assert "model" in fsdp and "hf_model" in megatron
+
+
+@pytest.mark.parametrize("name", AGENT_RECIPES)
+def test_the_multi_turn_recipes_route_the_rows_through_the_tool(name: str) -> None:
+    """The tool YAML, verl's multi-turn loop with the lenient hermes parser, a template that renders the tool's
+    images (the tiny policy carries its own), and a response budget for the calls and replies."""
+    from verl_grto.agent.templates import QWEN25VL_TOOL_CHAT_TEMPLATE
+    from verl_grto.assets.agent_warmstart import PROBE_PROMPT_LENGTH, PROBE_RESPONSE_LENGTH
+
+    cfg = _compose(name)
+    multi_turn = cfg.actor_rollout_ref.rollout.multi_turn
+    assert multi_turn.enable and multi_turn.format == "grto_hermes"
+    assert _raw(cfg, "actor_rollout_ref.rollout.multi_turn.tool_config_path") == "${grto_tool_config:trained}"
+    assert multi_turn.tool_config_path.endswith("verl_grto/agent/segment_tool.yaml")
+    assert AgentConfig.from_config(cfg.grto_agent).final_mask == "last_call"
+    if name in GPU_RECIPES:
+        assert cfg.actor_rollout_ref.model.custom_chat_template == QWEN25VL_TOOL_CHAT_TEMPLATE
+        # every call the tool allows, each with its reply image (at most reply_max_pixels: 28-px merged patches)
+        # and ~100 text tokens of call and reply, then the single-turn recipe's 512 for reasoning and answer
+        tool = OmegaConf.load(multi_turn.tool_config_path).tools[0].config
+        reply_tokens = tool.reply_max_pixels // (28 * 28)
+        assert tool.max_calls * (reply_tokens + 100) + 512 <= cfg.data.max_response_length
+    else:
+        assert "${grto_agent_data:" in str(_raw(cfg, "data.train_files"))
+        assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (
+            PROBE_PROMPT_LENGTH,
+            PROBE_RESPONSE_LENGTH,
+        )

@@ -30,17 +30,31 @@ def _cmd_assets(args: argparse.Namespace) -> int:
         from verl_grto.assets.tool_pretrain import build_pretrained_tool
 
         built["tool_pretrained"] = str(build_pretrained_tool(paths.tool, seed=args.seed))
-    if args.ship:
+    if args.agent_policy:
+        from verl_grto.assets.agent_warmstart import build_agent_policy
+
+        base = Path(built["policy_warm"]) if args.warm_start else None
+        tool = Path(built["tool_pretrained"]) if args.pretrain_tool else None
+        built["policy_agent"] = str(build_agent_policy(paths.policy.parent, args.seed, base, tool))
+    if args.ship and not (args.warm_start and args.pretrain_tool) and not args.agent_policy:
+        raise SystemExit(
+            "assets --ship: ships the trained assets; pass --warm-start and --pretrain-tool (and/or --agent-policy)"
+        )
+    if args.ship and args.warm_start and args.pretrain_tool:
         from verl_grto.assets.shipped import ship
 
-        if not (args.warm_start and args.pretrain_tool):
-            raise SystemExit("assets --ship: ships the trained assets; pass --warm-start and --pretrain-tool too")
         reports = {
             "warmstart_report": json.loads((Path(built["policy_warm"]) / "warmstart_report.json").read_text()),
             "pretrain_report": json.loads((Path(built["tool_pretrained"]) / "pretrain_report.json").read_text()),
         }
         shipped = ship([Path(built["policy_warm"]), Path(built["tool_pretrained"])], args.seed, reports)
         built["shipped"] = str(shipped)
+    if args.ship and args.agent_policy:  # after ship(), which rewrites the manifest
+        from verl_grto.assets.agent_warmstart import REPORT_NAME
+        from verl_grto.assets.shipped import ship_extra
+
+        report = json.loads((Path(built["policy_agent"]) / REPORT_NAME).read_text())
+        ship_extra(Path(built["policy_agent"]), args.seed, "agent", {"agent_warmstart_report": report})
     print(json.dumps(built, indent=2))
     return 0
 
@@ -84,6 +98,18 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:  # a release layout not found, an option value refused
         raise CLIError(str(exc)) from None
     print(report.summary())
+    return 0
+
+
+def _cmd_data_add_tool(args: argparse.Namespace) -> int:
+    from verl_grto.agent.data import add_tool_fields
+
+    src = _existing(args.src, "file")
+    try:
+        n = add_tool_fields(src, Path(args.out), agent_name=args.agent_name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(json.dumps({"rows": n, "out": str(args.out), "agent_name": args.agent_name}))
     return 0
 
 
@@ -408,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrain-tool", action="store_true", help="also the tool pre-trained on plain scenes (minutes)"
     )
     assets.add_argument(
+        "--agent-policy",
+        action="store_true",
+        help="also the multi-turn policy: the warm policy taught the segmentation tool's call format (minutes)",
+    )
+    assets.add_argument(
         "--ship",
         action="store_true",
         help="copy the trained assets into the package (verl_grto/assets/shipped/seed<SEED>/), with a manifest",
@@ -439,6 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a converter option, e.g. splits=val,test or keep_empty=false (repeatable)",
     )
     conv.set_defaults(func=_cmd_data_convert)
+
+    add_tool = data_sub.add_parser(
+        "add-tool",
+        help="copy a parquet with the fields that route each row through the multi-turn loop with the segmentation "
+        "tool (agent_name, extra_info.tools_kwargs.segment)",
+    )
+    add_tool.add_argument("--src", required=True, help="a parquet of the project's row format")
+    add_tool.add_argument("--out", required=True, help="the copy to write")
+    add_tool.add_argument(
+        "--agent-name", default="grto_tool_agent", help="the agent loop (grto_tool_agent, or verl's tool_agent)"
+    )
+    add_tool.set_defaults(func=_cmd_data_add_tool)
 
     check = data_sub.add_parser(
         "check",

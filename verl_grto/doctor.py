@@ -20,10 +20,12 @@ EXPECTED: dict[str, list[str]] = {
     "rollout": ["hf"],
     "rollout_adapter": ["hf"],
     "engine": ["language_model/fsdp2@cpu"],
-    "resolver": ["grto_asset", "grto_synthetic"],
+    "resolver": ["grto_asset", "grto_synthetic", "grto_tool_config", "grto_chat_template", "grto_agent_data"],
     "adv_estimator": ["grto"],
-    "trainer": ["grto", "bgrto"],
-    "reward": ["verl_grto.reward.box_reward.compute_score"],
+    "trainer": ["grto", "bgrto", "grto_agent"],
+    "agent_loop": ["grto_tool_agent"],
+    "tool_parser": ["grto_hermes"],
+    "reward": ["verl_grto.reward.box_reward.compute_score", "verl_grto.agent.reward.compute_score"],
 }
 
 
@@ -74,6 +76,14 @@ def inspect_verl() -> dict[str, Any]:
         found["trainer"] = sorted(TRAINER_REGISTRY)
     except ImportError as exc:
         found.setdefault("errors", []).append(f"verl V1 trainer registry: {exc!r}")
+    try:  # the multi-turn loop and tool-call parser, by the names recipes and datasets use
+        from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+        from verl.experimental.agent_loop.tool_parser import ToolParser
+
+        found["agent_loop"] = sorted(_agent_loop_registry)
+        found["tool_parser"] = sorted(ToolParser._registry)
+    except ImportError as exc:
+        found.setdefault("errors", []).append(f"verl agent loop registries: {exc!r}")
     found["extras"] = inspect_extras()
     if not found["plugin_loaded"]:
         try:
@@ -139,6 +149,8 @@ def run_doctor() -> int:
         "rollout_adapter",
         "engine",
         "trainer",
+        "agent_loop",
+        "tool_parser",
         "adv_estimator",
         "policy_loss",
         "resolver",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-ASSET_KINDS = ("policy", "tool", "policy_warm", "tool_pretrained", "policy_qwen3vl")
+ASSET_KINDS = ("policy", "tool", "policy_warm", "tool_pretrained", "policy_qwen3vl", "policy_agent")
 
 
 def resolve_asset(kind: str, seed: int | str = 0) -> str:
@@ -22,7 +22,9 @@ def resolve_asset(kind: str, seed: int | str = 0) -> str:
     warm start (it localises single objects: the reference policy); ``tool_pretrained``: the tool
     after pre-training on the plain domain (the stand-in for SAM2's own pre-training). The two trained
     ones are the shipped copies when current (:mod:`verl_grto.assets.shipped`), else built.
-    ``policy_qwen3vl``: a randomly initialised tiny Qwen3-VL (:mod:`verl_grto.assets.qwen3vl`)."""
+    ``policy_qwen3vl``: a randomly initialised tiny Qwen3-VL (:mod:`verl_grto.assets.qwen3vl`).
+    ``policy_agent``: the warm policy taught the segmentation tool's call format, for the multi-turn
+    recipes (:mod:`verl_grto.assets.agent_warmstart`; shipped when current)."""
     from verl_grto.assets.build import ensure_assets
 
     seed = int(seed)
@@ -36,6 +38,10 @@ def resolve_asset(kind: str, seed: int | str = 0) -> str:
         from verl_grto.assets.warmstart import ensure_warm_policy
 
         return str(ensure_warm_policy(None, seed=seed))
+    if kind == "policy_agent":
+        from verl_grto.assets.agent_warmstart import ensure_agent_policy
+
+        return str(ensure_agent_policy(None, seed=seed))
     if kind == "tool_pretrained":
         from verl_grto.assets.tool_pretrain import ensure_pretrained_tool
 
@@ -75,7 +81,47 @@ def resolve_synthetic(
     return str(splits[split])
 
 
-RESOLVERS = {"grto_asset": resolve_asset, "grto_synthetic": resolve_synthetic}
+TOOL_CONFIGS = {"trained": "segment_tool.yaml", "frozen": "segment_tool_frozen.yaml"}
+
+
+def resolve_tool_config(mode: str = "trained") -> str:
+    """``${grto_tool_config:trained|frozen}`` -> the absolute path of the shipped segmentation tool YAML
+    (verl_grto/agent/), for ``actor_rollout_ref.rollout.multi_turn.tool_config_path``: absolute, so every
+    agent-loop worker finds it whatever its working directory."""
+    from pathlib import Path
+
+    import verl_grto.agent
+
+    if mode not in TOOL_CONFIGS:
+        raise ValueError(f"grto_tool_config: unknown mode {mode!r}; expected one of {sorted(TOOL_CONFIGS)}")
+    return str(Path(verl_grto.agent.__file__).resolve().parent / TOOL_CONFIGS[mode])
+
+
+def resolve_chat_template(name: str) -> str:
+    """``${grto_chat_template:qwen25vl_tool}`` -> a chat template of :mod:`verl_grto.agent.templates` (for
+    ``actor_rollout_ref.model.custom_chat_template``)."""
+    from verl_grto.agent.templates import TEMPLATES
+
+    if name not in TEMPLATES:
+        raise ValueError(f"grto_chat_template: unknown template {name!r}; expected one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def resolve_agent_data(path: str) -> str:
+    """``${grto_agent_data:FILE}`` -> a copy of the parquet ``FILE`` whose rows go through the multi-turn loop
+    with the segmentation tool (``agent_name``, ``extra_info.tools_kwargs``: :mod:`verl_grto.agent.data`)."""
+    from verl_grto.agent.data import ensure_agent_data
+
+    return str(ensure_agent_data(path))
+
+
+RESOLVERS = {
+    "grto_asset": resolve_asset,
+    "grto_synthetic": resolve_synthetic,
+    "grto_tool_config": resolve_tool_config,
+    "grto_chat_template": resolve_chat_template,
+    "grto_agent_data": resolve_agent_data,
+}
 
 
 def register_resolvers() -> list[str]:

@@ -80,7 +80,11 @@ def _register_algorithm() -> None:
 
 
 #: The modules whose ``@register_trainer`` puts the plugin's trainer modes in verl's table.
-TRAINER_MODULES = {"grto": "verl_grto.trainer.grto_trainer", "bgrto": "verl_grto.trainer.bgrto_trainer"}
+TRAINER_MODULES = {
+    "grto": "verl_grto.trainer.grto_trainer",
+    "bgrto": "verl_grto.trainer.bgrto_trainer",
+    "grto_agent": "verl_grto.trainer.agent_trainer",
+}
 
 
 def _register_trainers(finished: str | None = None) -> None:
@@ -100,6 +104,16 @@ def _register_trainers(finished: str | None = None) -> None:
     for mode, name in TRAINER_MODULES.items():
         importlib.import_module(name)
         _note("trainer", mode)
+
+
+def _register_agent() -> None:
+    """The multi-turn agent loop ``grto_tool_agent`` and tool-call parser ``grto_hermes`` (verl looks them up
+    by name in its agent-loop workers; the segmentation tool's module registers them too). Run once verl's
+    ``tool_agent_loop`` has been imported: the plugin's loop subclasses it."""
+    from verl_grto.agent.loop import AGENT_NAME, PARSER_NAME
+
+    _note("agent_loop", AGENT_NAME)
+    _note("tool_parser", PARSER_NAME)
 
 
 _started = False
@@ -126,6 +140,7 @@ def register_all() -> dict[str, list[str]]:
         ("verl.workers.rollout.base", _register_rollout_adapter),
         ("verl.trainer.ppo.core_algos", _register_algorithm),
         ("verl.trainer.ppo.v1.trainer_base", _register_trainers),
+        ("verl.experimental.agent_loop.tool_agent_loop", _register_agent),
     )
     for module_name, register in hooks:
         patches.when_imported(module_name, lambda module, register=register: register())

@@ -163,3 +163,51 @@ def mean_overlap_iou(
         raise ValueError(f"include has {len(include)} entries for {len(ious)} rollouts")
     counted = ious if include is None else ious[np.asarray(include, dtype=bool)]
     return float(counted.mean()) if len(counted) else float("nan")
+
+
+#: How a trajectory's tool weight is shared by its calls (``grto_agent.call_weighting``).
+CALL_WEIGHTINGS = ("split", "each")
+
+
+def tool_call_weights(
+    weighting: str,
+    row_trajectory: Sequence[int],
+    row_prompts: Sequence[Sequence[ToolPrompt]],
+    gt_boxes: Sequence[Sequence[Box]],
+    *,
+    call_weighting: str = "split",
+    min_box_iou: float = 0.0,
+    importance_clip: float = 2.0,
+    **inputs: Any,
+) -> np.ndarray:
+    """w of every tool row of a multi-turn step, shape ``(m,)`` (docs/method.md, "Multi-turn").
+
+    A multi-turn trajectory i makes several masks: one per valid call, and the answer's when its final
+    mask comes from the answer. Each is a row of the tool's update (``row_trajectory[r]`` = i; a row with
+    no prompt, ``row_prompts[r]`` empty, is a trajectory without any mask, weighted 0). The trajectory's
+    weight w_i is the registered ``weighting`` over the ``n = len(gt_boxes)`` trajectories with their
+    inputs (``advantages`` ``(n,)`` and ``group_ids``: the trajectory's GRPO advantage), a trajectory
+    without a mask counting as unparseable; its rows share it:
+
+        w_{i,c} = w_i / m_i   (``split``: every trajectory weighs the same, however many calls it made)
+        w_{i,c} = w_i         (``each``: every call weighs the same)
+
+    with m_i the trajectory's rows with a prompt; times 1[the row's best box has IoU >= ``min_box_iou``
+    with one of the trajectory's ``gt_boxes``], as single-turn GRTO's rollouts
+    (:func:`tool_step_weights`). Relative weights: the tool's loss is their weighted mean."""
+    if call_weighting not in CALL_WEIGHTINGS:
+        raise ValueError(f"grto_agent.call_weighting must be one of {CALL_WEIGHTINGS}, got {call_weighting!r}")
+    rows = np.asarray(row_trajectory, dtype=np.int64)
+    if len(rows) != len(row_prompts):
+        raise ValueError(f"{len(rows)} row trajectories for {len(row_prompts)} rows")
+    n = len(gt_boxes)
+    if len(rows) and not (rows.min() >= 0 and rows.max() < n):
+        raise ValueError(f"row trajectories outside the {n} trajectories")
+    has_prompt = np.array([len(p) > 0 for p in row_prompts], dtype=bool)
+    per_trajectory = np.bincount(rows[has_prompt], minlength=n)
+    w_traj = tool_loss_weights(weighting, n=n, parse_ok=per_trajectory > 0, importance_clip=importance_clip, **inputs)
+    weights = np.where(has_prompt, w_traj[rows], 0.0) if len(rows) else np.zeros(0)
+    if call_weighting == "split" and len(rows):
+        weights = weights / np.maximum(per_trajectory[rows], 1)
+    boxes = [[o.box for o in p if o.box is not None] for p in row_prompts]
+    return weights * prompt_points_at_object(boxes, [gt_boxes[i] for i in rows], min_box_iou)

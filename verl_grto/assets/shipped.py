@@ -67,3 +67,35 @@ def ship(built: list[Path], seed: int, details: dict[str, Any]) -> Path:
     }
     (target_root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return target_root
+
+
+def ship_extra(built: Path, seed: int, key: str, details: dict[str, Any]) -> Path:
+    """Copy one more finished build into ``shipped/seed<seed>/`` beside those :func:`ship` shipped, and record
+    it in the manifest under ``key`` (its stamp, the command, versions and thread count that built it,
+    ``details``), leaving the manifest's other entries as they are."""
+    import torch
+    import transformers
+
+    target_root = SHIPPED_DIR / f"seed{seed}"
+    stamp = read_stamp(built)
+    if stamp is None:
+        raise ValueError(f"{built} has no build stamp: only finished builds can be shipped")
+    target = target_root / built.name
+    if read_stamp(target) != stamp:
+        shutil.rmtree(target, ignore_errors=True)
+    build_dir_once(target, stamp, lambda tmp: shutil.copytree(built, tmp, dirs_exist_ok=True))
+    (target_root / f".{built.name}.lock").unlink(missing_ok=True)
+    manifest_path = target_root / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest[key] = {
+        "asset": built.name,
+        "stamp": stamp,
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        **details,
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return target

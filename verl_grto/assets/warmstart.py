@@ -205,6 +205,16 @@ def _answer_loss(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.T
     )
 
 
+def supervised_step(model: torch.nn.Module, optimizer: Any, scheduler: Any, loss: torch.Tensor) -> float:
+    """One optimiser step on ``loss`` (gradients clipped to :data:`_CLIP_NORM`, the schedule advanced); returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), _CLIP_NORM)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def _lr_factor(step: int, total: int) -> float:
     """Linear warm-up, then constant until the last :data:`_DECAY_FRACTION` of the steps, then cosine
     decay to :data:`_MIN_LR_FRACTION` of the peak. Constant through the middle: the tiny policy's
@@ -306,13 +316,7 @@ def train_policy(
             batch = [stream.example(i) for i in range(step * batch_size, (step + 1) * batch_size)]
             inputs, labels = _collate(batch, processor, model.config)
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            loss = _answer_loss(model, inputs, labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), _CLIP_NORM)
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(supervised_step(model, optimizer, scheduler, _answer_loss(model, inputs, labels.to(device))))
             progress.update()
             if callback is not None:
                 model.eval()

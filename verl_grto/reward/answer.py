@@ -210,6 +210,22 @@ def _parse_object(raw: Any, where: str, image_size: tuple[int, int]) -> ToolProm
     return ToolPrompt(box=box, points=tuple(pos + neg), labels=(1,) * len(pos) + (0,) * len(neg))
 
 
+def parse_object(raw: Any, image_size: tuple[int, int]) -> tuple[ToolPrompt | None, str]:
+    """One object of an answer (``{"bbox": [...], "points": [...], "negative_points": [...]}``, or the
+    Qwen2.5-VL keys) read on a grid of ``image_size = (height, width)``, by the rules of
+    :func:`parse_answer`; never raises. Returns the prompt and "" or None and the reason.
+
+    Why public: the segmentation tool's call arguments follow the answers' convention
+    (:mod:`verl_grto.agent.calls`), so they are checked by the same rules, not a copy of them."""
+    try:
+        h, w = (int(v) for v in image_size)
+        return _parse_object(raw, "", (h, w)), ""
+    except _Reject as e:
+        return None, str(e)
+    except Exception as e:  # a parser bug must not crash a caller
+        return None, f"internal parser error: {type(e).__name__}: {e}"
+
+
 def _split_blocks(text: str) -> tuple[str, str]:
     """Return (text before <answer>, answer body) or raise _Reject with the format problem."""
     if len(text) > MAX_TEXT_CHARS:

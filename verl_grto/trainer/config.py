@@ -7,7 +7,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from verl_grto.agent.calls import FINAL_MASK_MODES
 from verl_grto.algorithm.bto.train import DEFAULT_CACHE_BYTES
+from verl_grto.algorithm.tool_step import CALL_WEIGHTINGS
 from verl_grto.algorithm.tool_weights import get_weighting, weighting_names
 from verl_grto.reward.mask_reward import MaskRewardConfig
 from verl_grto.tool.settings import ToolSettings
@@ -147,4 +149,45 @@ class BTOConfig:
     @classmethod
     def from_config(cls, cfg: DictConfig | dict[str, Any] | None) -> BTOConfig:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+        return cls(**raw)
+
+
+@dataclass
+class AgentConfig:
+    """The ``grto_agent:`` section of a multi-turn recipe (trainer mode ``grto_agent``, docs/method.md,
+    "Multi-turn: the tool as a call"); the ``grto:`` section is the single-turn trainer's, unchanged.
+
+    ``final_mask`` is the mask a trajectory's reward scores (:func:`verl_grto.agent.calls.final_mask`):
+    ``last_call`` (default: the last valid call's, the mask the policy saw last and stopped at; its
+    answer's prompts when it made no valid call) or ``answer`` (its final ``<answer>``'s prompts; the last
+    valid call's when the answer does not parse). ``call_weighting``: how a trajectory's tool weight is
+    shared by its calls, ``split`` (default; every trajectory weighs the same) or ``each``
+    (:func:`verl_grto.algorithm.tool_step.tool_call_weights`). ``trace_every`` / ``trace_rows``: every
+    that many steps (0: never) the first trajectories of the step are written, turn by turn, to
+    ``<default_local_dir>/agent_trace/step_<N>.json``. ``router_max_batch``: calls per batch on the
+    tool's workers (:class:`verl_grto.agent.router.ToolCallRouter`)."""
+
+    final_mask: str = "last_call"
+    call_weighting: str = "split"
+    trace_every: int = 1
+    trace_rows: int = 4
+    router_max_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.final_mask not in FINAL_MASK_MODES:
+            raise ValueError(f"grto_agent.final_mask must be one of {FINAL_MASK_MODES}, got {self.final_mask!r}")
+        if self.call_weighting not in CALL_WEIGHTINGS:
+            raise ValueError(f"grto_agent.call_weighting must be one of {CALL_WEIGHTINGS}, got {self.call_weighting!r}")
+        if self.trace_every < 0 or self.trace_rows < 0 or self.router_max_batch < 1:
+            raise ValueError(
+                "grto_agent.trace_every and trace_rows must be >= 0 and router_max_batch >= 1, got "
+                f"{self.trace_every}, {self.trace_rows}, {self.router_max_batch}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict[str, Any] | None) -> AgentConfig:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"grto_agent: unknown keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**raw)

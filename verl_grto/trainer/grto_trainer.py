@@ -330,17 +330,7 @@ class GRTOTrainer(PPOTrainerSync):
             )
         ]
         rewards = [b.score for b in breakdowns]
-        old = data["rm_scores"]
-        new_scores = []
-        for i, row in enumerate(old.unbind()):
-            row = torch.zeros_like(row, dtype=torch.float32)
-            if row.numel():
-                row[-1] = rewards[i]
-            new_scores.append(row)
-        rm_scores = torch.nested.as_nested_tensor(new_scores, layout=torch.jagged)
-        tq.kv_batch_put(
-            keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict({"rm_scores": rm_scores})
-        )
+        put_rewards(batch, data["rm_scores"], rewards)
 
         phase = ToolPhase(view, prompts, [p.ok for p in parsed], batches, shard_rows, scores.ious)
         if overlay_rows:
@@ -516,22 +506,16 @@ class GRTOTrainer(PPOTrainerSync):
                 fill_acc.add_counts(int(scores.fill_intersection[k]), int(scores.fill_union[k]))
                 parsed_ok.append(p.ok)
         self.tool_wg.tool_begin_step()  # drop the validation images' features
-        tool, fill = tool_acc.results(), fill_acc.results()
-        metrics = {
-            "val-grto/gIoU": tool["gIoU"],
-            "val-grto/cIoU": tool["cIoU"],
-            "val-grto/box_fill_gIoU": fill["gIoU"],
-            "val-grto/parse_rate": float(np.mean(parsed_ok)),
-            "val-grto/policy_box_iou": float(np.mean(box_ious)),
-            # > 1: the policy's boxes are larger than the objects' (looser), < 1: tighter or cut
-            "val-grto/policy_box_area_ratio": float(np.median(area_ratios)) if area_ratios else float("nan"),
-            "val-grto/n": float(tool["n"]),
-        }
+        metrics = validation_metrics(tool_acc, fill_acc, parsed_ok, box_ious, area_ratios)
+        self._record_validation(metrics, start)
+        return metrics
+
+    def _record_validation(self, metrics: dict[str, float], start: float) -> None:
+        """Keep a validation's metrics in ``val_history`` under its label, and its time."""
         # verl validates once before its first step (global_steps 0), then after step N's update
         label = self.initial_validation_label if self.global_steps == 0 else f"after GRTO step {self.global_steps}"
         self.val_history.append({"step": float(self.global_steps), "label": label, **metrics})
         self.stage_seconds["validation"] = self.stage_seconds.get("validation", 0.0) + time.perf_counter() - start
-        return metrics
 
     # ---- summary ------------------------------------------------------------------------------
     def _compute_metrics(self, batch: Any, metrics: dict, timing_raw: dict, global_steps: int, epoch: int) -> None:
@@ -561,6 +545,41 @@ class GRTOTrainer(PPOTrainerSync):
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
         print(format_summary(summary), flush=True)
+
+
+def put_rewards(batch: Any, rm_scores: Any, rewards: list[float]) -> None:
+    """Write each rollout's reward on its last response token (``rm_scores``, a jagged tensor of the
+    responses' lengths, zero elsewhere) back to TransferQueue: the score verl's advantage then reads."""
+    new_scores = []
+    for i, row in enumerate(rm_scores.unbind()):
+        row = torch.zeros_like(row, dtype=torch.float32)
+        if row.numel():
+            row[-1] = rewards[i]
+        new_scores.append(row)
+    nested = torch.nested.as_nested_tensor(new_scores, layout=torch.jagged)
+    tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict({"rm_scores": nested}))
+
+
+def validation_metrics(
+    tool: IoUAccumulator,
+    fill: IoUAccumulator,
+    parsed_ok: list[bool],
+    box_ious: list[float],
+    area_ratios: list[float],
+) -> dict[str, float]:
+    """A validation's ``val-grto/*`` metrics: the tool's masks' gIoU / cIoU, filling the answers' boxes,
+    the parse rate, the policy's box IoU and box area ratio (> 1: the policy's boxes are larger than the
+    objects', looser; < 1: tighter or cut), and the number of samples."""
+    tool_res, fill_res = tool.results(), fill.results()
+    return {
+        "val-grto/gIoU": tool_res["gIoU"],
+        "val-grto/cIoU": tool_res["cIoU"],
+        "val-grto/box_fill_gIoU": fill_res["gIoU"],
+        "val-grto/parse_rate": float(np.mean(parsed_ok)),
+        "val-grto/policy_box_iou": float(np.mean(box_ious)),
+        "val-grto/policy_box_area_ratio": float(np.median(area_ratios)) if area_ratios else float("nan"),
+        "val-grto/n": float(tool_res["n"]),
+    }
 
 
 def _first_rows(sample_ids: list[str], k: int) -> list[int]:

@@ -13,7 +13,12 @@ each rollout a box with its rectangle as ground truth, G = 8 rollouts per image.
 
 Every memory figure is measured in a fresh process (``--measure``): the peak of the process's resident
 memory sampled every 2 ms during the measured call, minus the resident memory just before it (the
-model is loaded by then). Ratios are taken between two such processes of one run:
+model is loaded by then). The measuring processes run with glibc's mmap threshold fixed at 128 KiB
+(``MALLOC_MMAP_THRESHOLD_``), so a freed tensor's pages leave the resident set when it is freed and the
+figure is what is alive. With glibc's default (a threshold that rises after large frees) the heap keeps
+freed pages, by an amount that varies from run to run; the step pair is measured that way too and
+recorded beside (``runs.default_malloc``), not used for the ratios. Ratios are taken between two such
+processes of one run:
 
 * ``update_peak_bytes_ratio_128_over_8``: one GRTO tool step of a rank (the rewards' ``predict``, then
   ``update``) at 128 vs 8 rollouts (16 vs 1 images);
@@ -375,19 +380,27 @@ MEASURES = {
 # ---- the orchestrating process ----------------------------------------------------------------------
 
 
-def run(measure: str, threads: int, config: str, **kwargs: Any) -> dict[str, Any]:
+#: glibc: allocations from 128 KiB up are mmapped and unmapped when freed (the default threshold grows
+#: after large frees, and the heap then keeps freed tensors' pages resident)
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def run(measure: str, threads: int, config: str, default_malloc: bool = False, **kwargs: Any) -> dict[str, Any]:
     """``--measure`` in a fresh process (its own peak memory); returns its JSON."""
     cmd = [sys.executable, __file__, "--measure", measure, "--config", config, "--threads", str(threads)]
     for key, value in kwargs.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **({} if default_malloc else FIXED_MMAP_THRESHOLD)}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - start
-    print(f"  {measure} {kwargs}: {json.dumps({k: v for k, v in result.items() if k != 'settings'})}", flush=True)
+    print(
+        f"  {measure} {kwargs}{' (default malloc)' if default_malloc else ''}: {json.dumps({k: v for k, v in result.items() if k != 'settings'})}",
+        flush=True,
+    )
     return result
 
 
@@ -423,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     features = run("features", args.threads, args.config)
     bto = run("bto", args.threads, counts_config, size=6, cache_images=2, epochs=3)
     refcoco = run("refcoco", args.threads, counts_config, size=4)
+    default8 = run("step", args.threads, args.config, default_malloc=True, size=8)
+    default128 = run("step", args.threads, args.config, default_malloc=True, size=128)
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     dirty = bool(
@@ -439,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_hw": list(IMAGE_HW),
         "group": GROUP,
         "settings": step8["settings"],
+        "malloc": FIXED_MMAP_THRESHOLD,
         "counts_model": counts_config,
         "update_peak_bytes_ratio_128_over_8": step128["peak_bytes"] / step8["peak_bytes"],
         f"validation_peak_bytes_ratio_{large_val}_over_{small_val}": val_large["peak_bytes"] / val_small["peak_bytes"],
@@ -463,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
             "update_one_image_16_rollouts": slope16,
             "bto": bto,
             "refcoco_like": refcoco,
+            "default_malloc": {
+                "step_8": default8,
+                "step_128": default128,
+                "update_peak_bytes_ratio_128_over_8": default128["peak_bytes"] / default8["peak_bytes"],
+            },
         },
         "wall_s": time.perf_counter() - start,
     }

@@ -93,7 +93,8 @@ def test_arguments_are_read_on_the_policy_grid_and_recorded_in_the_original_fram
     prompt, _ = check_arguments({"bbox": [100, 200, 300, 400], "points": [[500, 500]]}, frame)
     assert prompt is not None
     assert frame.to_image(prompt).box == pytest.approx((125.0, 200.0, 375.0, 400.0))
-    assert frame.to_image(prompt).points == pytest.approx(((625.0, 500.0),))
+    (point,) = frame.to_image(prompt).points
+    assert point == pytest.approx((625.0, 500.0))
     assert frame.to_shown(prompt).box == pytest.approx((56.0, 89.6, 168.0, 179.2))
     assert frame.box_on_grid((56.0, 89.6, 168.0, 179.2)) == [100, 200, 300, 400]
     # past the grid is outside the image, whatever the image's pixels
@@ -173,10 +174,11 @@ def _box(row: dict) -> list[int]:
     return [int(v) for v in json.loads(row["reward_model"]["ground_truth"])["boxes"][0]]
 
 
-def _run(processor, rows, texts, tools, loop_cls=None, parser="grto_hermes", n_rows=1):
+def _run(processor, rows, texts, tools, loop_cls=None, parser="grto_hermes", n_rows=1, response_length=640):
     policy = ScriptedPolicy(processor.tokenizer, texts)
     kwargs = {"loop_cls": loop_cls} if loop_cls is not None else {}
-    loop = build_loop(policy, processor.tokenizer, processor, tools, agent_config(160, 640, 8, parser), **kwargs)
+    config = agent_config(160, response_length, 8, parser)
+    loop = build_loop(policy, processor.tokenizer, processor, tools, config, **kwargs)
     return run_rows(loop, rows[:n_rows], {"temperature": 1.0}), policy
 
 
@@ -235,7 +237,7 @@ def test_bad_calls_get_a_text_error_and_the_penalty_never_an_exception(processor
         good,  # the fifth call: too many
         f'<think></think><answer>{{"bbox": {box}}}</answer>',
     ]
-    (out,), _ = _run(processor, rows, texts, [tool])
+    (out,), _ = _run(processor, rows, texts, [tool], response_length=1024)  # the whole answer fits after 5 replies
     records = [CallRecord.from_dict(c) for c in out.extra_fields[CALLS_KEY]]
     assert [r.kind for r in records] == [INVALID, INVALID, INVALID, OK, INVALID]
     assert out.extra_fields["tool_rewards"] == [-0.05, -0.05, -0.05, 0.0, -0.05]
@@ -375,7 +377,10 @@ def test_tool_templates_render_calls_and_images_inside_tool_replies(processor, t
     prefix = _render(processor, template, messages[:2], tools=[TOOL_SCHEMA])
     assert text.startswith(prefix)  # what verl's token merging needs
     if template is QWEN25VL_TOOL_CHAT_TEMPLATE:
-        assert "<tool_response>\n<|vision_start|>" in reply and '"name": "segment"' in text.split("</tools>")[0]
+        listed = text.split("<tools>\n", 1)[1].split("\n</tools>", 1)[
+            0
+        ]  # the signatures (the preamble names the tags too)
+        assert "<tool_response>\n<|vision_start|>" in reply and '"name": "segment"' in listed
     processor.chat_template = TINY_TOOL_CHAT_TEMPLATE
 
 

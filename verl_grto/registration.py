@@ -90,7 +90,7 @@ TRAINER_MODULES = {
 def _register_trainers(finished: str | None = None) -> None:
     """Import the trainer modules (their decorators register them). When one of them is being imported
     right now (it imported verl's trainer table, which ran this), importing them here would meet it half
-    made: they are left to register themselves, ``bgrto`` right after ``grto`` finishes (a hook, which
+    made: they are left to register themselves, the others right after it finishes (a hook on each, which
     names the module it ran after as ``finished``: its code has run, its import is not yet marked done)."""
     import importlib
     import sys
@@ -109,7 +109,14 @@ def _register_trainers(finished: str | None = None) -> None:
 def _register_agent() -> None:
     """The multi-turn agent loop ``grto_tool_agent`` and tool-call parser ``grto_hermes`` (verl looks them up
     by name in its agent-loop workers; the segmentation tool's module registers them too). Run once verl's
-    ``tool_agent_loop`` has been imported: the plugin's loop subclasses it."""
+    ``tool_agent_loop`` has been imported: the plugin's loop subclasses it. When the plugin's loop module
+    is itself being imported (its import of verl's loop ran this), its decorators register it as it
+    finishes."""
+    import sys
+
+    loop = sys.modules.get("verl_grto.agent.loop")
+    if loop is not None and getattr(getattr(loop, "__spec__", None), "_initializing", False):
+        return
     from verl_grto.agent.loop import AGENT_NAME, PARSER_NAME
 
     _note("agent_loop", AGENT_NAME)
@@ -144,7 +151,8 @@ def register_all() -> dict[str, list[str]]:
     )
     for module_name, register in hooks:
         patches.when_imported(module_name, lambda module, register=register: register())
-    patches.when_imported(TRAINER_MODULES["grto"], lambda module: _register_trainers(finished=module.__name__))
+    for name in TRAINER_MODULES.values():  # whichever of them is imported first, the others follow it
+        patches.when_imported(name, lambda module: _register_trainers(finished=module.__name__))
     return REGISTERED
 
 

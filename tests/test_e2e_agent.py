@@ -34,7 +34,8 @@ SMALL = [
     "trainer.save_freq=2",
     "trainer.test_freq=2",
     "trainer.val_before_train=false",
-    "data.val_files=${grto_agent_data:${grto_synthetic:camouflage,val,256,8,0,1,1}}",
+    # quoted: hydra's override grammar does not nest interpolations; OmegaConf resolves the string
+    "data.val_files='${grto_agent_data:${grto_synthetic:camouflage,val,256,8,0,1,1}}'",
     "data.val_batch_size=8",
 ]
 

@@ -59,6 +59,8 @@ def _overrides(address: str, metrics: Path, steps: int, probe: Path | None = Non
         # an existing cluster brings its own resources: ray.init refuses num_cpus / num_gpus then
         "ray_kwargs.ray_init.num_cpus=null",
         "ray_kwargs.ray_init.num_gpus=null",
+        # ...and any _system_config (the cluster's own, set by `ray start`)
+        "~ray_kwargs.ray_init._system_config",
         *(f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={v}" for k, v in env.items()),
         "trainer.nnodes=2",
         "trainer.n_gpus_per_node=1",

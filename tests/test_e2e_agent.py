@@ -37,6 +37,9 @@ SMALL = [
     # quoted: hydra's override grammar does not nest interpolations; OmegaConf resolves the string
     "data.val_files='${grto_agent_data:${grto_synthetic:camouflage,val,256,8,0,1,1}}'",
     "data.val_batch_size=8",
+    # every trajectory of a step traced (4 prompts x 4 answers): sampled at temperature 1, some end after
+    # one malformed call, and the test looks for those that called, saw the mask and answered
+    "grto_agent.trace_rows=16",
 ]
 
 

@@ -54,17 +54,20 @@ def test_the_policy_calls_sees_the_mask_and_answers(agent_run) -> None:
     _, _, run_dir = agent_run
     trace = json.loads((run_dir / "agent_trace" / "step_1.json").read_text())
     multi = [t for t in trace if sum(s["loss_mask"] for s in t["segments"]) >= 2]
-    assert multi, [t["segments"] for t in trace]
+    # sampled at temperature 1: some first calls are malformed (a text error comes back, or verl's own
+    # "Unknown function" for a garbled name); those whose first call was valid saw the mask
+    shown = [t for t in multi if t["calls"] and t["calls"][0]["kind"] == "ok"]
+    assert shown, [t["segments"] for t in trace]
     for t in multi:
         segments = t["segments"]
         first_turn = next(k for k, s in enumerate(segments) if s["loss_mask"] == 1)
         assert segments[first_turn]["text"].startswith("<tool_call>")
-        reply = next(s for s in segments[first_turn + 1 :] if s["loss_mask"] == 0)
-        # the tool's image and text, in the input of the next turn, masked out of the loss
-        assert "<|vision_start|><|image_pad|>x64<|vision_end|>" in reply["text"] and "mask:" in reply["text"]
-        assert any(s["loss_mask"] == 1 for s in segments[segments.index(reply) + 1 :])
+        reply = next(s for s in segments[first_turn + 1 :] if s["loss_mask"] == 0)  # masked out of the loss
+        assert "<|im_start|>tool" in reply["text"]
+        assert any(s["loss_mask"] == 1 for s in segments[segments.index(reply) + 1 :])  # the policy went on
         assert all("<|image_pad|>" not in s["text"] for s in segments if s["loss_mask"] == 1)
-        assert t["calls"] and t["calls"][0]["kind"] in ("ok", "invalid")
+        if t in shown:  # the tool's image and text, in the input of the next turn
+            assert "<|vision_start|><|image_pad|>x64<|vision_end|>" in reply["text"] and "mask:" in reply["text"]
 
 
 def test_the_tool_update_consumes_every_call(agent_run) -> None:

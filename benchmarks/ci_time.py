@@ -42,6 +42,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ci_time_"))
     clone = work / "clone"
     subprocess.run(["git", "clone", "-q", str(args.repo), str(clone)], check=True)
+    # the commit measured, whichever branch the clone's default is (a linked worktree's HEAD may not be it)
+    subprocess.run(["git", "checkout", "-q", commit.stdout.strip()], cwd=clone, check=True)
     env = {**os.environ, "VERL_GRTO_HOME": str(work / "home")}
     env.pop("VIRTUAL_ENV", None)
     result: dict = {

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tiny_run import git_commit  # benchmarks/ is the script's folder, first on sys.path
 
 from verl_grto.trainer.launch import read_metrics, run_main_ppo
 
@@ -189,6 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    started = {**git_commit(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results = []
     for seed in args.seeds:
         for arm in args.arms:
@@ -196,6 +198,7 @@ def main() -> None:
             print(f"{arm} seed {seed}: {results[-1]['validations'][-1]}", flush=True)
     out = {
         "command": " ".join(["benchmarks/agent_loop.py", *sys.argv[1:]]),
+        **started,
         "settings": {k: getattr(args, k) for k in ("seeds", "steps", "prompts", "answers", "arms")},
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": platform.machine(),

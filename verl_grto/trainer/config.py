@@ -21,6 +21,11 @@ PLACEMENTS = ("colocated", "separate")
 TRAINER_WEIGHTING_INPUTS = ("advantages", "group_ids")
 
 
+def _plain(cfg: DictConfig | dict[str, Any] | None) -> dict[str, Any]:
+    """A recipe section as a plain, resolved dict (empty for a missing section)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+
+
 @dataclass
 class GRTOConfig:
     """GRTO: the tool gives the rewards, and is trained on the same rollouts.
@@ -90,7 +95,7 @@ class GRTOConfig:
     def from_config(cls, cfg: DictConfig | dict[str, Any] | None) -> GRTOConfig:
         if cfg is None:
             raise ValueError("the grto trainer needs a `grto:` section with at least grto.tool.path")
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        raw = _plain(cfg)
         tool = raw.pop("tool", None)
         if not tool or not tool.get("path"):
             raise ValueError("grto.tool.path is required (a transformers SAM2 directory)")
@@ -148,8 +153,7 @@ class BTOConfig:
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict[str, Any] | None) -> BTOConfig:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-        return cls(**raw)
+        return cls(**_plain(cfg))
 
 
 @dataclass
@@ -186,7 +190,7 @@ class AgentConfig:
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict[str, Any] | None) -> AgentConfig:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+        raw = _plain(cfg)
         unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"grto_agent: unknown keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")

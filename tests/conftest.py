@@ -32,3 +32,19 @@ def e2e_home(tmp_path_factory: pytest.TempPathFactory):
     without rebuilding the assets); CI leaves it unset."""
     reuse = os.environ.get("VERL_GRTO_E2E_HOME")
     return Path(reuse) if reuse else tmp_path_factory.mktemp("grto_home")
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_left_behind(request: pytest.FixtureRequest):
+    """Fails the test that leaves Ray connected in the pytest process (``ray.get_actor`` or ``ray.get``
+    outside a Ray job silently starts a local cluster), instead of a later module's ``ray.init``.
+
+    Tests that own a cluster through the ``local_ray`` fixture are exempt while they hold it."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")  # never imported by this check: most unit tests do not load Ray
+    if ray is None or "local_ray" in request.fixturenames or not ray.is_initialized():
+        return
+    ray.shutdown()
+    pytest.fail(f"{request.node.nodeid} left Ray initialized in the test process; a later ray.init would fail")

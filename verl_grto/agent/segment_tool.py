@@ -263,14 +263,16 @@ class SegmentTool(BaseTool):
 
             from verl_grto.agent.router import router_name
 
+            advice = "mode `trained` needs trainer mode grto_agent (which starts it); without GRTO use mode `frozen`"
+            # the job id and ray.get_actor would start a local cluster in a process outside a Ray job (a later
+            # ray.init there then fails): such a process has no router by definition
+            if not ray.is_initialized():
+                raise RuntimeError(f"no tool router: this process is not in a Ray job; {advice}")
             name = router_name()
             try:
                 self._router = ray.get_actor(name)
             except ValueError:
-                raise RuntimeError(
-                    f"no tool router {name!r} in this Ray job: mode `trained` needs trainer mode grto_agent "
-                    "(which starts it); without GRTO use mode `frozen` with a checkpoint"
-                ) from None
+                raise RuntimeError(f"no tool router {name!r} in this Ray job; {advice}") from None
         return self._router
 
 

@@ -15,7 +15,7 @@ from verl_grto import patches
 
 def test_all_patches_applied_once():
     applied = patches.apply()
-    assert len(applied) == len(set(applied)) == 10
+    assert len(applied) == len(set(applied)) == 11
     assert patches.apply() == applied  # idempotent
 
 
@@ -320,3 +320,100 @@ def test_one_rollout_server_on_cpu_is_balanced_in_process(monkeypatch):
     actors = []
     monkeypatch.setattr(router, "_create_global_sticky_inflight", lambda **kw: actors.append(kw) or "actor")
     assert router.get_router_handle({"s0": server, "s1": server}) == "actor" and len(actors) == 1
+
+
+class _Runner:
+    """What verl's TaskRunnerV1 looks like to run_ppo: made with no arguments, ``run(config)``."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def run(self, config) -> tuple[int, str | None]:
+        return self.pid, os.environ.get("TQ_NUM_THREADS")
+
+
+def _fake_main_ppo(main_globals=None):
+    """A module with verl's run_ppo shape (main_ppo.py:92-93: ``runner = cls.remote()``, then
+    ``ray.get(runner.run.remote(config))``); ``ray.get`` replaced by the identity in these tests."""
+    from types import ModuleType
+
+    module = ModuleType("fake_main_ppo")
+
+    def run_ppo(config, task_runner_class):
+        return task_runner_class.remote().run.remote(config)
+
+    module.run_ppo = run_ppo
+    return module
+
+
+def _in_driver_config(enabled: bool, env_vars: dict[str, str]):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "ray_kwargs": {"task_runner_in_driver": enabled, "ray_init": {"runtime_env": {"env_vars": env_vars}}},
+            "actor_rollout_ref": {"actor": {"strategy": "fsdp2"}},
+            "global_profiler": {"tool": None},
+        }
+    )
+
+
+def test_task_runner_in_driver_runs_verls_runner_in_this_process_with_its_environment(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "put", lambda value: value)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    runtime_env = {"env_vars": {"TQ_NUM_THREADS": "1"}}
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"runtime_env": runtime_env})())
+    monkeypatch.delenv("TQ_NUM_THREADS", raising=False)
+    module = _fake_main_ppo()
+    patches._task_runner_in_driver(module)
+    from types import SimpleNamespace
+
+    actor_made = []
+
+    def make_actor():
+        actor_made.append(1)
+        return SimpleNamespace(run=SimpleNamespace(remote=lambda config: "ran in the actor"))
+
+    remote_class = SimpleNamespace(__ray_actor_class__=_Runner, remote=make_actor)
+
+    # off: verl's actor class is used as it is
+    assert module.run_ppo(_in_driver_config(False, {}), remote_class) == "ran in the actor"
+    assert actor_made == [1]
+    # on: the runner's own class, built and run here, with the job's variables (a script, not the CLI:
+    # no restart, the variables go to os.environ)
+    pid, threads = module.run_ppo(_in_driver_config(True, {"TQ_NUM_THREADS": "1"}), remote_class)
+    assert pid == os.getpid() and threads == "1" and actor_made == [1]
+    patches._task_runner_in_driver(module)  # installed once
+    assert module.run_ppo.__wrapped__.__name__ == "run_ppo" and not hasattr(module.run_ppo.__wrapped__, "__wrapped__")
+
+
+def test_the_cli_driver_restarts_once_with_the_task_runners_variables(monkeypatch):
+    """As ``python -m verl.trainer.main_ppo``: a variable the task runner would have and the driver lacks
+    makes it re-execute itself with the same arguments (same pid), once; none missing, no restart."""
+    import sys
+
+    import ray
+
+    module = _fake_main_ppo()
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv(patches._DRIVER_ENV_MARK, raising=False)
+    monkeypatch.delenv("VERL_GRTO_TEST_VAR", raising=False)
+    execs = []
+
+    def execv(path, argv):
+        execs.append((path, argv))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", execv)
+    config = _in_driver_config(True, {"VERL_GRTO_TEST_VAR": "7"})
+    with pytest.raises(SystemExit):
+        patches._restart_with_the_task_runners_environment(config, module)
+    assert execs == [(sys.executable, list(sys.orig_argv))]
+    assert os.environ["VERL_GRTO_TEST_VAR"] == "7" and os.environ[patches._DRIVER_ENV_MARK] == "1"
+    patches._restart_with_the_task_runners_environment(config, module)  # restarted: nothing differs now
+    monkeypatch.setenv("VERL_GRTO_TEST_VAR", "8")  # still differs after a restart: set, never a loop
+    patches._restart_with_the_task_runners_environment(config, module)
+    assert len(execs) == 1 and os.environ["VERL_GRTO_TEST_VAR"] == "7"

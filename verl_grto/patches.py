@@ -526,6 +526,128 @@ def _in_process_load_balancer_for_one_server() -> None:
     _applied.append("router.get_router_handle: one server on CPU, balanced in the calling process")
 
 
+#: The recipe key that runs verl's task runner in the driver process (cpu_base.yaml sets it).
+TASK_RUNNER_IN_DRIVER_KEY = "task_runner_in_driver"
+
+
+class _InDriverHandle:
+    """What ``task_runner_class.remote()`` returns in the driver: ``handle.run.remote(config)`` runs the
+    task runner's ``run`` right here and returns an ``ObjectRef`` of its result, so verl's ``ray.get``
+    waits as it would on the actor."""
+
+    def __init__(self, instance: Any) -> None:
+        self._instance = instance
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        method = getattr(self._instance, name)
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> Any:
+                import ray
+
+                return ray.put(method(*args, **kwargs))
+
+        return _Method
+
+
+class _InDriverActorClass:
+    """A stand-in for verl's ``@ray.remote`` task-runner class: ``.remote()`` builds the class itself in
+    this process, with the job's runtime-env variables in ``os.environ`` (what Ray gives the actor)."""
+
+    def __init__(self, actor_class: Any) -> None:
+        self._cls = actor_class.__ray_actor_class__
+
+    def options(self, **_: Any) -> _InDriverActorClass:  # verl passes only nsight profiler options
+        return self
+
+    def remote(self) -> _InDriverHandle:
+        import ray
+
+        for key, value in (ray.get_runtime_context().runtime_env.get("env_vars") or {}).items():
+            os.environ[key] = str(value)
+        return _InDriverHandle(self._cls())
+
+
+#: Set in the driver's environment once it has restarted itself with the task runner's variables.
+_DRIVER_ENV_MARK = "VERL_GRTO_DRIVER_HAS_TASK_RUNNER_ENV"
+
+
+def _task_runner_environment(config: Any) -> dict[str, str]:
+    """The variables Ray would give the task-runner actor: verl's defaults (main_ppo.py:62,
+    ``get_ppo_ray_runtime_env``) under the recipe's ``ray_kwargs.ray_init.runtime_env.env_vars``."""
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+
+    env = dict(get_ppo_ray_runtime_env(config).get("env_vars") or {})
+    env.update(config.ray_kwargs.get("ray_init", {}).get("runtime_env", {}).get("env_vars") or {})
+    return {str(key): str(value) for key, value in env.items()}
+
+
+def _restart_with_the_task_runners_environment(config: Any, main_ppo: Any) -> None:
+    """Re-execute ``python -m verl.trainer.main_ppo ...`` (same pid, same arguments) with the task runner's
+    variables in its environment, before Ray starts, when any differs.
+
+    Why not set them now: some are read when a module is imported (TransferQueue's ``TQ_NUM_THREADS``, and
+    Ray pickles its actor classes by value, so the storage and controller actors would carry the driver's
+    import-time value), some when the process starts (glibc's ``MALLOC_ARENA_MAX``), and the driver has
+    imported verl and TransferQueue already. Only for the CLI (``__main__`` is verl's main_ppo) and only
+    once; elsewhere (``run_ppo`` called from a script) the variables are set in ``os.environ``."""
+    import ray
+
+    env = _task_runner_environment(config)
+    differs = {key: value for key, value in env.items() if os.environ.get(key) != value}
+    if not differs or ray.is_initialized():
+        return
+    os.environ.update(differs)
+    if main_ppo is not sys.modules.get("__main__") or os.environ.get(_DRIVER_ENV_MARK):
+        return
+    os.environ[_DRIVER_ENV_MARK] = "1"
+    print(f"verl-grto: the task runner runs in the driver: restarting it with its {len(differs)} variables", flush=True)
+    sys.stderr.flush()
+    os.execv(sys.executable, list(sys.orig_argv))
+
+
+def _task_runner_in_driver(main_ppo: Any) -> None:
+    """verl/trainer/main_ppo.py:92 (``run_ppo``) starts ``TaskRunnerV1`` as a Ray actor and waits for it:
+    the driver (``python -m verl.trainer.main_ppo``) and the task runner are two processes that each
+    import verl, torch and transformers (0.71 GiB of PSS each in the tiny CPU run, docs/benchmarks.md,
+    "Main job memory"), and the driver does nothing but wait. With ``ray_kwargs.task_runner_in_driver``
+    the task runner runs in the driver instead: one process, the same code, the same named actors
+    (owned by the driver, which outlives them as the task runner did).
+
+    ``main_ppo`` is either the imported module or ``__main__`` when verl's entry point runs as
+    ``python -m`` (its functions look ``run_ppo`` up in that module's globals at call time)."""
+    original = main_ppo.run_ppo
+    if getattr(original, "__verl_grto_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def run_ppo(config: Any, task_runner_class: Any) -> Any:
+        if config.get("ray_kwargs", {}).get(TASK_RUNNER_IN_DRIVER_KEY, False):
+            _restart_with_the_task_runners_environment(config, main_ppo)
+            task_runner_class = _InDriverActorClass(task_runner_class)
+        return original(config, task_runner_class)
+
+    run_ppo.__verl_grto_patched__ = True  # type: ignore[attr-defined]
+    main_ppo.run_ppo = run_ppo
+    _applied.append("main_ppo.run_ppo: ray_kwargs.task_runner_in_driver runs the task runner in the driver")
+
+
+#: ``python -m verl.trainer.main_ppo`` runs verl's file as ``__main__``: no import hook sees it finish.
+_MAIN_PPO_MODULE = "verl.trainer.main_ppo"
+
+
+def task_runner_in_driver_for_main() -> None:
+    """Install :func:`_task_runner_in_driver` on ``__main__`` when it is verl's ``main_ppo``. Called by the
+    recipes' Hydra search-path plugin while Hydra composes the config: after the whole file has run, before
+    its ``main`` calls ``run_ppo``."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == _MAIN_PPO_MODULE and hasattr(main, "run_ppo"):
+        _task_runner_in_driver(main)
+
+
 def register_cpu_fsdp_engines() -> list[str]:
     """Register verl's FSDP engines for the CPU device; returns what is registered.
 
@@ -582,6 +704,7 @@ _PATCHES: tuple[tuple[str, Any], ...] = (
     ("pprint", lambda module: _config_dump_to_file()),
     ("verl.experimental.reward_loop.reward_loop", lambda module: _in_process_reward_workers()),
     ("verl.workers.rollout.router", lambda module: _in_process_load_balancer_for_one_server()),
+    (_MAIN_PPO_MODULE, _task_runner_in_driver),
 )
 
 

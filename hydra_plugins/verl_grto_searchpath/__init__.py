@@ -49,6 +49,10 @@ class VerlGrtoRecipesSearchPath(SearchPathPlugin):
             primary = element.path.removeprefix(_FILE)
             if os.path.isfile(os.path.join(primary, RECIPES_MARKER)):
                 check_plugin_loaded()
+                # the driver's one hook after `python -m verl.trainer.main_ppo` has defined run_ppo
+                from verl_grto.patches import task_runner_in_driver_for_main
+
+                task_runner_in_driver_for_main()
 
 
 #: A file in a recipes folder that marks it as verl-grto's: composing a config from it

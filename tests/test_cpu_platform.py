@@ -136,3 +136,15 @@ def test_heap_trimmer_runs_once_per_process_and_can_be_turned_off(monkeypatch, n
         if thread is not None:
             thread.stop.set()
             thread.join(timeout=5)
+
+
+def test_arena_cap_is_set_through_glibcs_mallopt_in_a_running_process():
+    """The in-driver task runner's MALLOC_ARENA_MAX (glibc reads the variable only at start): mallopt
+    accepts the cap in a running process (a child, so the test process keeps its allocator), and a count
+    below 1 is refused without calling it."""
+    import subprocess
+    import sys
+
+    code = "from verl_grto.platform.cpu import cap_malloc_arenas as c; print(c(2), c(0))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]

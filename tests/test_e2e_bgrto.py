@@ -73,9 +73,10 @@ def test_bto_then_grto_with_validation_before_and_after(bgrto_run):
         assert "val-grto/box_fill_gIoU" in v and 0.0 <= v["val-grto/policy_box_iou"] <= 1.0
     assert summary["bto"]["tool"]["epochs"] == EPOCHS and summary["bto_fraction_of_grto_epoch"] > 0
     # cpu_base's ray_kwargs.task_runner_in_driver: the trainer printed from the driver itself (no Ray
-    # actor prefix), after one restart of the driver with the task runner's environment
+    # actor prefix), and TransferQueue took the recipe's TQ_NUM_THREADS=1 (with its import-time default of
+    # 8 on a 2-core machine it warns at every put and get, in the driver and in its storage actor)
     assert "==== verl-grto bgrto summary ====" in out.splitlines() and "(TaskRunnerV1 pid=" not in out
-    assert out.count("the task runner runs in the driver: restarting it") == 1
+    assert "should not exceed total physical CPU cores" not in out
 
     metrics = read_metrics(root / "a.jsonl")
     assert metrics[1]["grto/tool/skipped"] == 0.0 and metrics[1]["actor/grad_norm"] > 0

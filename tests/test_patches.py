@@ -366,6 +366,16 @@ def test_task_runner_in_driver_runs_verls_runner_in_this_process_with_its_enviro
     runtime_env = {"env_vars": {"TQ_NUM_THREADS": "1"}}
     monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"runtime_env": runtime_env})())
     monkeypatch.delenv("TQ_NUM_THREADS", raising=False)
+    import transfer_queue.client as tq_client
+    import transfer_queue.storage.simple_storage as tq_storage
+
+    from verl_grto.platform import cpu
+
+    for tq_module in (tq_client, tq_storage):  # what they read when imported, with no TQ_NUM_THREADS set
+        monkeypatch.setattr(tq_module, "TQ_NUM_THREADS", 8)
+    arena_caps = []
+    monkeypatch.setattr(cpu, "cap_malloc_arenas", arena_caps.append)
+    runtime_env["env_vars"]["MALLOC_ARENA_MAX"] = "2"
     module = _fake_main_ppo()
     patches._task_runner_in_driver(module)
     from types import SimpleNamespace
@@ -381,39 +391,10 @@ def test_task_runner_in_driver_runs_verls_runner_in_this_process_with_its_enviro
     # off: verl's actor class is used as it is
     assert module.run_ppo(_in_driver_config(False, {}), remote_class) == "ran in the actor"
     assert actor_made == [1]
-    # on: the runner's own class, built and run here, with the job's variables (a script, not the CLI:
-    # no restart, the variables go to os.environ)
+    # on: the runner's own class, built and run here, with the job's variables: in os.environ, re-read
+    # where TransferQueue keeps its import-time copy, and glibc's arena cap
     pid, threads = module.run_ppo(_in_driver_config(True, {"TQ_NUM_THREADS": "1"}), remote_class)
     assert pid == os.getpid() and threads == "1" and actor_made == [1]
+    assert tq_client.TQ_NUM_THREADS == tq_storage.TQ_NUM_THREADS == 1 and arena_caps == [2]
     patches._task_runner_in_driver(module)  # installed once
     assert module.run_ppo.__wrapped__.__name__ == "run_ppo" and not hasattr(module.run_ppo.__wrapped__, "__wrapped__")
-
-
-def test_the_cli_driver_restarts_once_with_the_task_runners_variables(monkeypatch):
-    """As ``python -m verl.trainer.main_ppo``: a variable the task runner would have and the driver lacks
-    makes it re-execute itself with the same arguments (same pid), once; none missing, no restart."""
-    import sys
-
-    import ray
-
-    module = _fake_main_ppo()
-    monkeypatch.setitem(sys.modules, "__main__", module)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.delenv(patches._DRIVER_ENV_MARK, raising=False)
-    monkeypatch.delenv("VERL_GRTO_TEST_VAR", raising=False)
-    execs = []
-
-    def execv(path, argv):
-        execs.append((path, argv))
-        raise SystemExit(0)
-
-    monkeypatch.setattr(os, "execv", execv)
-    config = _in_driver_config(True, {"VERL_GRTO_TEST_VAR": "7"})
-    with pytest.raises(SystemExit):
-        patches._restart_with_the_task_runners_environment(config, module)
-    assert execs == [(sys.executable, list(sys.orig_argv))]
-    assert os.environ["VERL_GRTO_TEST_VAR"] == "7" and os.environ[patches._DRIVER_ENV_MARK] == "1"
-    patches._restart_with_the_task_runners_environment(config, module)  # restarted: nothing differs now
-    monkeypatch.setenv("VERL_GRTO_TEST_VAR", "8")  # still differs after a restart: set, never a loop
-    patches._restart_with_the_task_runners_environment(config, module)
-    assert len(execs) == 1 and os.environ["VERL_GRTO_TEST_VAR"] == "7"

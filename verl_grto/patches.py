@@ -566,47 +566,31 @@ class _InDriverActorClass:
     def remote(self) -> _InDriverHandle:
         import ray
 
-        for key, value in (ray.get_runtime_context().runtime_env.get("env_vars") or {}).items():
-            os.environ[key] = str(value)
+        take_task_runner_environment(ray.get_runtime_context().runtime_env.get("env_vars") or {})
         return _InDriverHandle(self._cls())
 
 
-#: Set in the driver's environment once it has restarted itself with the task runner's variables.
-_DRIVER_ENV_MARK = "VERL_GRTO_DRIVER_HAS_TASK_RUNNER_ENV"
+#: Variables a module reads once, when imported, and where it keeps them (verl's main_ppo imports these
+#: modules before the plugin loads): transfer_queue 0.1.11 client.py:42 and storage/simple_storage.py:73.
+#: Ray pickles the ``@ray.remote`` storage class by value, so its actors carry the creating process's value.
+_READ_AT_IMPORT = {"TQ_NUM_THREADS": (("transfer_queue.client", int), ("transfer_queue.storage.simple_storage", int))}
 
 
-def _task_runner_environment(config: Any) -> dict[str, str]:
-    """The variables Ray would give the task-runner actor: verl's defaults (main_ppo.py:62,
-    ``get_ppo_ray_runtime_env``) under the recipe's ``ray_kwargs.ray_init.runtime_env.env_vars``."""
-    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+def take_task_runner_environment(env_vars: dict[str, Any]) -> None:
+    """Give the driver what Ray gives the task-runner actor: the job's runtime-env variables, in
+    ``os.environ`` for what is read from now on, re-read where a loaded module keeps an import-time copy
+    (``_READ_AT_IMPORT``), and glibc's arena cap (``MALLOC_ARENA_MAX``, read at process start) through
+    ``mallopt``."""
+    for key, value in env_vars.items():
+        os.environ[str(key)] = str(value)
+        for module_name, parse in _READ_AT_IMPORT.get(str(key), ()):
+            module = sys.modules.get(module_name)
+            if module is not None and hasattr(module, key):
+                setattr(module, key, parse(value))
+    if "MALLOC_ARENA_MAX" in env_vars:
+        from verl_grto.platform.cpu import cap_malloc_arenas
 
-    env = dict(get_ppo_ray_runtime_env(config).get("env_vars") or {})
-    env.update(config.ray_kwargs.get("ray_init", {}).get("runtime_env", {}).get("env_vars") or {})
-    return {str(key): str(value) for key, value in env.items()}
-
-
-def _restart_with_the_task_runners_environment(config: Any, main_ppo: Any) -> None:
-    """Re-execute ``python -m verl.trainer.main_ppo ...`` (same pid, same arguments) with the task runner's
-    variables in its environment, before Ray starts, when any differs.
-
-    Why not set them now: some are read when a module is imported (TransferQueue's ``TQ_NUM_THREADS``, and
-    Ray pickles its actor classes by value, so the storage and controller actors would carry the driver's
-    import-time value), some when the process starts (glibc's ``MALLOC_ARENA_MAX``), and the driver has
-    imported verl and TransferQueue already. Only for the CLI (``__main__`` is verl's main_ppo) and only
-    once; elsewhere (``run_ppo`` called from a script) the variables are set in ``os.environ``."""
-    import ray
-
-    env = _task_runner_environment(config)
-    differs = {key: value for key, value in env.items() if os.environ.get(key) != value}
-    if not differs or ray.is_initialized():
-        return
-    os.environ.update(differs)
-    if main_ppo is not sys.modules.get("__main__") or os.environ.get(_DRIVER_ENV_MARK):
-        return
-    os.environ[_DRIVER_ENV_MARK] = "1"
-    print(f"verl-grto: the task runner runs in the driver: restarting it with its {len(differs)} variables", flush=True)
-    sys.stderr.flush()
-    os.execv(sys.executable, list(sys.orig_argv))
+        cap_malloc_arenas(int(env_vars["MALLOC_ARENA_MAX"]))
 
 
 def _task_runner_in_driver(main_ppo: Any) -> None:
@@ -626,7 +610,6 @@ def _task_runner_in_driver(main_ppo: Any) -> None:
     @functools.wraps(original)
     def run_ppo(config: Any, task_runner_class: Any) -> Any:
         if config.get("ray_kwargs", {}).get(TASK_RUNNER_IN_DRIVER_KEY, False):
-            _restart_with_the_task_runners_environment(config, main_ppo)
             task_runner_class = _InDriverActorClass(task_runner_class)
         return original(config, task_runner_class)
 

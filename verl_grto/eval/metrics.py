@@ -26,15 +26,22 @@ A prediction pixel is foreground for gIoU/cIoU when its value is at least 128
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 # re-exported: evaluation code and tests read the rule from here too
 from verl_grto.reward.mask_iou import FOREGROUND_MIN, binarize, intersection_union, sample_iou
 
+if TYPE_CHECKING:
+    from verl_grto.data.schema import GroundTruth
+    from verl_grto.reward.answer import ParsedAnswer
+
 __all__ = [
     "FOREGROUND_MIN",
     "CODAccumulator",
     "IoUAccumulator",
+    "box_area_ratio",
     "binarize",
     "intersection_union",
     "sample_iou",
@@ -120,3 +127,20 @@ class CODAccumulator:
             "MAE": float(self._mae.get_results()["mae"]),
             "n": self.n,
         }
+
+
+def box_area_ratio(parsed: ParsedAnswer, gt: GroundTruth) -> float | None:
+    """Area of the answer's boxes (summed) over the area of the box around the referred objects' boxes;
+    None when the answer has no box or the ground truth none. Tells a policy whose boxes grow looser under
+    RL (its box IoU falls while the tool's mask IoU holds) from one that loses the object."""
+    boxes = [o.box for o in parsed.objects if o.box is not None] if parsed.ok else []
+    if not gt.boxes or not boxes:
+        return None
+    gt_box = [
+        min(b[0] for b in gt.boxes),
+        min(b[1] for b in gt.boxes),
+        max(b[2] for b in gt.boxes),
+        max(b[3] for b in gt.boxes),
+    ]
+    area = sum(max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) for b in boxes)
+    return area / ((gt_box[2] - gt_box[0]) * (gt_box[3] - gt_box[1]))

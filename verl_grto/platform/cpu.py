@@ -40,17 +40,35 @@ DEFAULT_HEAP_TRIM_S = 30.0
 
 
 @functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+def _libc() -> Any:
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
+        return ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    trim = getattr(libc, "malloc_trim", None)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
+
+
+#: glibc's ``mallopt`` parameter for the arena cap (malloc.h: ``M_ARENA_MAX``), what ``MALLOC_ARENA_MAX`` sets.
+_M_ARENA_MAX = -8
+
+
+def cap_malloc_arenas(count: int) -> bool:
+    """``MALLOC_ARENA_MAX`` for a process that is already running (glibc reads the variable only at start):
+    threads that allocate get at most ``count`` arenas from now on. Returns False where there is no glibc."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None or count < 1:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, count))
 
 
 def release_free_heap() -> bool:

@@ -123,9 +123,6 @@ class HFRolloutServer:
         # pool (up to 5 threads on 1 core) peak memory grew with the number of batches run
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
         self._generator = torch.Generator().manual_seed(seed)
-        self._param_names = set(dict(self.model.named_parameters()).keys()) | set(
-            dict(self.model.named_buffers()).keys()
-        )
         cfg = self.model.config
         text_cfg = getattr(cfg, "text_config", None) or cfg
         model_max = getattr(text_cfg, "max_position_embeddings", None) or getattr(cfg, "max_position_embeddings", None)

@@ -50,7 +50,7 @@ from verl_grto.algorithm.tool_step import (
 )
 from verl_grto.atomic import atomic_file
 from verl_grto.data.masks import decode_rle
-from verl_grto.eval.metrics import IoUAccumulator
+from verl_grto.eval.metrics import IoUAccumulator, box_area_ratio
 from verl_grto.patches import worker_group_method_name
 from verl_grto.reward.answer import ParsedAnswer, ToolPrompt
 from verl_grto.reward.geometry import matched_mean_iou, pairwise_box_iou
@@ -62,7 +62,6 @@ from verl_grto.trainer.grto_trainer import (
     GRTOTrainer,
     RolloutView,
     ToolPhase,
-    _box_area_ratio,
     as_list,
     put_rewards,
     validation_metrics,
@@ -400,7 +399,7 @@ class GRTOAgentTrainer(GRTOTrainer):
                 has_mask.append(bool(final.prompts))
                 boxes = [p.box if p.box is not None else (0.0, 0.0, 0.0, 0.0) for p in final.prompts]
                 box_ious.append(matched_mean_iou(pairwise_box_iou(boxes, gt.boxes)) if boxes else 0.0)
-                ratio = _box_area_ratio(self._final_answer(final), gt)
+                ratio = box_area_ratio(self._final_answer(final), gt)
                 if ratio is not None:
                     area_ratios.append(ratio)
             calls += [len(c) for c in traj.calls]

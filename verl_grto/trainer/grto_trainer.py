@@ -45,7 +45,7 @@ from verl_grto.data.frame import PolicyFrame
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.schema import GroundTruth
-from verl_grto.eval.metrics import IoUAccumulator
+from verl_grto.eval.metrics import IoUAccumulator, box_area_ratio
 from verl_grto.faults import dump_after_resume
 from verl_grto.reward.answer import ParsedAnswer, ToolPrompt
 from verl_grto.reward.box_reward import score_box_answer
@@ -494,7 +494,7 @@ class GRTOTrainer(PPOTrainerSync):
             # the policy alone, before the tool: how well its boxes match the referred objects' boxes
             box_ious += [score_box_answer(t, gt).box_iou for t, gt in zip(view.texts, view.ground_truths, strict=True)]
             area_ratios += [
-                r for p, gt in zip(parsed, view.ground_truths, strict=True) if (r := _box_area_ratio(p, gt)) is not None
+                r for p, gt in zip(parsed, view.ground_truths, strict=True) if (r := box_area_ratio(p, gt)) is not None
             ]
             batches, rows = self._shards(view, prompts)
             # counts from the tool's workers: an unparseable answer reached them with no prompt and
@@ -588,23 +588,6 @@ def _first_rows(sample_ids: list[str], k: int) -> list[int]:
     for i, sid in enumerate(sample_ids):
         first.setdefault(sid, i)
     return list(first.values())[:k]
-
-
-def _box_area_ratio(parsed: ParsedAnswer, gt: GroundTruth) -> float | None:
-    """Area of the answer's boxes (summed) over the area of the box around the referred objects' boxes;
-    None when the answer has no box or the ground truth none. Tells a policy whose boxes grow looser under
-    RL (its box IoU falls while the tool's mask IoU holds) from one that loses the object."""
-    boxes = [o.box for o in parsed.objects if o.box is not None] if parsed.ok else []
-    if not gt.boxes or not boxes:
-        return None
-    gt_box = [
-        min(b[0] for b in gt.boxes),
-        min(b[1] for b in gt.boxes),
-        max(b[2] for b in gt.boxes),
-        max(b[3] for b in gt.boxes),
-    ]
-    area = sum(max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) for b in boxes)
-    return area / ((gt_box[2] - gt_box[0]) * (gt_box[3] - gt_box[1]))
 
 
 def format_validation(v: dict[str, Any]) -> str:

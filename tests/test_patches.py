@@ -398,3 +398,24 @@ def test_task_runner_in_driver_runs_verls_runner_in_this_process_with_its_enviro
     assert tq_client.TQ_NUM_THREADS == tq_storage.TQ_NUM_THREADS == 1 and arena_caps == [2]
     patches._task_runner_in_driver(module)  # installed once
     assert module.run_ppo.__wrapped__.__name__ == "run_ppo" and not hasattr(module.run_ppo.__wrapped__, "__wrapped__")
+
+
+def test_the_cli_drivers_main_module_gets_the_in_driver_runner_from_the_hydra_hook(monkeypatch):
+    """``python -m verl.trainer.main_ppo`` runs verl's file as ``__main__`` (no import hook sees it): the
+    recipes' Hydra search-path plugin installs the patch there while the config is composed, for any
+    recipe folder; another program's ``__main__`` is left alone."""
+    import sys
+    from types import SimpleNamespace
+
+    from hydra_plugins.verl_grto_searchpath import VerlGrtoRecipesSearchPath
+
+    main = _fake_main_ppo()
+    verls_run_ppo = main.run_ppo
+    main.__spec__ = SimpleNamespace(name="some.other.program")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    search_path = SimpleNamespace(get_path=lambda: [])  # no folders: only the __main__ hook acts
+    VerlGrtoRecipesSearchPath().manipulate_search_path(search_path)
+    assert main.run_ppo is verls_run_ppo
+    main.__spec__ = SimpleNamespace(name="verl.trainer.main_ppo")
+    VerlGrtoRecipesSearchPath().manipulate_search_path(search_path)
+    assert main.run_ppo is not verls_run_ppo and main.run_ppo.__wrapped__ is verls_run_ppo

@@ -49,10 +49,21 @@ class VerlGrtoRecipesSearchPath(SearchPathPlugin):
             primary = element.path.removeprefix(_FILE)
             if os.path.isfile(os.path.join(primary, RECIPES_MARKER)):
                 check_plugin_loaded()
-                # the driver's one hook after `python -m verl.trainer.main_ppo` has defined run_ppo
-                from verl_grto.patches import task_runner_in_driver_for_main
+        if _main_is_verl_main_ppo():
+            # the driver's one hook after `python -m verl.trainer.main_ppo` has defined run_ppo (any recipe
+            # folder: a user's recipes may extend cpu_base, which sets ray_kwargs.task_runner_in_driver)
+            from verl_grto.patches import task_runner_in_driver_for_main
 
-                task_runner_in_driver_for_main()
+            task_runner_in_driver_for_main()
+
+
+def _main_is_verl_main_ppo() -> bool:
+    """Whether this process runs ``python -m verl.trainer.main_ppo`` (checked without importing anything:
+    this plugin is loaded by every Hydra application in the environment)."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    return getattr(getattr(main, "__spec__", None), "name", None) == "verl.trainer.main_ppo"
 
 
 #: A file in a recipes folder that marks it as verl-grto's: composing a config from it

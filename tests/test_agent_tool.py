@@ -22,7 +22,6 @@ from verl.experimental.agent_loop.tool_agent_loop import ToolAgentLoop
 from verl.tools.schemas import OpenAIFunctionToolSchema
 from verl.workers.rollout.replica import TokenOutput
 
-from verl_grto.agent.batcher import CallBatcher
 from verl_grto.agent.calls import (
     CALLS_KEY,
     FAILED,
@@ -44,6 +43,7 @@ from verl_grto.agent.reward import compute_score
 from verl_grto.agent.segment_tool import TOOL_SCHEMA, SegmentTool
 from verl_grto.agent.templates import QWEN25VL_TOOL_CHAT_TEMPLATE, TINY_TOOL_CHAT_TEMPLATE
 from verl_grto.assets.tokenizer import CHAT_TEMPLATE
+from verl_grto.batching import RequestBatcher
 from verl_grto.data.masks import decode_rle
 from verl_grto.data.parquet import write_rows_atomic
 from verl_grto.data.synthetic import generate_split
@@ -300,7 +300,7 @@ def test_concurrent_calls_are_batched() -> None:
         return [2 * r for r in requests]
 
     async def main() -> list[int]:
-        batcher = CallBatcher(run_batch, max_batch=4)
+        batcher = RequestBatcher(run_batch, max_batch=4)
         return list(await asyncio.gather(*[batcher.submit(i) for i in range(10)]))
 
     assert asyncio.run(main()) == [2 * i for i in range(10)]
@@ -310,7 +310,7 @@ def test_concurrent_calls_are_batched() -> None:
         raise RuntimeError("worker died")
 
     async def fail() -> list:
-        batcher = CallBatcher(failing)
+        batcher = RequestBatcher(failing)
         return await asyncio.gather(*[batcher.submit(i) for i in range(3)], return_exceptions=True)
 
     assert all(isinstance(e, RuntimeError) for e in asyncio.run(fail()))

@@ -19,9 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "verl_grto"
 #: Lowest first. A unit is a subpackage or a top-level module of ``verl_grto``; units of one layer may
 #: import each other, units of a layer never import a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # leaves (atomic file writes; console output; verl's CPU platform and patches; named kill points for
-    # fault tests): import nothing of a higher layer
-    ("__init__", "atomic", "console", "platform", "patches", "faults"),
+    # leaves (atomic file writes; batched requests; console output; verl's CPU platform and patches; named
+    # kill points for fault tests): import nothing of a higher layer
+    ("__init__", "atomic", "batching", "console", "platform", "patches", "faults"),
     ("data",),  # the row schema, masks, synthetic scenes, converters
     ("reward", "tool", "policy"),  # scoring an answer; the SAM2 tool; the policy's inputs and loading
     ("rollout",),  # the `hf` rollout server (a policy behind verl's server interface)

@@ -10,7 +10,7 @@ The agent-loop workers (CPU Ray actors verl starts, one per ``rollout.agent.num_
 the tool workers' names (verl prefixes them at random). The trainer starts one :class:`ToolCallRouter`
 under a name derived from the Ray job (:func:`router_name`); every :class:`~verl_grto.agent.segment_tool.SegmentTool`
 of the job finds it with ``ray.get_actor``. The router batches the calls that arrive together
-(:class:`~verl_grto.agent.batcher.CallBatcher`), groups them by image, deals the images out over the
+(:class:`~verl_grto.batching.RequestBatcher`), groups them by image, deals the images out over the
 tool's ranks (every rank holds the same weights) and calls each rank's ``tool_predict`` on its share:
 one encoder pass per image, the decoder once per batch. Masks come back as COCO RLE at the original
 image size.
@@ -26,7 +26,7 @@ from typing import Any
 
 import ray
 
-from verl_grto.agent.batcher import CallBatcher
+from verl_grto.batching import RequestBatcher
 from verl_grto.data.image_store import SampleImageStore
 from verl_grto.reward.answer import ToolPrompt
 from verl_grto.tool.engine import ToolBatch
@@ -102,7 +102,7 @@ class ToolCallRouter:
         self.workers = list(workers)
         self.method = method
         self.store = SampleImageStore(image_files)
-        self.batcher: CallBatcher[SegmentRequest, SegmentResult] = CallBatcher(self._run, max_batch)
+        self.batcher: RequestBatcher[SegmentRequest, SegmentResult] = RequestBatcher(self._run, max_batch)
 
     async def segment(self, request: SegmentRequest) -> SegmentResult:
         return await self.batcher.submit(request)

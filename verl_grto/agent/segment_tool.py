@@ -15,7 +15,7 @@ One call (:meth:`SegmentTool.execute`):
      run's parquet files by the row's ``sample_id``): the masks come from the current weights;
    * ``mode: frozen`` -- a SAM2 checkpoint (``checkpoint``, a transformers SAM2 directory) loaded in
      the agent-loop worker itself, on the image the policy was shown: a plain verl tool, for pipelines
-     without GRTO. Concurrent calls are batched (:class:`~verl_grto.agent.batcher.CallBatcher`) in
+     without GRTO. Concurrent calls are batched (:class:`~verl_grto.batching.RequestBatcher`) in
      both modes;
 3. the reply (:mod:`verl_grto.agent.reply`): the mask drawn on the image the policy was shown, and
    ``mask: area A of the image, box [x1, y1, x2, y2]`` on the policy's grid;
@@ -52,9 +52,9 @@ from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
 from verl_grto.agent import loop as _loop  # noqa: F401  (registers grto_tool_agent and grto_hermes in this process)
-from verl_grto.agent.batcher import CallBatcher
 from verl_grto.agent.calls import CALLS_KEY, FAILED, INVALID, CallFrame, CallRecord, check_arguments
 from verl_grto.agent.reply import reply_image, reply_text, resize_mask
+from verl_grto.batching import RequestBatcher
 from verl_grto.data.frame import PIXELS
 from verl_grto.data.masks import decode_rle, encode_rle, mask_to_box
 from verl_grto.reward.answer import ToolPrompt
@@ -140,7 +140,9 @@ class FrozenSegmenter:
 
         tool = SegmentationTool.from_pretrained(checkpoint, trainable="mask_decoder").to(device)
         self.engine = ToolEngine(tool, ToolEngineConfig(mask_threshold=mask_threshold, cache_bytes=256 << 20))
-        self.batcher: CallBatcher[tuple[str, np.ndarray, ToolPrompt], np.ndarray] = CallBatcher(self._run, max_batch)
+        self.batcher: RequestBatcher[tuple[str, np.ndarray, ToolPrompt], np.ndarray] = RequestBatcher(
+            self._run, max_batch
+        )
 
     async def segment(self, image: np.ndarray, prompt: ToolPrompt) -> np.ndarray:
         """The bool mask of ``prompt`` (pixels of ``image``, HxWx3 uint8) at the image's size."""

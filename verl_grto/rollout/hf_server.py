@@ -33,6 +33,7 @@ import torch
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
+from verl_grto.batching import RequestBatcher
 from verl_grto.policy.inputs import model_inputs
 from verl_grto.policy.load import load_policy
 from verl_grto.rollout.weight_sync import load_adapter, load_full
@@ -46,13 +47,12 @@ _DEFAULT_MAX_NUM_SEQS = 256
 
 @dataclass
 class _Request:
-    """One queued ``generate`` call and the future its caller awaits."""
+    """One queued ``generate`` call."""
 
     prompt_ids: list[int]
     sampling_params: dict[str, Any]
     image_data: list[Any] | None
     max_new_tokens: int
-    future: asyncio.Future
     batch_key: tuple = field(init=False)  # requests with equal keys can share one ``generate`` call
 
     def __post_init__(self) -> None:
@@ -113,8 +113,9 @@ class HFRolloutServer:
         self.response_length = int(rollout_config["response_length"])
         self.prompt_length = int(rollout_config["prompt_length"])
         self.max_num_seqs = max(1, int(rollout_config.get("max_num_seqs") or _DEFAULT_MAX_NUM_SEQS))
-        self._queue: list[_Request] = []
-        self._draining = False
+        self._batcher: RequestBatcher[_Request, TokenOutput] = RequestBatcher(
+            self._run_batch, self.max_num_seqs, key=lambda request: request.batch_key
+        )
         self.batches_run = 0  # generate calls made (requests / batches_run = mean batch size)
         self.global_steps: int | None = None
         self._lock = threading.Lock()
@@ -168,35 +169,13 @@ class HFRolloutServer:
                 " max_position_embeddings); nothing was generated for it, other requests are unaffected"
             )
         request = _Request(
-            prompt_ids,
-            dict(sampling_params),
-            image_data,
-            self._max_new_tokens(prompt_ids, sampling_params),
-            asyncio.get_running_loop().create_future(),
+            prompt_ids, dict(sampling_params), image_data, self._max_new_tokens(prompt_ids, sampling_params)
         )
-        self._queue.append(request)
-        if not self._draining:
-            self._draining = True
-            asyncio.ensure_future(self._drain())
-        return await request.future
+        return await self._batcher.submit(request)
 
-    async def _drain(self) -> None:
-        """Run queued requests batch by batch until the queue is empty."""
-        try:
-            while self._queue:
-                batch = self._take_batch()
-                if not batch:
-                    break
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
-                for request, output in zip(batch, outputs, strict=True):
-                    if request.future.done():  # its caller went away while the batch ran
-                        continue
-                    if isinstance(output, BaseException):
-                        request.future.set_exception(output)
-                    else:
-                        request.future.set_result(output)
-        finally:
-            self._draining = False
+    async def _run_batch(self, batch: list[_Request]) -> list[TokenOutput | BaseException]:
+        """One batch (requests with one ``batch_key``, at most ``max_num_seqs``) on the generation thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
 
     def _run(self, batch: list[_Request]) -> list[TokenOutput | BaseException]:
         """Generate a batch; if it fails, each request alone, so an error reaches only the request causing it."""
@@ -206,17 +185,6 @@ class HFRolloutServer:
             if len(batch) == 1:
                 return [e]
             return [self._run([request])[0] for request in batch]
-
-    def _take_batch(self) -> list[_Request]:
-        """The oldest request and up to ``max_num_seqs - 1`` more that can share its ``generate`` call."""
-        self._queue = [r for r in self._queue if not r.future.done()]  # callers that went away
-        if not self._queue:
-            return []
-        key = self._queue[0].batch_key
-        batch = [r for r in self._queue if r.batch_key == key][: self.max_num_seqs]
-        taken = {id(r) for r in batch}
-        self._queue = [r for r in self._queue if id(r) not in taken]
-        return batch
 
     def _model_inputs(self, prompts: list[list[int]], images: list[list[Any]] | None) -> dict[str, torch.Tensor]:
         return model_inputs(

@@ -74,13 +74,14 @@ import gc, json, sys
 import psutil, torch
 from verl_grto.platform import cpu
 proc = psutil.Process()
-first = torch.randn(64, 24, 240)
-del first  # one free of a large mmapped block raises glibc's mmap threshold above it
+first = torch.randn(64, 24, 480)
+del first  # one free of a 2.9 MB mmapped block raises glibc's mmap threshold to it
 base = proc.memory_full_info().uss
 kept, pins = [], []
-for _ in range(100):  # 100 x 1.4 MB, now from the heap, each followed by a small block that stays
+for _ in range(100):  # 100 x 1.4 MB, below the threshold now: from the heap, each followed by a small block that stays
     kept.append(torch.randn(64, 24, 240))
     pins.append(bytearray(4096))
+sentinel = torch.empty(1 << 18)  # 1 MiB from the heap's top, kept: the freed tensors cannot merge into the top
 grown = proc.memory_full_info().uss - base
 del kept
 gc.collect()

@@ -365,7 +365,9 @@ def test_task_runner_in_driver_runs_verls_runner_in_this_process_with_its_enviro
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     runtime_env = {"env_vars": {"TQ_NUM_THREADS": "1"}}
     monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"runtime_env": runtime_env})())
-    monkeypatch.delenv("TQ_NUM_THREADS", raising=False)
+    for name in ("TQ_NUM_THREADS", "MALLOC_ARENA_MAX"):  # set by the code under test: restored after it
+        monkeypatch.setenv(name, "")  # recorded (delenv of an unset variable records nothing to undo)
+        monkeypatch.delenv(name)
     import transfer_queue.client as tq_client
     import transfer_queue.storage.simple_storage as tq_storage
 

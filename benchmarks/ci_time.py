@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,8 @@ def main() -> int:
     result["total_s"] = round(total, 1)
     result["ratio_to_20_min"] = round(total / TARGET_S, 3)
     result["logs"] = str(work)
+    # the clone's virtual environment is ~7 GB (torch's CUDA wheel): a few runs filled this machine's disk
+    shutil.rmtree(clone / ".venv", ignore_errors=True)
     print(f"total    {total:7.1f} s  ratio to the 20-minute target {total / TARGET_S:.2f}  (logs: {work})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

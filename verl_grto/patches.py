@@ -541,16 +541,12 @@ class _InDriverHandle:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
+        from types import SimpleNamespace
+
+        import ray
+
         method = getattr(self._instance, name)
-
-        class _Method:
-            @staticmethod
-            def remote(*args: Any, **kwargs: Any) -> Any:
-                import ray
-
-                return ray.put(method(*args, **kwargs))
-
-        return _Method
+        return SimpleNamespace(remote=lambda *args, **kwargs: ray.put(method(*args, **kwargs)))
 
 
 class _InDriverActorClass:
@@ -573,7 +569,7 @@ class _InDriverActorClass:
 #: Variables a module reads once, when imported, and where it keeps them (verl's main_ppo imports these
 #: modules before the plugin loads): transfer_queue 0.1.11 client.py:42 and storage/simple_storage.py:73.
 #: Ray pickles the ``@ray.remote`` storage class by value, so its actors carry the creating process's value.
-_READ_AT_IMPORT = {"TQ_NUM_THREADS": (("transfer_queue.client", int), ("transfer_queue.storage.simple_storage", int))}
+_READ_AT_IMPORT = {"TQ_NUM_THREADS": ("transfer_queue.client", "transfer_queue.storage.simple_storage")}
 
 
 def take_task_runner_environment(env_vars: dict[str, Any]) -> None:
@@ -583,10 +579,10 @@ def take_task_runner_environment(env_vars: dict[str, Any]) -> None:
     ``mallopt``."""
     for key, value in env_vars.items():
         os.environ[str(key)] = str(value)
-        for module_name, parse in _READ_AT_IMPORT.get(str(key), ()):
+        for module_name in _READ_AT_IMPORT.get(str(key), ()):
             module = sys.modules.get(module_name)
             if module is not None and hasattr(module, key):
-                setattr(module, key, parse(value))
+                setattr(module, key, type(getattr(module, key))(value))  # as the module parsed it
     if "MALLOC_ARENA_MAX" in env_vars:
         from verl_grto.platform.cpu import cap_malloc_arenas
 
@@ -623,11 +619,11 @@ _MAIN_PPO_MODULE = "verl.trainer.main_ppo"
 
 
 def task_runner_in_driver_for_main() -> None:
-    """Install :func:`_task_runner_in_driver` on ``__main__`` when it is verl's ``main_ppo``. Called by the
-    recipes' Hydra search-path plugin while Hydra composes the config: after the whole file has run, before
-    its ``main`` calls ``run_ppo``."""
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) == _MAIN_PPO_MODULE and hasattr(main, "run_ppo"):
+    """Install :func:`_task_runner_in_driver` on ``__main__``, which the caller has found to be verl's
+    ``main_ppo`` (the recipes' Hydra search-path plugin, while Hydra composes the config: after the whole
+    file has run, before its ``main`` calls ``run_ppo``)."""
+    main = sys.modules["__main__"]
+    if hasattr(main, "run_ppo"):
         _task_runner_in_driver(main)
 
 
